@@ -1,0 +1,106 @@
+"""The small interface every carrier adapter implements.
+
+A carrier module holds three things: webhook verification (``verify``), the answer markup
+(``answer``), a sans-I/O media codec (``open_stream`` -> :class:`MediaStream`) and REST call
+control (``hang_up``). Carriers never import ``gateway``; they receive an ``httpx.AsyncClient``.
+
+Usage (what ``gateway`` does on ``POST /start/twilio``)::
+
+    carrier.verify(request)                       # raises SignatureInvalid -> 403
+    call = carrier.parse_call(request)            # CallInfo(call_id="CA...", from_="+1...", to="+1...")
+    body, media_type = carrier.answer(call, stream_url, {"session_id": sid})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Protocol, Sequence
+
+from pipeline.frames import Frame
+
+__all__ = [
+    "CallInfo",
+    "Carrier",
+    "CarrierError",
+    "CarrierProtocolError",
+    "HangupFailed",
+    "MediaStream",
+    "SignatureInvalid",
+    "WebhookRequest",
+]
+
+
+class CarrierError(Exception):
+    """Base class for carrier failures."""
+
+
+class SignatureInvalid(CarrierError):
+    """The webhook signature is missing or does not match: answer 403 and log the reason."""
+
+
+class CarrierProtocolError(CarrierError):
+    """A media message that does not follow the carrier's protocol (the text says what is wrong)."""
+
+
+class HangupFailed(CarrierError):
+    """The carrier's REST API refused or failed the hang-up (an already-ended call is not a failure)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """An inbound webhook as the carrier signed it.
+
+    ``url`` is the public URL the carrier requested (``public_url`` + path + query), never the
+    address the proxy forwarded to us. ``headers`` keys are lower-case.
+    """
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    form: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What the carrier told us about a call in its webhook."""
+
+    carrier: str
+    call_id: str
+    from_: str = ""
+    to: str = ""
+    account_id: str = ""
+    direction: str = "inbound"
+    custom: Mapping[str, str] = field(default_factory=dict)
+
+
+class MediaStream(Protocol):
+    """Sans-I/O codec for one call's media socket.
+
+    ``decode`` turns one WebSocket message into frames (audio as PCM16 at ``sample_rate``);
+    ``encode`` turns an outbound frame (``AudioFrame`` at ``sample_rate``, ``Mark``, ``Clear``)
+    into the messages to send. Both raise :class:`CarrierProtocolError` with a precise text.
+    """
+
+    sample_rate: int
+    started: bool
+
+    def decode(self, message: str | bytes) -> list[Frame]: ...
+
+    def encode(self, frame: Frame) -> list[str | bytes]: ...
+
+
+class Carrier(Protocol):
+    """One carrier: ``name`` is also its URL segment (``/start/<name>``, ``/media/<name>/<id>``)."""
+
+    name: ClassVar[str]
+
+    def verify(self, request: WebhookRequest) -> None: ...
+
+    def parse_call(self, request: WebhookRequest) -> CallInfo: ...
+
+    def answer(self, call: CallInfo, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]: ...
+
+    def open_stream(self) -> MediaStream: ...
+
+    async def hang_up(self, call: CallInfo) -> None: ...

@@ -1,0 +1,62 @@
+"""The ``voxray`` command: ``serve``, ``check-config``.
+
+The only module that reads ``os.environ``, configures logging and runs uvicorn.
+
+Usage::
+
+    voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
+    voxray check-config config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import Config, ConfigError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxray", description="Telephony-first voice-agent gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
+    check.add_argument("config", type=Path, nargs="?", help="config.json (default: $VOXRAY_CONFIG)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    environ = dict(os.environ)
+    path = args.config or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None)
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    try:
+        config = Config.load(path, environ, overrides)
+    except ConfigError as exc:
+        print(f"voxray: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(json.dumps(config.describe(), indent=2))
+        for note in config.providers.notes:
+            print(f"note: {note}", file=sys.stderr)
+        return 0
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+    from gateway.server import build_server
+
+    configure_logging(config.log_level, json_lines=config.log_json)
+    server = build_server(create_app(config), config)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

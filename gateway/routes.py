@@ -1,0 +1,184 @@
+"""HTTP and WebSocket endpoints: health, readiness, metrics, carrier webhooks, media sockets, sessions.
+
+Every input gets a clear answer: an unknown carrier 404 (listing the known ones), a bad signature
+403 and a log line, an unconfigured carrier 503 naming the setting, an unknown session a close
+with a reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from carriers.base import CarrierProtocolError, SignatureInvalid, WebhookRequest
+from gateway.call import Call, SocketIO
+from gateway.metrics import CONTENT_TYPE_LATEST
+from gateway.personas import PersonaError
+from gateway.sessions import Session
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+logger = logging.getLogger(__name__)
+
+
+def _services(conn: Request | WebSocket) -> Services:
+    return conn.app.state.services  # type: ignore[no-any-return]
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    services = _services(request)
+    if not await services.sessions.ping():
+        return _error(503, "session store unreachable")
+    return JSONResponse({"status": "ready", "active_calls": len(services.calls)})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _authorised(request: Request, key: str) -> bool:
+    if not key:
+        return True
+    header = request.headers.get("authorization", "")
+    supplied = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+    return hmac.compare_digest(supplied.encode(), key.encode())
+
+
+# ------------------------------------------------------------------------------------------ webhooks
+async def start(request: Request) -> Response:
+    """``POST /start`` and ``/start/{carrier}``: verify, pick the persona, mint the session, answer."""
+    services = _services(request)
+    config = services.config
+    name = request.path_params.get("carrier") or config.carrier
+    carrier = services.carriers.get(name)
+    if carrier is None:
+        return _error(404, f"unknown carrier '{name}'", known=sorted(services.carriers))
+    if not config.public_url:
+        logger.error("webhook for %s refused: public_url is not set", name)
+        return _error(503, "public_url is not set: set it (or VOXRAY_PUBLIC_URL) to the https URL carriers reach")
+    tw = config.carriers.twilio
+    if name == "twilio" and tw.verify_signatures and not tw.auth_token:
+        logger.error("webhook for twilio refused: no auth token configured")
+        return _error(503, "twilio is not configured: set TWILIO_AUTH_TOKEN (or carriers.twilio.auth_token)")
+    body = await request.body()
+    form: list[tuple[str, str]] = []
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    url = config.public_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    webhook = WebhookRequest(method=request.method, url=url, headers={k.lower(): v for k, v in request.headers.items()},
+                             body=body, form=form)
+    try:
+        carrier.verify(webhook)
+        call = carrier.parse_call(webhook)
+    except SignatureInvalid as exc:
+        services.metrics.webhooks_rejected.labels(carrier=name, reason="signature").inc()
+        logger.warning("webhook rejected carrier=%s reason=%s from=%s", name, exc, request.client.host if request.client else "-")
+        return _error(403, "invalid signature")
+    except CarrierProtocolError as exc:
+        services.metrics.webhooks_rejected.labels(carrier=name, reason="malformed").inc()
+        logger.warning("webhook rejected carrier=%s reason=%s", name, exc)
+        return _error(400, str(exc))
+    parameters = dict(request.query_params)
+    try:
+        persona = services.personas.resolve(to=call.to, parameters=parameters)
+    except PersonaError as exc:
+        logger.error("persona lookup failed, using the default: %s", exc)
+        persona = services.personas.resolve()
+    session = await services.sessions.create(Session.new(
+        carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
+        persona=persona.name, parameters=parameters))
+    scheme, rest = config.public_url.split("://", 1)
+    stream_url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/media/{name}/{session.id}"
+    text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona.name})
+    logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona.name, session.id[:6])
+    return Response(text, media_type=media_type)
+
+
+# ------------------------------------------------------------------------------------------ media
+async def media(websocket: WebSocket) -> None:
+    """``WS /media/{carrier}/{session_id}``: the carrier's media stream for one claimed session."""
+    services = _services(websocket)
+    name = websocket.path_params["carrier"]
+    carrier = services.carriers.get(name)
+    await websocket.accept()
+    if carrier is None:
+        await websocket.close(1008, f"unknown carrier '{name}'")
+        return
+    session = await services.sessions.claim(websocket.path_params["session_id"], carrier=name)
+    if session is None:
+        logger.warning("media socket refused carrier=%s: unknown, used or expired session", name)
+        await websocket.close(1008, "unknown, used or expired session")
+        return
+    await Call(services=services, session=session, carrier=carrier, socket=_socket_io(websocket)).run()
+
+
+def _socket_io(websocket: WebSocket) -> SocketIO:
+    """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
+    receive, send = websocket._receive, websocket._send  # noqa: SLF001
+    closed = False
+
+    async def recv() -> str | bytes | None:
+        nonlocal closed
+        if closed:
+            return None
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            closed = True
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def send_message(data: str | bytes) -> None:
+        if closed:
+            return
+        try:
+            await send({"type": "websocket.send", "text": data} if isinstance(data, str)
+                       else {"type": "websocket.send", "bytes": data})
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            pass   # the peer went away; the reader sees the disconnect and ends the call
+
+    async def close(code: int, reason: str) -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    return SocketIO(receive=recv, send=send_message, close=close)
+
+
+# ------------------------------------------------------------------------------------------ sessions
+async def session(request: Request) -> Response:
+    """``GET``/``DELETE /sessions/{id}``: inspect or end a live session (``server_api_key`` protected)."""
+    services = _services(request)
+    if not _authorised(request, services.config.server_api_key):
+        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    session_id = request.path_params["session_id"]
+    found = await services.sessions.get(session_id)
+    if found is None:
+        return _error(404, "no such session")
+    if request.method == "DELETE":
+        call = services.calls.get(session_id)
+        if call is not None:
+            call.finish("ended_by_api")
+        else:
+            await services.sessions.end(session_id)
+        return JSONResponse({"ended": session_id})
+    body = found.public()
+    body["live"] = session_id in services.calls
+    return Response(json.dumps(body), media_type="application/json")

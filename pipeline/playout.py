@@ -1,0 +1,212 @@
+"""Outbound playout: paces agent audio to a transport in real time with a small lead.
+
+The carrier (or browser) plays what we send at real time; keeping only ``lead_ms`` of audio ahead
+of playback means a barge-in ``clear`` drops little and the buffer never runs dry. ``clear()`` drops
+queued audio and sends the transport's flush frame before anything else.
+
+Usage (one per call; ``send`` writes one frame to the socket)::
+
+    playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000)
+    tg.create_task(playout.run(send))
+    await playout.write(pcm8k)          # waits while more than max_buffer_ms is queued
+    playout.mark("r1-c0")               # acknowledged by the carrier once played
+    playout.clear()                     # barge-in
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Awaitable, Callable
+
+from pipeline.frames import AudioFrame, Clear, Frame, Mark
+
+__all__ = ["Playout"]
+
+Send = Callable[[Frame], Awaitable[None]]
+
+
+class Playout:
+    """Bounded, paced outbound audio queue for one call."""
+
+    def __init__(self, *, sample_rate: int, lead_ms: float, max_buffer_ms: float, frame_ms: int = 20,
+                 coalesce_ms: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 on_speaking: Callable[[bool, float], None] | None = None) -> None:
+        self.sample_rate = sample_rate
+        self._frame_bytes = sample_rate * frame_ms // 1000 * 2
+        self._bytes_per_ms = sample_rate * 2 / 1000.0
+        self._lead = lead_ms / 1000.0
+        self._max_bytes = int(max_buffer_ms * self._bytes_per_ms)
+        self._coalesce = coalesce_ms / 1000.0
+        self._clock = clock
+        self._on_speaking = on_speaking
+        self._queue: collections.deque[bytes | Mark] = collections.deque()
+        self._queued_bytes = 0
+        self._partial = b""
+        self._waiter: asyncio.Future[None] | None = None
+        self._space = asyncio.Event()
+        self._space.set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._clear_pending = False
+        self._play_until = 0.0      # when the transport will have played everything we sent
+        self._speaking = False
+        self.sent_ms = 0.0          # audio sent so far (monotonic position in the outbound stream)
+        self.pending_marks: set[str] = set()
+
+    # ------------------------------------------------------------------ producer side
+    async def write(self, pcm: bytes) -> None:
+        """Queue PCM16 at ``sample_rate``; waits while the queue is over its limit."""
+        data = self._partial + pcm
+        cut = len(data) - len(data) % self._frame_bytes
+        self._partial = data[cut:]
+        for i in range(0, cut, self._frame_bytes):
+            self._queue.append(data[i:i + self._frame_bytes])
+        self._queued_bytes += cut
+        if cut:
+            self._drained.clear()
+            self._wake()
+        if self._queued_bytes > self._max_bytes:
+            self._space.clear()
+            await self._space.wait()
+
+    def mark(self, name: str) -> None:
+        """Queue a marker after the audio written so far (a short tail is flushed first)."""
+        self._flush_partial()
+        self._queue.append(Mark(name))
+        self._drained.clear()
+        self._wake()
+
+    def end_of_audio(self) -> None:
+        """Send the short tail that does not fill a whole frame."""
+        self._flush_partial()
+
+    def clear(self) -> None:
+        """Drop everything queued and flush the transport's buffer (barge-in)."""
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._partial = b""
+        self._clear_pending = True
+        self.pending_marks.clear()
+        now = self._clock()
+        if self._play_until > now:
+            self.sent_ms -= (self._play_until - now) * 1000.0   # never played: not part of the stream
+        self._play_until = now
+        self._space.set()
+        self._wake()
+
+    def acknowledge(self, name: str) -> bool:
+        """A marker came back; True when it was played (not flushed by a clear)."""
+        if name in self.pending_marks:
+            self.pending_marks.discard(name)
+            return True
+        return False
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._queue) or self._partial != b"" or self._play_until > self._clock()
+
+    def played_ms(self) -> float:
+        """Position in the outbound stream the listener has heard up to (estimate by time)."""
+        return self.sent_ms - max(0.0, self._play_until - self._clock()) * 1000.0
+
+    @property
+    def queued_ms(self) -> float:
+        return (self._queued_bytes + len(self._partial)) / self._bytes_per_ms
+
+    async def drained(self) -> None:
+        """Wait until everything queued has been sent and played."""
+        self._flush_partial()
+        await self._drained.wait()
+
+    def _flush_partial(self) -> None:
+        if self._partial:
+            self._queue.append(self._partial)
+            self._queued_bytes += len(self._partial)
+            self._partial = b""
+            self._drained.clear()
+            self._wake()
+
+    # ------------------------------------------------------------------ pacer
+    async def run(self, send: Send) -> None:
+        """Send queued frames paced to real time; runs until cancelled."""
+        while True:
+            if self._clear_pending:
+                self._clear_pending = False
+                await send(Clear())
+                continue
+            if not self._queue:
+                now = self._clock()
+                if self._play_until > now:
+                    await self._sleep(self._play_until - now)
+                    continue
+                self._set_speaking(False)
+                self._drained.set()
+                await self._sleep(None)
+                continue
+            now = self._clock()
+            if self._play_until < now:
+                self._play_until = now          # the transport ran dry (or a new utterance starts)
+            ahead = self._play_until - now
+            if ahead > self._lead:
+                await self._sleep(ahead - self._lead + self._coalesce)
+                continue
+            await self._send_due(send, now)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _sleep(self, delay: float | None) -> None:
+        """Sleep ``delay`` seconds (forever if None) or until woken; one future, no task per wait."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        handle = None if delay is None else loop.call_later(delay, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._waiter = None
+
+    async def _send_due(self, send: Send, now: float) -> None:
+        """Send what fits in the lead window: one frame, or all due frames merged when coalescing."""
+        audio: list[bytes] = []
+        budget = self._lead + self._coalesce - (self._play_until - now)
+        while self._queue and (not audio or self._coalesce):
+            item = self._queue[0]
+            if isinstance(item, Mark):
+                break
+            secs = len(item) / self._bytes_per_ms / 1000.0
+            if audio and secs > budget:
+                break
+            self._queue.popleft()
+            self._queued_bytes -= len(item)
+            audio.append(item)
+            budget -= secs
+        if audio:
+            pcm = b"".join(audio)
+            ms = len(pcm) / self._bytes_per_ms
+            self._set_speaking(True)
+            self._play_until += ms / 1000.0
+            self.sent_ms += ms
+            if self._queued_bytes <= self._max_bytes:
+                self._space.set()
+            await send(AudioFrame(pcm, self.sample_rate))
+        while self._queue and isinstance(self._queue[0], Mark):
+            mark = self._queue.popleft()
+            assert isinstance(mark, Mark)
+            self.pending_marks.add(mark.name)
+            await send(mark)
+
+    def _set_speaking(self, speaking: bool) -> None:
+        if speaking != self._speaking:
+            self._speaking = speaking
+            if self._on_speaking is not None:
+                self._on_speaking(speaking, self._clock())
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

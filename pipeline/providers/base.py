@@ -1,0 +1,61 @@
+"""Provider interfaces: speech-to-text, language model, text-to-speech.
+
+One provider is one module under ``pipeline/providers``. Each maps its vendor's failures once,
+at its boundary, to :class:`ProviderError` (``transient`` says whether a retry may help).
+
+Usage::
+
+    text = await stt.transcribe(pcm16k, sample_rate=16000, language="en")
+    async for delta in llm.stream([{"role": "user", "content": text}]):
+        ...
+    async for chunk in tts.synthesize("Hello.", voice=None):   # PCM16 at tts.sample_rate
+        ...
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Mapping, Protocol, Sequence
+
+__all__ = ["LLMProvider", "Message", "ProviderError", "STTProvider", "TTSProvider"]
+
+Message = Mapping[str, str]
+
+
+class ProviderError(Exception):
+    """A provider call failed.
+
+    Args:
+        provider: provider name (``"openai"``, ``"local"`` ...).
+        message: what happened, without secrets.
+        transient: True when retrying the same request may succeed (timeouts, 429, 5xx).
+    """
+
+    def __init__(self, provider: str, message: str, *, transient: bool = False) -> None:
+        super().__init__(f"{provider}: {message}")
+        self.provider = provider
+        self.transient = transient
+
+
+class STTProvider(Protocol):
+    """Speech to text over one finished utterance (PCM16 mono)."""
+
+    name: str
+
+    async def transcribe(self, pcm: bytes, *, sample_rate: int, language: str | None = None) -> str: ...
+
+
+class LLMProvider(Protocol):
+    """Chat completion streamed as text deltas."""
+
+    name: str
+
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str]: ...
+
+
+class TTSProvider(Protocol):
+    """Text to speech streamed as PCM16 mono chunks at ``sample_rate``."""
+
+    name: str
+    sample_rate: int
+
+    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]: ...
