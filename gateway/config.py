@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import json
@@ -276,7 +277,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             if not isinstance(value, list):
                 raise ValueError
             return tuple(value)
-        if origin in (Mapping, dict) or tp is Mapping:
+        if origin in (collections.abc.Mapping, dict):
             if text:
                 value = json.loads(value)
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):

@@ -1,0 +1,54 @@
+"""Shared test helpers: a real gateway on 127.0.0.1 and the fake provider/carrier servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any, AsyncIterator
+
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.server import build_server
+
+ACCOUNT_SID = "AC" + "0" * 31 + "1"
+AUTH_TOKEN = "test-auth-token-12345"
+PUBLIC_URL = "https://voice.example.test"
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config) -> AsyncIterator[str]:
+    """Serve ``create_app(config)`` on an ephemeral 127.0.0.1 port; yields ``http://127.0.0.1:<port>``."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = build_server(create_app(config), config, handle_signals=False)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        sock.close()
+
+
+def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
+    """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers."""
+    raw: dict[str, Any] = {
+        "public_url": PUBLIC_URL,
+        "provider": "openai",
+        "api_keys": {"openai": "sk-test"},
+        "base_urls": {"openai": openai_url},
+        "carriers": {"twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "api_base_url": twilio_url}},
+        "vad_stop_ms": 300,
+        "stt_timeout_secs": 2,
+        "llm_timeout_secs": 2,
+        "tts_timeout_secs": 2,
+    }
+    raw.update(overrides)
+    return Config.from_mapping(raw)
