@@ -6,6 +6,7 @@ Usage::
 
     voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
     voxray check-config config.json
+    TWILIO_AUTH_TOKEN=... voxray simulate --carrier twilio --url http://127.0.0.1:8000 --calls 5
 """
 
 from __future__ import annotations
@@ -30,13 +31,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
     check.add_argument("config", type=Path, nargs="?", help="config.json (default: $VOXRAY_CONFIG)")
+    sim = sub.add_parser("simulate", help="place emulated carrier calls against a gateway and print latencies")
+    sim.add_argument("--carrier", default="twilio", choices=["twilio"])
+    sim.add_argument("--url", required=True, help="the gateway's address, e.g. http://127.0.0.1:8000")
+    sim.add_argument("--public-url", help="the public_url the gateway signs against (default: --url)")
+    sim.add_argument("--calls", type=int, default=1)
+    sim.add_argument("--turns", type=int, default=2, help="utterances per call")
+    sim.add_argument("--audio", type=Path, help="WAV of the caller's utterance (default: a synthetic voice)")
+    sim.add_argument("--to", default="+14155550100", help="the dialed number (selects the persona)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
-    path = args.config or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None)
+    if args.command == "simulate":
+        from gateway.simulate import run_simulation
+
+        return run_simulation(url=args.url, public_url=args.public_url, calls=args.calls, turns=args.turns,
+                              audio=args.audio, to=args.to, auth_token=environ.get("TWILIO_AUTH_TOKEN", ""),
+                              account_sid=environ.get("TWILIO_ACCOUNT_SID", ""))
+    path = getattr(args, "config", None) or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None)
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
     try:
         config = Config.load(path, environ, overrides)

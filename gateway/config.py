@@ -352,7 +352,7 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
     if c.public_url:
         parsed = urlparse(c.public_url)
-        if parsed.scheme not in ("https", "http") or not parsed.netloc:
+        if parsed.scheme != "https" or not parsed.netloc:
             raise ConfigError(f"'public_url' must be the https URL your carriers reach, e.g. "
                               f"https://voice.example.com (got {c.public_url!r})")
     if c.session_store == "redis":

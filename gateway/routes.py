@@ -103,8 +103,7 @@ async def start(request: Request) -> Response:
     session = await services.sessions.create(Session.new(
         carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
         persona=persona.name, parameters=parameters))
-    scheme, rest = config.public_url.split("://", 1)
-    stream_url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/media/{name}/{session.id}"
+    stream_url = "wss://" + config.public_url.split("://", 1)[1] + f"/media/{name}/{session.id}"
     text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona.name})
     logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona.name, session.id[:6])
     return Response(text, media_type=media_type)
