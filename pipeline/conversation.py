@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, TypeVar
 
 from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame
@@ -37,6 +37,9 @@ __all__ = ["BotSpeaking", "ConversationSettings", "Conversation", "ErrorEvent", 
 logger = logging.getLogger(__name__)
 
 PIPELINE_RATE = 16000
+
+_P = TypeVar("_P", LLMProvider, TTSProvider)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,53 +458,43 @@ class Conversation:
                         break
         raise _Fatal("speech-to-text failed: " + "; ".join(errors))
 
-    async def _llm_stream(self, context: Sequence[dict[str, str]]) -> AsyncIterator[str]:
-        errors: list[str] = []
-        for llm in self._providers.llm:
-            for _ in range(self.settings.provider_retries + 1):
-                produced = False
-                stream = llm.stream(context)
-                try:
-                    while True:
-                        async with asyncio.timeout(self.settings.llm_timeout_s):
-                            delta = await anext(stream, None)
-                        if delta is None:
-                            return
-                        produced = True
-                        yield delta
-                except (ProviderError, TimeoutError) as exc:
-                    errors.append(_describe(llm.name, exc))
-                    if produced:
-                        raise _Fatal("language model failed mid-answer: " + errors[-1]) from exc
-                    if isinstance(exc, ProviderError) and not exc.transient:
-                        break
-                finally:
-                    await _aclose(stream)
-        raise _Fatal("language model failed: " + "; ".join(errors))
+    def _llm_stream(self, context: Sequence[dict[str, str]]) -> AsyncIterator[str]:
+        return self._stream("language model", self._providers.llm, lambda llm: llm.stream(context),
+                            self.settings.llm_timeout_s)
 
-    async def _tts_stream(self, text: str) -> AsyncIterator[tuple[bytes, int]]:
+    def _tts_stream(self, text: str) -> AsyncIterator[tuple[bytes, int]]:
+        async def with_rate(tts: TTSProvider) -> AsyncIterator[tuple[bytes, int]]:
+            async with contextlib.aclosing(tts.synthesize(text, voice=self.persona.voice)) as chunks:
+                async for chunk in chunks:
+                    yield chunk, tts.sample_rate
+        return self._stream("text-to-speech", self._providers.tts, with_rate, self.settings.tts_timeout_s)
+
+    async def _stream(self, stage: str, providers: Sequence[_P], open_stream: Callable[[_P], AsyncIterator[_T]],
+                      timeout_s: float) -> AsyncIterator[_T]:
+        """Items from the first provider that works: each item within ``timeout_s``; a transient failure
+        before the first item is retried, then the next provider is tried; a failure after output is fatal."""
         errors: list[str] = []
-        for tts in self._providers.tts:
+        for provider in providers:
             for _ in range(self.settings.provider_retries + 1):
                 produced = False
-                stream = tts.synthesize(text, voice=self.persona.voice)
+                stream = open_stream(provider)
                 try:
                     while True:
-                        async with asyncio.timeout(self.settings.tts_timeout_s):
-                            chunk = await anext(stream, None)
-                        if chunk is None:
+                        async with asyncio.timeout(timeout_s):
+                            item = await anext(stream, None)
+                        if item is None:
                             return
                         produced = True
-                        yield chunk, tts.sample_rate
+                        yield item
                 except (ProviderError, TimeoutError) as exc:
-                    errors.append(_describe(tts.name, exc))
+                    errors.append(_describe(provider.name, exc))
                     if produced:
-                        raise _Fatal("text-to-speech failed mid-sentence: " + errors[-1]) from exc
+                        raise _Fatal(f"{stage} failed mid-answer: {errors[-1]}") from exc
                     if isinstance(exc, ProviderError) and not exc.transient:
                         break
                 finally:
                     await _aclose(stream)
-        raise _Fatal("text-to-speech failed: " + "; ".join(errors))
+        raise _Fatal(f"{stage} failed: " + "; ".join(errors))
 
     # ------------------------------------------------------------------------------ failure
     def _fail(self, code: str, message: str) -> None:
