@@ -42,6 +42,7 @@ class SocketIO:
     receive: Callable[[], Awaitable[str | bytes | None]]      # None: the peer closed
     send: Callable[[str | bytes], Awaitable[None]]
     close: Callable[[int, str], Awaitable[None]]
+    peer_close_code: Callable[[], int | None] = lambda: None   # why the socket closed, once receive gave None
 
 
 class Call:
@@ -53,6 +54,7 @@ class Call:
         self.reason: str | None = None
         self.conversation: Conversation | None = None
         self._ended = asyncio.Event()
+        self.finalised = asyncio.Event()   # set once the finaliser has run (DELETE waits for it)
         self._finalised = False
         self._carrier_stopped = False
         self._close_code, self._close_text = 1000, "call ended"
@@ -97,8 +99,7 @@ class Call:
                 while True:
                     message = await self.socket.receive()
                     if message is None:
-                        self.finish("disconnected_before_start")
-                        self._carrier_stopped = True
+                        self._socket_closed()
                         return None
                     for frame in self._decode(message):
                         if isinstance(frame, StreamStarted):
@@ -149,11 +150,26 @@ class Call:
         while True:
             message = await self.socket.receive()
             if message is None:
-                self._carrier_stopped = True
-                self.finish("caller_hangup")
+                self._socket_closed()
                 return
             for frame in self._decode(message):
                 self._dispatch(frame, convo)
+
+    def _socket_closed(self) -> None:
+        """The socket went away: a protocol-level refusal (oversized or invalid frame) is our close,
+        and the call is still up at the carrier; anything else means the caller's side ended."""
+        code = self.socket.peer_close_code()
+        if code == 1009:
+            self.services.metrics.media_rejected.labels(carrier=self.carrier.name).inc()
+            logger.warning("media frame exceeded ws_max_message_bytes=%d; the socket closed with 1009",
+                           self.services.config.ws_max_message_bytes)
+            self.finish("message_too_big", code=1009, text="message too big")
+        elif code in (1002, 1007):
+            logger.warning("media socket failed with close code %d (invalid frame)", code)
+            self.finish("protocol_error", code=code, text="invalid frame")
+        else:
+            self._carrier_stopped = True
+            self.finish("caller_hangup")
 
     def _decode(self, message: str | bytes) -> list[Frame]:
         limit = self.services.config.ws_max_message_bytes
@@ -238,3 +254,4 @@ class Call:
         metrics.active_calls.labels(carrier=self.carrier.name).dec()
         metrics.calls_ended.labels(carrier=self.carrier.name, reason=reason).inc()
         logger.info("call ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
+        self.finalised.set()

@@ -7,6 +7,7 @@ with a reason.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -131,14 +132,15 @@ def _socket_io(websocket: WebSocket) -> SocketIO:
     """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
     receive, send = websocket._receive, websocket._send  # noqa: SLF001
     closed = False
+    peer_code: int | None = None
 
     async def recv() -> str | bytes | None:
-        nonlocal closed
+        nonlocal closed, peer_code
         if closed:
             return None
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            closed = True
+            closed, peer_code = True, message.get("code")
             return None
         text = message.get("text")
         return text if text is not None else message.get("bytes") or b""
@@ -158,7 +160,7 @@ def _socket_io(websocket: WebSocket) -> SocketIO:
             closed = True
             await send({"type": "websocket.close", "code": code, "reason": reason})
 
-    return SocketIO(receive=recv, send=send_message, close=close)
+    return SocketIO(receive=recv, send=send_message, close=close, peer_close_code=lambda: peer_code)
 
 
 # ------------------------------------------------------------------------------------------ sessions
@@ -175,6 +177,11 @@ async def session(request: Request) -> Response:
         call = services.calls.get(session_id)
         if call is not None:
             call.finish("ended_by_api")
+            try:   # answer once the call is really over: hung up, socket closed, session removed
+                async with asyncio.timeout(services.config.hangup_timeout_secs + 1.0):
+                    await call.finalised.wait()
+            except TimeoutError:
+                return JSONResponse({"ending": session_id}, status_code=202)
         else:
             await services.sessions.end(session_id)
         return JSONResponse({"ended": session_id})

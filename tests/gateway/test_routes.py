@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
@@ -211,11 +212,11 @@ async def test_start_without_carrier_uses_default_twilio() -> None:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/xml")
             stream_url, parameters = parse_twiml(response.text)
-            assert stream_url.startswith(f"wss://voice.example.test/media/twilio/")
+            assert stream_url.startswith("wss://voice.example.test/media/twilio/")
             assert parameters["session_id"] == stream_url.rsplit("/", 1)[-1]
 
 
-async def test_no_public_url_is_503_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_public_url_is_503_naming_it() -> None:
     async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         config = phone_config(fake.base_url, twilio.base_url, public_url="")
         async with running_gateway(config) as url, httpx.AsyncClient() as http:
@@ -341,3 +342,36 @@ async def test_delete_session_ends_the_live_call() -> None:
                 assert text == 1.0
             finally:
                 await call.close()
+
+
+async def test_get_right_after_delete_is_404() -> None:
+    async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url, httpx.AsyncClient() as http:
+            call = new_call(url, twilio)
+            await call.dial()
+            await call.connect()
+            try:
+                await call.wait_audio(after=0, timeout=5)
+                assert (await http.delete(f"{url}/sessions/{call.session_id}")).status_code == 200
+                after = await http.get(f"{url}/sessions/{call.session_id}")
+                assert after.status_code == 404, after.text
+            finally:
+                await call.close()
+
+
+async def test_delete_pending_session_refuses_its_media_socket() -> None:
+    async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url, httpx.AsyncClient() as http:
+            call = new_call(url, twilio)
+            await call.dial()
+            response = await http.delete(f"{url}/sessions/{call.session_id}")
+            assert response.status_code == 200
+            assert (await http.get(f"{url}/sessions/{call.session_id}")).status_code == 404
+            assert (await http.delete(f"{url}/sessions/{call.session_id}")).status_code == 404
+            async with websockets.connect(call.media_url) as ws:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "unknown, used or expired session")
