@@ -16,6 +16,7 @@ import collections.abc
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -178,6 +179,8 @@ class Config:
         out = _to_plain(self)
         out["server_api_key"] = "***" if self.server_api_key else ""
         out["api_keys"] = {k: "***" for k in self.api_keys}
+        out["webrtc_ice_servers"] = [{k: ("***" if k == "credential" else v) for k, v in s.items()}
+                                     for s in out["webrtc_ice_servers"]]
         tw = out["carriers"]["twilio"]
         tw["auth_token"] = "***" if tw["auth_token"] else ""
         tw["shared_key_secrets"] = {k: "***" for k in tw["shared_key_secrets"]}
@@ -264,9 +267,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return int(value)
         if tp is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(number := float(value)):
                 raise ValueError
-            return float(value)
+            return number
         if tp is str:
             if not isinstance(value, str):
                 raise ValueError
@@ -285,7 +288,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return dict(value)
     except (ValueError, TypeError):
         pass
-    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(tp, "a list" if origin is tuple else "an object of strings")
+    kind = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}.get(tp, "a list" if origin is tuple else "an object of strings")
     raise ConfigError(f"'{name}' must be {kind} (got {value!r})")
 
 

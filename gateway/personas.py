@@ -31,6 +31,7 @@ __all__ = ["PersonaBook", "PersonaError"]
 logger = logging.getLogger(__name__)
 
 _FIELDS = ("system", "greeting", "voice", "language")
+_DEFAULT = Persona()
 
 
 class PersonaError(ValueError):
@@ -125,10 +126,16 @@ def _parse(data: Any, where: str) -> tuple[dict[str, Persona], dict[str, str]]:
         unknown = set(spec) - set(_FIELDS)
         if unknown:
             raise PersonaError(f"{where}: persona '{name}' has unknown fields {sorted(unknown)}; allowed: {_FIELDS}")
-        personas[name] = Persona(name=name, system=spec["system"], greeting=spec.get("greeting", Persona.greeting),
-                                 voice=spec.get("voice"), language=spec.get("language", "en"))
+        wrong = [k for k in _FIELDS if k in spec and not isinstance(spec[k], str)]
+        if wrong:
+            raise PersonaError(f"{where}: persona '{name}' fields {wrong} must be strings")
+        personas[name] = Persona(name=name, system=spec["system"], greeting=spec.get("greeting", _DEFAULT.greeting),
+                                 voice=spec.get("voice"), language=spec.get("language", _DEFAULT.language))
+    numbers_spec = data.get("numbers") or {}
+    if not isinstance(numbers_spec, dict):
+        raise PersonaError(f"{where}: 'numbers' must be an object mapping E.164 numbers to persona names")
     numbers: dict[str, str] = {}
-    for number, name in (data.get("numbers") or {}).items():
+    for number, name in numbers_spec.items():
         if name not in personas:
             raise PersonaError(f"{where}: number {number} names unknown persona '{name}'")
         numbers[number if number == "default" else _normalise(number)] = name

@@ -82,6 +82,7 @@ class MemorySessionStore(SessionStore):
             del self._sessions[sid]
 
     async def create(self, session: Session) -> Session:
+        session = replace(session, created_at=self._clock())   # expiry runs on this store's clock
         if len(self._sessions) >= self._max:
             self._sweep()
         if len(self._sessions) >= self._max:

@@ -176,6 +176,7 @@ class Conversation:
         self._dtmf_task: asyncio.Task[None] | None = None
         self._closed = False
         self._ending = False
+        self._apology_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------ inputs
     def start(self) -> None:
@@ -193,16 +194,18 @@ class Conversation:
             self._append(frame)
             if self._vad.speaking and self._vad.silence_ms == 0.0:
                 self._last_speech_at = self._clock()
-            if self._utterance_ms >= self.settings.max_utterance_secs * 1000.0:
-                self._vad.speaking = False
-                event = VadEvent.SPEECH_STOP
+            if self._vad.speaking and self._utterance_ms >= self.settings.max_utterance_secs * 1000.0:
+                self._cut_utterance()
+                return
         else:
             self._preroll.append(frame)
             self._preroll_ms += frame.duration_ms
             while self._preroll_ms - self._preroll[0].duration_ms >= self.settings.preroll_ms:
                 self._preroll_ms -= self._preroll.popleft().duration_ms
         if event is VadEvent.SPEECH_STOP and self._utterance is not None:
-            self._turn_task = self._spawn(self._end_of_speech(self._clock()))
+            if self._turn_task is not None:
+                self._turn_task.cancel()
+            self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._clock()))
 
     def on_dtmf(self, digit: str) -> None:
         if self._closed or self._ending:
@@ -230,7 +233,8 @@ class Conversation:
     def close(self) -> None:
         """Stop everything; the tasks are cancelled by their TaskGroup or here."""
         self._closed = True
-        for task in (self._turn_task, self._dtmf_task, self._response.task if self._response else None):
+        for task in (self._turn_task, self._dtmf_task, self._apology_task,
+                     self._response.task if self._response else None):
             if task is not None:
                 task.cancel()
 
@@ -256,10 +260,16 @@ class Conversation:
         self._utterance.append(pcm)
         self._utterance_ms += frame.duration_ms
 
-    async def _end_of_speech(self, stopped_at: float) -> None:
-        """Transcribe at once; answer now if the words sound complete, else wait up to turn_stop_secs."""
+    def _cut_utterance(self) -> None:
+        """Speech ran past ``max_utterance_secs``: that part becomes a turn, the rest a new utterance."""
+        logger.info("utterance reached max_utterance_secs=%.0f; taking the turn", self.settings.max_utterance_secs)
         assert self._utterance is not None
-        pcm = b"".join(self._utterance)
+        self._spawn(self._end_of_speech(self._utterance, self._clock(), complete=True))
+        self._utterance, self._utterance_ms = [], 0.0
+
+    async def _end_of_speech(self, utterance: list[bytes], stopped_at: float, *, complete: bool = False) -> None:
+        """Transcribe at once; answer now if the words sound complete, else wait up to turn_stop_secs."""
+        pcm = b"".join(utterance)
         speech_end = self._last_speech_at
         t0 = self._clock()
         try:
@@ -268,12 +278,13 @@ class Conversation:
             self._fail("stt_failed", str(exc))
             return
         stt_ms = (self._clock() - t0) * 1000.0
-        if looks_incomplete(text):
+        if not complete and looks_incomplete(text):
             remaining = speech_end + self.settings.turn_stop_secs - self._clock()
             if remaining > 0:
                 await asyncio.sleep(remaining)     # cancelled if the caller speaks again
-        self._utterance = None
-        self._turn_task = None
+        if self._utterance is utterance:
+            self._utterance = None
+            self._turn_task = None
         if not text.strip():
             return
         self._emit(TranscriptEvent("user", text))
@@ -301,7 +312,7 @@ class Conversation:
     # ------------------------------------------------------------------------------ responses
     def _begin_response(self, body: Callable[[_Response], Coroutine[Any, Any, None]],
                         speech_end: float | None = None) -> _Response:
-        self._interrupt()
+        self._interrupt(barge_in=False)   # a new answer replaces one still running
         self._responses += 1
         message = {"role": "assistant", "content": ""}
         response = _Response(self._responses, message, speech_end=speech_end)
@@ -395,7 +406,7 @@ class Conversation:
         return spoke
 
     # ------------------------------------------------------------------------------ barge-in
-    def _interrupt(self) -> None:
+    def _interrupt(self, *, barge_in: bool = True) -> None:
         """Stop the agent at once: cancel the answer, flush audio, keep only what was heard."""
         response = self._response
         if response is None:
@@ -413,8 +424,9 @@ class Conversation:
         if not heard:
             self._forget(response)
         self._response = None
-        logger.info("barge-in: caller interrupted; heard %d of the answer's characters", len(heard))
-        self._emit(BargeIn(heard))
+        if barge_in:
+            logger.info("barge-in: caller interrupted; heard %d of the answer's characters", len(heard))
+            self._emit(BargeIn(heard))
 
     def _heard(self, response: _Response) -> str:
         played_ms = self._playout.played_ms()
@@ -504,8 +516,8 @@ class Conversation:
         logger.warning("%s: %s; apologising and ending the call", code, message)
         self._emit(ErrorEvent(code, message))
         self._ending = True
-        self._interrupt()
-        self._spawn(self._apologise(code))
+        self._interrupt(barge_in=False)
+        self._apology_task = self._spawn(self._apologise(code))
 
     async def _apologise(self, reason: str) -> None:
         text = self.settings.apology_text

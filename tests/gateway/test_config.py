@@ -1,0 +1,392 @@
+"""Tests for gateway.config: design.md §4 defaults, file -> VOXRAY_* -> flags precedence, validation
+messages that name the key, provider resolution, and secret masking in describe()."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import Config, ConfigError
+
+OPENAI = {"OPENAI_API_KEY": "sk-env-openai-key-0001"}
+
+
+def write(tmp_path: Path, data: Any, name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def error(raw: dict[str, Any], environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping(raw, environ or {})
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------ defaults (design.md §4)
+
+def test_defaults_match_the_documented_contract() -> None:
+    c = Config.from_mapping({}, OPENAI)
+    assert c.vad_threshold == 0.02
+    assert c.turn_stop_secs == 3
+    assert c.session_store == "memory"
+    assert c.session_ttl_secs == 3600
+    assert c.ws_write_coalesce_ms == 0
+    assert c.transport == "both"
+    assert c.vad_type == "energy"
+    assert c.webrtc_ice_servers == ()
+    assert dict(c.api_keys) == {} and c.redis_url == ""
+    r = c.recording
+    assert (r.enable, r.bucket, r.base_path, r.format, r.worker_count, r.queue_cap, r.max_retries) == \
+        (False, "", "recordings/", "wav", 4, 32, 3)
+    t = c.transcripts
+    assert (t.enable, t.driver, t.dsn, t.table_name) == (False, "postgres", "", "call_transcripts")
+    for key in ("provider", "stt_provider", "llm_provider", "tts_provider", "model", "stt_model", "tts_model",
+                "tts_voice"):
+        assert getattr(c, key) == ""
+
+
+def test_config_is_immutable() -> None:
+    c = Config.from_mapping({}, OPENAI)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.port = 1  # type: ignore[misc]
+
+
+def test_load_without_a_file_uses_defaults() -> None:
+    c = Config.load(None, OPENAI)
+    assert c == Config.from_mapping({}, OPENAI)
+
+
+# ------------------------------------------------------------------------------ precedence
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, {"port": 8100, "host": "127.0.0.1", "vad_threshold": 0.05, "log_level": "debug"})
+    from_file = Config.load(path, OPENAI)
+    assert (from_file.port, from_file.host, from_file.vad_threshold, from_file.log_level) == \
+        (8100, "127.0.0.1", 0.05, "debug")
+
+    env = {**OPENAI, "VOXRAY_PORT": "8200", "VOXRAY_VAD_THRESHOLD": "0.07"}
+    from_env = Config.load(path, env)
+    assert (from_env.port, from_env.host, from_env.vad_threshold, from_env.log_level) == \
+        (8200, "127.0.0.1", 0.07, "debug")
+
+    from_flags = Config.load(path, env, overrides={"port": 8300, "host": None})
+    assert from_flags.port == 8300
+    assert from_flags.host == "127.0.0.1"          # a flag left unset (None) does not override
+    assert from_flags.vad_threshold == 0.07
+
+
+def test_environment_scalars_are_coerced() -> None:
+    env = {**OPENAI, "VOXRAY_BARGE_IN": "false", "VOXRAY_LOG_JSON": "yes", "VOXRAY_TURN_STOP_SECS": "1.5",
+           "VOXRAY_CORS_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+           "VOXRAY_BASE_URLS": '{"groq": "https://proxy.example/groq/v1"}', "VOXRAY_TRANSPORT": "websocket"}
+    c = Config.load(None, env)
+    assert c.barge_in is False and c.log_json is True
+    assert c.turn_stop_secs == 1.5
+    assert c.cors_allowed_origins == ("https://a.example", "https://b.example")
+    assert dict(c.base_urls) == {"groq": "https://proxy.example/groq/v1"}
+    assert c.transport == "websocket"
+
+
+def test_nested_environment_keys_merge_into_the_file_section(tmp_path: Path) -> None:
+    path = write(tmp_path, {"recording": {"base_path": "calls/", "bucket": "file-bucket"},
+                            "transcripts": {"table_name": "file_table", "driver": "postgres"}})
+    c = Config.load(path, {**OPENAI, "VOXRAY_RECORDING_BUCKET": "env-bucket",
+                           "VOXRAY_RECORDING_WORKER_COUNT": "8", "VOXRAY_TRANSCRIPTS_DSN": "postgresql://db/x"})
+    assert c.recording.bucket == "env-bucket"
+    assert c.recording.base_path == "calls/"        # untouched keys of the file's section survive
+    assert c.recording.worker_count == 8
+    assert c.transcripts.table_name == "file_table"
+    assert c.transcripts.dsn == "postgresql://db/x"
+
+
+def test_transcripts_table_alias_and_full_name(tmp_path: Path) -> None:
+    path = write(tmp_path, {"transcripts": {"table_name": "file_table"}})
+    assert Config.load(path, {**OPENAI, "VOXRAY_TRANSCRIPTS_TABLE": "alias_table"}).transcripts.table_name == \
+        "alias_table"
+    assert Config.load(path, {**OPENAI, "VOXRAY_TRANSCRIPTS_TABLE_NAME": "full_table"}).transcripts.table_name == \
+        "full_table"
+    assert Config.load(None, {**OPENAI, "VOXRAY_TRANSCRIPTS_TABLE": "t2"}).transcripts.table_name == "t2"
+
+
+def test_public_url_from_environment_loses_its_trailing_slash() -> None:
+    c = Config.load(None, {**OPENAI, "VOXRAY_PUBLIC_URL": "https://voice.example.com/"})
+    assert c.public_url == "https://voice.example.com"
+
+
+def test_environment_value_with_a_bad_type_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="'port'.*whole number"):
+        Config.load(None, {**OPENAI, "VOXRAY_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="'recording.queue_cap'"):
+        Config.load(None, {**OPENAI, "VOXRAY_RECORDING_QUEUE_CAP": "lots"})
+
+
+# ------------------------------------------------------------------------------ file errors
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match="nope.json"):
+        Config.load(missing, OPENAI)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"'])
+def test_file_must_be_a_json_object(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="config.json"):
+        Config.load(path, OPENAI)
+
+
+# ------------------------------------------------------------------------------ unknown keys
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, {"vad_treshold": 0.1})
+    with pytest.raises(ConfigError) as info:
+        Config.load(path, OPENAI)
+    message = str(info.value)
+    assert "'vad_treshold'" in message
+    assert "did you mean 'vad_threshold'" in message
+
+
+def test_unknown_nested_key_is_named_with_its_section() -> None:
+    message = error({"recording": {"bukket": "x"}}, OPENAI)
+    assert "'recording.bukket'" in message and "did you mean 'recording.bucket'" in message
+
+
+def test_unknown_key_without_a_close_match_has_no_suggestion() -> None:
+    message = error({"zzzzqqq": 1}, OPENAI)
+    assert "'zzzzqqq'" in message and "did you mean" not in message
+
+
+def test_derived_providers_is_not_a_config_key() -> None:
+    assert "'providers'" in error({"providers": {}}, OPENAI)
+
+
+# ------------------------------------------------------------------------------ bad types and values
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"port": "abc"}, "'port'"),
+    ({"port": 80.5}, "'port'"),
+    ({"port": True}, "'port'"),
+    ({"port": 0}, "'port'"),
+    ({"port": 70000}, "'port'"),
+    ({"barge_in": "maybe"}, "'barge_in'"),
+    ({"barge_in": 1}, "'barge_in'"),
+    ({"vad_threshold": "loud"}, "'vad_threshold'"),
+    ({"vad_threshold": 1.5}, "'vad_threshold'"),
+    ({"vad_threshold": 0}, "'vad_threshold'"),
+    ({"host": 5}, "'host'"),
+    ({"transport": "carrier-pigeon"}, "'transport'"),
+    ({"session_store": "mongo"}, "'session_store'"),
+    ({"log_level": "loud"}, "'log_level'"),
+    ({"recording": 5}, "'recording'"),
+    ({"recording": {"worker_count": "four"}}, "'recording.worker_count'"),
+    ({"transcripts": {"enable": "perhaps"}}, "'transcripts.enable'"),
+    ({"api_keys": {"openai": 5}}, "'api_keys'"),
+    ({"api_keys": ["sk"]}, "'api_keys'"),
+    ({"cors_allowed_origins": 5}, "'cors_allowed_origins'"),
+    ({"turn_stop_secs": 0}, "'turn_stop_secs'"),
+    ({"stt_timeout_secs": -1}, "'stt_timeout_secs'"),
+    ({"ws_write_coalesce_ms": -1}, "'ws_write_coalesce_ms'"),
+    ({"ws_write_coalesce_ms": 500}, "'ws_write_coalesce_ms'"),
+    ({"provider_retries": -1}, "'provider_retries'"),
+    ({"vad_stop_ms": 5000}, "'vad_stop_ms'"),
+    ({"public_url": "voice.example.com"}, "'public_url'"),
+    ({"webrtc_ice_servers": [{"username": "u"}]}, "'webrtc_ice_servers'"),
+])
+def test_bad_values_name_the_key(raw: dict[str, Any], key: str) -> None:
+    assert key in error(raw, OPENAI)
+
+
+def test_type_error_says_what_was_expected_and_what_was_given() -> None:
+    message = error({"port": "abc"}, OPENAI)
+    assert "whole number" in message and "'abc'" in message
+
+
+@pytest.mark.parametrize("key", ["turn_stop_secs", "stt_timeout_secs", "max_call_secs"])
+def test_non_finite_numbers_are_rejected(key: str) -> None:
+    assert f"'{key}'" in error({key: "nan"}, OPENAI)
+
+
+# ------------------------------------------------------------------------------ provider resolution
+
+def test_openai_key_in_the_environment_selects_openai_everywhere() -> None:
+    p = Config.from_mapping({}, OPENAI).providers
+    assert (p.stt.name, p.llm.name, p.tts.name) == ("openai", "openai", "openai")
+    assert p.llm.api_key == OPENAI["OPENAI_API_KEY"]
+    assert p.llm.base_url == "https://api.openai.com/v1"
+    assert (p.stt.model, p.llm.model, p.tts.model) == ("whisper-1", "gpt-4o-mini", "tts-1")
+    assert p.tts.voice == "alloy" and p.llm.voice is None
+    assert p.notes == ()
+    assert (p.stt_fallback, p.llm_fallback, p.tts_fallback) == (None, None, None)
+
+
+def test_stage_key_beats_provider_beats_openai() -> None:
+    env = {**OPENAI, "GROQ_API_KEY": "gsk-1234567890", "CEREBRAS_API_KEY": "csk-1234567890"}
+    p = Config.from_mapping({"provider": "groq", "llm_provider": "cerebras", "tts_provider": "openai"}, env).providers
+    assert (p.stt.name, p.llm.name, p.tts.name) == ("groq", "cerebras", "openai")
+    assert p.stt.api_key == "gsk-1234567890" and p.llm.api_key == "csk-1234567890"
+    assert p.stt.model == "whisper-large-v3" and p.llm.model == "llama3.1-8b"
+    q = Config.from_mapping({"stt_provider": "groq"}, env).providers
+    assert (q.stt.name, q.llm.name, q.tts.name) == ("groq", "openai", "openai")
+
+
+def test_nothing_configured_and_no_keys_uses_local_with_a_note() -> None:
+    p = Config.from_mapping({}, {}).providers
+    assert (p.stt.name, p.llm.name, p.tts.name) == ("local", "local", "local")
+    assert p.stt.api_key is None
+    assert len(p.notes) == 3
+    for stage, note in zip(("stt", "llm", "tts"), p.notes):
+        assert note.startswith(f"{stage}:") and "local" in note and "OPENAI_API_KEY" in note
+
+
+def test_only_unconfigured_stages_fall_back_to_local() -> None:
+    p = Config.from_mapping({"llm_provider": "ollama"}, {}).providers
+    assert (p.stt.name, p.llm.name, p.tts.name) == ("local", "ollama", "local")
+    assert p.llm.api_key is None and p.llm.base_url == "http://localhost:11434/v1"
+    assert len(p.notes) == 2 and not any(n.startswith("llm") for n in p.notes)
+
+
+@pytest.mark.parametrize(("raw", "key", "var"), [
+    ({"provider": "groq"}, "'provider'", "GROQ_API_KEY"),
+    ({"llm_provider": "groq"}, "'llm_provider'", "GROQ_API_KEY"),
+    ({"provider": "openai"}, "'provider'", "OPENAI_API_KEY"),
+    ({"tts_provider": "openai"}, "'tts_provider'", "OPENAI_API_KEY"),
+    ({"llm_provider": "deepseek"}, "'llm_provider'", "DEEPSEEK_API_KEY"),
+    ({"llm_fallback_provider": "mistral", "provider": "local"}, "'llm_fallback_provider'", "MISTRAL_API_KEY"),
+])
+def test_explicit_provider_without_its_key_names_the_variable(raw: dict[str, Any], key: str, var: str) -> None:
+    message = error(raw, {})
+    assert key in message and var in message
+
+
+def test_provider_that_lacks_the_stage_is_an_error() -> None:
+    message = error({"tts_provider": "groq"}, {**OPENAI, "GROQ_API_KEY": "gsk-1234567890"})
+    assert "'tts_provider'" in message and "openai" in message
+    message = error({"provider": "groq"}, {"GROQ_API_KEY": "gsk-1234567890"})   # groq has no TTS
+    assert "'provider'" in message and "tts" in message.lower()
+
+
+def test_unknown_provider_is_named() -> None:
+    message = error({"llm_provider": "skynet"}, OPENAI)
+    assert "'llm_provider'" in message and "skynet" in message and "openai" in message
+
+
+def test_api_keys_beat_environment_variables() -> None:
+    p = Config.from_mapping({"api_keys": {"openai": "sk-from-config-123"}}, OPENAI).providers
+    assert p.llm.api_key == "sk-from-config-123" and p.llm.name == "openai"
+    q = Config.from_mapping({"provider": "groq", "tts_provider": "openai",
+                             "api_keys": {"groq": "gsk-from-config"}}, {**OPENAI, "GROQ_API_KEY": "gsk-env"}).providers
+    assert q.stt.api_key == "gsk-from-config" and q.tts.api_key == OPENAI["OPENAI_API_KEY"]
+
+
+def test_api_keys_alone_avoid_the_local_fallback() -> None:
+    p = Config.from_mapping({"api_keys": {"openai": "sk-from-config-123"}}, {}).providers
+    assert (p.stt.name, p.llm.name, p.tts.name) == ("openai", "openai", "openai") and p.notes == ()
+
+
+def test_base_url_from_environment_and_from_config() -> None:
+    env = {**OPENAI, "OPENAI_BASE_URL": "http://proxy.internal/openai/v1"}
+    assert Config.from_mapping({}, env).providers.llm.base_url == "http://proxy.internal/openai/v1"
+    c = Config.from_mapping({"base_urls": {"openai": "https://gw.example/v2"}}, env)
+    assert c.providers.llm.base_url == "https://gw.example/v2"          # config beats the variable
+
+
+@pytest.mark.parametrize(("root", "expected"), [
+    ("http://localhost:9000", "http://localhost:9000/v1"),
+    ("http://localhost:9000/", "http://localhost:9000/v1"),
+    ("http://localhost:9000/v1", "http://localhost:9000/v1"),
+    ("http://localhost:9000/asr/v1", "http://localhost:9000/asr/v1"),
+])
+def test_root_base_url_gets_v1(root: str, expected: str) -> None:
+    p = Config.from_mapping({"stt_provider": "whisper"}, {**OPENAI, "WHISPER_BASE_URL": root}).providers
+    assert p.stt.name == "whisper" and p.stt.base_url == expected
+    q = Config.from_mapping({"llm_provider": "ollama", "base_urls": {"ollama": root}}, OPENAI).providers
+    assert q.llm.base_url == expected
+
+
+def test_models_voice_and_fallbacks() -> None:
+    env = {**OPENAI, "GROQ_API_KEY": "gsk-1234567890"}
+    c = Config.from_mapping({"model": "gpt-4.1", "stt_model": "whisper-x", "tts_model": "tts-hd",
+                             "tts_voice": "nova", "llm_fallback_provider": "groq",
+                             "stt_fallback_provider": "groq"}, env)
+    p = c.providers
+    assert (p.stt.model, p.llm.model, p.tts.model, p.tts.voice) == ("whisper-x", "gpt-4.1", "tts-hd", "nova")
+    assert p.llm_fallback is not None and p.llm_fallback.name == "groq"
+    assert p.llm_fallback.api_key == "gsk-1234567890"
+    assert p.stt_fallback is not None and p.stt_fallback.name == "groq"
+    assert p.tts_fallback is None
+
+
+# ------------------------------------------------------------------------------ describe()
+
+SECRETS = {
+    "server": "srv-secret-value-123456",
+    "openai": "sk-proj-supersecretvalue-abcdef",
+    "groq": "gsk-another-secret-value-9876",
+    "twilio": "tw-auth-token-secret-abcdef",
+    "shared": "shared-key-secret-xyz-777",
+    "db": "dbpass-secret-4321",
+    "redis": "redispass-secret-8765",
+}
+
+
+def secret_config() -> Config:
+    return Config.from_mapping({
+        "server_api_key": SECRETS["server"],
+        "api_keys": {"openai": SECRETS["openai"], "groq": SECRETS["groq"]},
+        "carriers": {"twilio": {"account_sid": "AC123", "auth_token": SECRETS["twilio"],
+                                "shared_key_secrets": {"key-1": SECRETS["shared"]}}},
+        "transcripts": {"dsn": f"postgresql://voxray:{SECRETS['db']}@db.internal:5432/calls"},
+        "redis_url": f"redis://:{SECRETS['redis']}@redis.internal:6379/0",
+        "llm_fallback_provider": "groq",
+    }, {})
+
+
+def test_describe_masks_every_secret() -> None:
+    described = secret_config().describe()
+    text = json.dumps(described)
+    for name, secret in SECRETS.items():
+        assert secret not in text, name
+    assert described["server_api_key"] == "***"
+    assert described["api_keys"] == {"openai": "***", "groq": "***"}
+    assert described["carriers"]["twilio"]["auth_token"] == "***"
+    assert described["carriers"]["twilio"]["account_sid"] == "AC123"          # not a secret
+    assert described["carriers"]["twilio"]["shared_key_secrets"] == {"key-1": "***"}
+    assert described["transcripts"]["dsn"] == "postgresql://voxray:***@db.internal:5432/calls"
+    assert described["redis_url"] == "redis://:***@redis.internal:6379/0"
+    providers = described["providers"]
+    assert providers["llm"]["name"] == "openai" and providers["llm_fallback"]["name"] == "groq"
+    assert providers["llm"]["api_key"] != SECRETS["openai"] and "…" in providers["llm"]["api_key"]
+    assert providers["notes"] == []
+
+
+def test_describe_masks_secrets_taken_from_the_environment() -> None:
+    c = Config.load(None, {"OPENAI_API_KEY": SECRETS["openai"], "TWILIO_AUTH_TOKEN": SECRETS["twilio"],
+                           "TWILIO_ACCOUNT_SID": "AC999", "VOXRAY_SERVER_API_KEY": SECRETS["server"]})
+    assert c.carriers.twilio.auth_token == SECRETS["twilio"] and c.server_api_key == SECRETS["server"]
+    text = json.dumps(c.describe())
+    for secret in (SECRETS["openai"], SECRETS["twilio"], SECRETS["server"]):
+        assert secret not in text
+    assert "AC999" in text
+
+
+def test_describe_is_plain_json_and_lists_every_key() -> None:
+    c = Config.from_mapping({}, {})
+    described = c.describe()
+    json.dumps(described)                      # serialisable
+    keys = {f.name for f in dataclasses.fields(Config)}
+    assert keys <= set(described)
+    assert len(described["providers"]["notes"]) == 3
+    assert described["server_api_key"] == "" and described["api_keys"] == {}
+
+
+def test_describe_masks_turn_credentials() -> None:
+    c = Config.from_mapping({"webrtc_ice_servers": [{"urls": "turn:turn.example.com:3478", "username": "voxray",
+                                                     "credential": "turn-secret-password-42"}]}, OPENAI)
+    text = json.dumps(c.describe())
+    assert "turn:turn.example.com:3478" in text
+    assert "turn-secret-password-42" not in text
