@@ -80,9 +80,13 @@ class MediaStream(Protocol):
     ``decode`` turns one WebSocket message into frames (audio as PCM16 at ``sample_rate``);
     ``encode`` turns an outbound frame (``AudioFrame`` at ``sample_rate``, ``Mark``, ``Clear``)
     into the messages to send. Both raise :class:`CarrierProtocolError` with a precise text.
+    ``frame_ms`` is the outbound audio frame the carrier needs (the playout cuts audio into it);
+    ``marks`` says whether the carrier acknowledges ``Mark`` frames.
     """
 
     sample_rate: int
+    frame_ms: int
+    marks: bool
     started: bool
 
     def decode(self, message: str | bytes) -> list[Frame]: ...

@@ -290,6 +290,8 @@ class TwilioMediaStream:
     """Sans-I/O codec for one Twilio Media Streams WebSocket (µ-law 8 kHz <-> PCM16 8 kHz)."""
 
     sample_rate: int = SAMPLE_RATE
+    frame_ms: int = 20
+    marks: bool = True
 
     def __init__(self) -> None:
         self.started: bool = False

@@ -132,7 +132,8 @@ class Call:
                     persona.name)
         async with asyncio.TaskGroup() as tg:
             playout = Playout(sample_rate=self._stream.sample_rate, lead_ms=config.outbound_lead_ms,
-                              max_buffer_ms=config.playout_max_buffer_ms, coalesce_ms=config.ws_write_coalesce_ms)
+                              max_buffer_ms=config.playout_max_buffer_ms, frame_ms=self._stream.frame_ms,
+                              coalesce_ms=config.ws_write_coalesce_ms)
             convo = Conversation(settings=services.conversation_settings, persona=persona,
                                  providers=services.providers, playout=playout, spawn=tg.create_task,
                                  on_event=self._observe, end_call=self.finish, context=self.session.context)
