@@ -19,10 +19,13 @@ from typing import ClassVar, Mapping, Protocol, Sequence
 from pipeline.frames import Frame
 
 __all__ = [
+    "CallEvent",
+    "CallControlFailed",
     "CallInfo",
     "Carrier",
     "CarrierError",
     "CarrierProtocolError",
+    "DialRequest",
     "HangupFailed",
     "MediaStream",
     "SignatureInvalid",
@@ -44,6 +47,10 @@ class CarrierProtocolError(CarrierError):
 
 class HangupFailed(CarrierError):
     """The carrier's REST API refused or failed the hang-up (an already-ended call is not a failure)."""
+
+
+class CallControlFailed(CarrierError):
+    """A REST call-control request (transfer, dial, DTMF) was refused or failed; the text says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,37 @@ class CallInfo:
     account_id: str = ""
     direction: str = "inbound"
     custom: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DialRequest:
+    """An outbound call to place: when answered, its audio streams to ``stream_url``.
+
+    ``answer_url`` is our signed webhook (``/start/<carrier>?session=<id>``) for carriers that
+    fetch their markup on answer; ``events_url`` receives status and answering-machine results.
+    """
+
+    to: str
+    from_: str
+    stream_url: str
+    answer_url: str
+    events_url: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    machine_detection: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """A status or answering-machine callback, normalised.
+
+    ``answered_by`` is ``human``, ``machine`` or ``unknown`` for an AMD result, else ``""``;
+    ``ended`` is True when the carrier reports the call over.
+    """
+
+    call_id: str
+    answered_by: str = ""
+    ended: bool = False
+    status: str = ""
 
 
 class MediaStream(Protocol):
@@ -108,3 +146,19 @@ class Carrier(Protocol):
     def open_stream(self) -> MediaStream: ...
 
     async def hang_up(self, call: CallInfo) -> None: ...
+
+    def verify_websocket(self, headers: Mapping[str, str], url: str) -> None:
+        """Check the carrier's own credential on the media-socket upgrade where it sends one
+        (raises SignatureInvalid); the single-use session id in the path is checked by the gateway."""
+
+    async def transfer(self, call: CallInfo, target: str) -> None:
+        """Cold-transfer the call to an E.164 number or ``sip:`` URI; the media stream then ends."""
+
+    async def dial(self, request: DialRequest) -> CallInfo:
+        """Place an outbound call through the REST API; returns the new call's identity."""
+
+    async def send_dtmf(self, call: CallInfo, digits: str) -> bool:
+        """Send digits out of band; False when the carrier has no way (the gateway plays tones)."""
+
+    def parse_event(self, request: WebhookRequest) -> CallEvent:
+        """Normalise a status / answering-machine callback (already verified)."""

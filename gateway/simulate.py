@@ -1,10 +1,11 @@
-"""A Twilio carrier emulator: signed webhook, then a real-time Media Streams socket.
+"""A carrier emulator: signed webhook, then a real-time media socket, for any carrier dialect.
 
-It behaves like Twilio's side of a call: sends ``connected``/``start``, then one 20 ms µ-law
-``media`` frame every 20 ms for the whole call (silence between utterances), plays what the
-gateway sends in real time (so ``mark`` echoes come when the audio before them has played, and at
-once after a ``clear``), and records when everything arrived. Used by ``voxray simulate``, the
-end-to-end tests and the load benchmark.
+It behaves like the carrier's side of a call (``gateway/dialects/<carrier>.py`` speaks its wire
+format): sends the opening messages, then one media frame per frame time for the whole call
+(silence between utterances), plays what the gateway sends in real time (so marker
+acknowledgements come when the audio before them has played, and at once after a flush), and
+records when everything arrived. Used by ``voxray simulate``, the end-to-end tests and the load
+benchmark.
 
 Usage::
 
@@ -21,57 +22,55 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import secrets
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 import httpx
 import websockets
-from twilio.request_validator import RequestValidator
-
-from pipeline.audio import ulaw_decode, ulaw_encode
 
 __all__ = ["SimulatedCall", "Received"]
-
-_FRAME_MS = 20
-_FRAME_BYTES = 160            # µ-law bytes per 20 ms at 8 kHz
-_SILENCE = b"\xff" * _FRAME_BYTES
 
 
 @dataclass(slots=True)
 class Received:
     """Everything the gateway sent, with arrival times (``time.monotonic``)."""
 
-    media: list[tuple[float, int]] = field(default_factory=list)     # (arrival, µ-law bytes)
-    marks: list[tuple[float, str]] = field(default_factory=list)
+    media: list[tuple[float, int]] = field(default_factory=list)     # (arrival, samples)
+    marks: list[tuple[float, str]] = field(default_factory=list)      # acknowledgements we sent back
     clears: list[float] = field(default_factory=list)
     underruns: list[float] = field(default_factory=list)              # playback gaps (s) inside an answer
-    audio: bytearray = field(default_factory=bytearray)               # µ-law, as played
-    invalid: list[str] = field(default_factory=list)                  # messages Twilio would reject
+    audio: bytearray = field(default_factory=bytearray)               # PCM16 at the dialect rate, as played
+    invalid: list[str] = field(default_factory=list)                  # messages the carrier would reject
 
 
 class SimulatedCall:
-    """One emulated Twilio call against a gateway."""
+    """One emulated carrier call against a gateway (Twilio unless ``carrier`` says otherwise)."""
 
-    def __init__(self, *, gateway: str, public_url: str | None = None, auth_token: str = "", account_sid: str = "",
-                 from_: str = "+14155550199", to: str = "+14155550100", path: str = "/start/twilio",
+    def __init__(self, *, gateway: str, public_url: str | None = None, carrier: str = "twilio",
+                 credentials: Mapping[str, str] | None = None, auth_token: str = "", account_sid: str = "",
+                 from_: str = "+14155550199", to: str = "+14155550100", path: str | None = None,
                  http: httpx.AsyncClient | None = None, answer_gap_ms: float = 200.0) -> None:
+        from gateway.dialects import dialect_for
+
         self.gateway = gateway.rstrip("/")
         self.public_url = (public_url or gateway).rstrip("/")
-        self.auth_token = auth_token
-        self.account_sid = account_sid or "AC" + secrets.token_hex(16)
-        self.call_sid = "CA" + secrets.token_hex(16)
-        self.stream_sid = "MZ" + secrets.token_hex(16)
-        self.from_, self.to, self.path = from_, to, path
+        creds = dict(credentials or {})
+        if auth_token:
+            creds.setdefault("auth_token", auth_token)
+        if account_sid:
+            creds.setdefault("account_sid", account_sid)
+        self.dialect: Any = dialect_for(carrier)(credentials=creds, from_=from_, to=to)
+        self.carrier = carrier
+        self.path = path or f"/start/{carrier}"
+        self.rate: int = self.dialect.rate
+        self._frame_samples = self.rate * self.dialect.frame_ms // 1000
+        self._silence = b"\x00\x00" * self._frame_samples
         self.received = Received()
         self.session_id = ""
-        self.parameters: dict[str, str] = {}
         self.close_code: int | None = None
         self.close_reason = ""
         self._http = http
@@ -86,55 +85,57 @@ class SimulatedCall:
         self._got_clear = asyncio.Event()
         self._closed = asyncio.Event()
         self._stream_url = ""
-        self._seq = 0
-        self._chunk = 0
         self._stop_pacing = False
 
-    # ------------------------------------------------------------------------------ webhook
-    def webhook_params(self, **extra: str) -> dict[str, str]:
-        return {"CallSid": self.call_sid, "AccountSid": self.account_sid, "From": self.from_, "To": self.to,
-                "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01", **extra}
+    # ------------------------------------------------------------------------------ identity
+    @property
+    def call_sid(self) -> str:
+        return str(self.dialect.call_id)
 
+    @property
+    def parameters(self) -> dict[str, str]:
+        return dict(getattr(self.dialect, "parameters", {}))
+
+    def webhook_params(self, **extra: str) -> dict[str, str]:
+        return dict(self.dialect.webhook_params(**extra))
+
+    def start_message(self) -> dict[str, Any]:
+        return dict(self.dialect.start_message())
+
+    # ------------------------------------------------------------------------------ webhook
     async def dial(self, *, signature: str | None = None, **extra: str) -> httpx.Response:
-        """POST the signed webhook; on 200, parse the TwiML's stream URL and parameters."""
-        params = self.webhook_params(**extra)
-        if signature is None:
-            signature = RequestValidator(self.auth_token).compute_signature(self.public_url + self.path, params)
+        """Send the signed webhook; on 200, parse the answer's stream URL and parameters."""
+        kwargs: dict[str, Any] = {"signature": signature} if signature is not None else {}
+        if self.path != f"/start/{self.carrier}":
+            kwargs["path"] = self.path
+        hook = self.dialect.webhook(self.public_url, extra, **kwargs)
         async with contextlib.AsyncExitStack() as stack:
             http = self._http or await stack.enter_async_context(httpx.AsyncClient(timeout=10))
-            response = await http.post(self.gateway + self.path, data=params,
-                                       headers={"X-Twilio-Signature": signature})
+            response = await http.request(hook.method, self.gateway + hook.path, content=hook.body,
+                                          headers=dict(hook.headers))
         if response.status_code == 200:
-            stream = ET.fromstring(response.text).find("./Connect/Stream")
-            if stream is None:
-                raise AssertionError(f"TwiML has no <Connect><Stream>: {response.text}")
-            self._stream_url = stream.attrib["url"]
-            self.parameters = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-            self.session_id = self._stream_url.rsplit("/", 1)[-1]
+            self._stream_url = self.dialect.answer(response.status_code, response.text)
+            self.session_id = urlparse(self._stream_url).path.rstrip("/").rsplit("/", 1)[-1]
         return response
 
     @property
     def media_url(self) -> str:
-        """The TwiML stream URL, pointed at the gateway's real address instead of the public host."""
-        path = urlparse(self._stream_url).path
+        """The answer's stream URL, pointed at the gateway's real address instead of the public host."""
+        parsed = urlparse(self._stream_url)
         gw = urlparse(self.gateway)
-        return f"{'wss' if gw.scheme == 'https' else 'ws'}://{gw.netloc}{path}"
+        query = f"?{parsed.query}" if parsed.query else ""
+        return f"{'wss' if gw.scheme == 'https' else 'ws'}://{gw.netloc}{parsed.path}{query}"
 
     # ------------------------------------------------------------------------------ media socket
     async def connect(self, *, send_start: bool = True, url: str | None = None) -> None:
-        self._ws = await websockets.connect(url or self.media_url, max_size=None, compression=None)
+        self._ws = await websockets.connect(url or self.media_url, max_size=None, compression=None,
+                                            additional_headers=self.dialect.ws_headers() or None)
         self._tasks.append(asyncio.create_task(self._receive()))
-        await self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        opening = self.dialect.opening()
+        for message in opening if send_start else opening[:-1]:
+            await self.send_raw(message)
         if send_start:
-            await self.send_json(self.start_message())
             self._tasks.append(asyncio.create_task(self._pace()))
-
-    def start_message(self) -> dict[str, Any]:
-        self._seq += 1
-        return {"event": "start", "sequenceNumber": str(self._seq), "streamSid": self.stream_sid,
-                "start": {"streamSid": self.stream_sid, "accountSid": self.account_sid, "callSid": self.call_sid,
-                          "tracks": ["inbound"], "customParameters": self.parameters,
-                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send_raw(json.dumps(message))
@@ -144,39 +145,37 @@ class SimulatedCall:
             await self._ws.send(message)
 
     async def _pace(self) -> None:
-        """One media frame every 20 ms on an absolute schedule, speech when queued, else silence."""
+        """One media frame per frame time on an absolute schedule, speech when queued, else silence."""
         loop = asyncio.get_running_loop()
+        step = self.dialect.frame_ms / 1000.0
         next_at = loop.time()
         while not self._closed.is_set() and not self._stop_pacing:
-            payload = self._outgoing.get_nowait() if not self._outgoing.empty() else _SILENCE
+            payload = self._outgoing.get_nowait() if not self._outgoing.empty() else self._silence
             if self._outgoing.empty():
                 self._sent_event.set()
-            self._seq += 1
-            self._chunk += 1
-            await self.send_raw(
-                '{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound","chunk":"%d",'
-                '"timestamp":"%d","payload":"%s"}}' % (self._seq, self.stream_sid, self._chunk, self._chunk * _FRAME_MS,
-                                                         base64.b64encode(payload).decode()))
-            next_at += _FRAME_MS / 1000.0
+            await self.send_raw(self.dialect.media(payload))
+            next_at += step
             delay = next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
                 next_at = loop.time()       # fell behind: do not burst
 
-    async def speak(self, pcm8k: bytes) -> float:
-        """Queue speech (PCM16 at 8 kHz); returns the time its last frame was sent."""
-        ulaw = ulaw_encode(pcm8k)
+    async def speak(self, pcm: bytes) -> float:
+        """Queue speech (PCM16 at 8 kHz, resampled to the dialect's rate); returns when its last frame went out."""
+        if self.rate != 8000:
+            from pipeline.audio import Resampler
+
+            pcm = Resampler(8000, self.rate).process(pcm)
+        step = self._frame_samples * 2
         self._sent_event.clear()
-        for i in range(0, len(ulaw), _FRAME_BYTES):
-            self._outgoing.put_nowait(ulaw[i:i + _FRAME_BYTES].ljust(_FRAME_BYTES, b"\xff"))
+        for i in range(0, len(pcm), step):
+            self._outgoing.put_nowait(pcm[i:i + step].ljust(step, b"\x00"))
         await self._sent_event.wait()
         return time.monotonic()
 
     async def dtmf(self, digit: str) -> None:
-        self._seq += 1
-        await self.send_json({"event": "dtmf", "sequenceNumber": str(self._seq), "streamSid": self.stream_sid,
-                              "dtmf": {"track": "inbound_track", "digit": digit}})
+        await self.send_raw(self.dialect.dtmf(digit))
 
     async def _receive(self) -> None:
         try:
@@ -191,46 +190,39 @@ class SimulatedCall:
 
     def _on_message(self, message: str | bytes, now: float) -> None:
         r = self.received
-        if isinstance(message, bytes):
-            r.invalid.append("binary frame")
-            return
-        data = json.loads(message)
-        event = data.get("event")
-        expected = {"media": {"event", "streamSid", "media"}, "mark": {"event", "streamSid", "mark"},
-                    "clear": {"event", "streamSid"}}.get(event)
-        if expected is None or set(data) != expected or data.get("streamSid") != self.stream_sid:
-            r.invalid.append(message[:200])
-            return
-        if event == "media":
-            audio = base64.b64decode(data["media"]["payload"])
-            r.media.append((now, len(audio)))
-            r.audio += audio
-            gap = now - self._play_end
-            if self._play_end and 0 < gap < self._answer_gap:
-                r.underruns.append(gap)         # the buffer ran dry inside an answer
-            self._play_end = max(self._play_end, now) + len(audio) / 8000.0
-            self._got_media.set()
-        elif event == "mark":
-            name = data["mark"]["name"]
-            loop = asyncio.get_running_loop()
-            handle = loop.call_at(loop.time() + max(0.0, self._play_end - now), self._echo_mark, name)
-            self._pending_marks.append((name, handle))
-        elif event == "clear":
-            r.clears.append(now)
-            self._play_end = now
-            pending, self._pending_marks = self._pending_marks, []
-            for name, handle in pending:         # Twilio returns buffered marks at once after a clear
-                handle.cancel()
-                self._echo_mark(name, remove=False)
-            self._got_clear.set()
+        for item in self.dialect.parse(message):
+            if item.kind == "media":
+                samples = len(item.pcm) // 2
+                r.media.append((now, samples))
+                r.audio += item.pcm
+                gap = now - self._play_end
+                if self._play_end and 0 < gap < self._answer_gap:
+                    r.underruns.append(gap)         # the buffer ran dry inside an answer
+                self._play_end = max(self._play_end, now) + samples / self.rate
+                self._got_media.set()
+            elif item.kind == "mark":
+                loop = asyncio.get_running_loop()
+                handle = loop.call_at(loop.time() + max(0.0, self._play_end - now), self._echo_mark, item.name)
+                self._pending_marks.append((item.name, handle))
+            elif item.kind == "clear":
+                r.clears.append(now)
+                self._play_end = now
+                pending, self._pending_marks = self._pending_marks, []
+                for name, handle in pending:         # carriers return buffered marks at once after a clear
+                    handle.cancel()
+                    self._echo_mark(name, remove=False)
+                self._got_clear.set()
+            elif item.kind == "invalid":
+                r.invalid.append(item.text)
 
     def _echo_mark(self, name: str, remove: bool = True) -> None:
         if remove:
             self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
         self.received.marks.append((time.monotonic(), name))
-        self._seq += 1
-        asyncio.ensure_future(self.send_json({"event": "mark", "sequenceNumber": str(self._seq),
-                                              "streamSid": self.stream_sid, "mark": {"name": name}}))
+        ack = self.dialect.mark_ack(name)
+        if ack is not None:
+            task = asyncio.ensure_future(self.send_raw(ack))
+            self._tasks.append(task)
 
     # ------------------------------------------------------------------------------ waiting
     def playing(self) -> bool:
@@ -266,12 +258,11 @@ class SimulatedCall:
             await self._closed.wait()
 
     async def hang_up(self) -> None:
-        """The caller hangs up: Twilio sends ``stop`` and closes the socket."""
+        """The caller hangs up: the carrier ends the stream (``stop`` where it has one) and closes."""
         if not self._closed.is_set():
             self._stop_pacing = True
-            self._seq += 1
-            await self.send_json({"event": "stop", "sequenceNumber": str(self._seq), "streamSid": self.stream_sid,
-                                  "stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
+            for message in self.dialect.stop():
+                await self.send_raw(message)
             with contextlib.suppress(TimeoutError):
                 await self.wait_closed(5.0)     # the gateway closes its side once the call is finalised
         await self.close()
@@ -289,8 +280,8 @@ class SimulatedCall:
                 self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason or ""
 
     def pcm_received(self) -> bytes:
-        """The agent's audio as PCM16 at 8 kHz."""
-        return ulaw_decode(bytes(self.received.audio))
+        """The agent's audio as PCM16 at the dialect's rate."""
+        return bytes(self.received.audio)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -91,7 +91,7 @@ async def wait_session_gone(http: httpx.AsyncClient, url: str, session_id: str, 
 
 
 def media_message(call: SimulatedCall, payload: str) -> str:
-    return json.dumps({"event": "media", "streamSid": call.stream_sid,
+    return json.dumps({"event": "media", "streamSid": call.dialect.stream_sid,
                        "media": {"track": "inbound", "chunk": "1", "timestamp": "20", "payload": payload}})
 
 
