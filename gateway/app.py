@@ -61,7 +61,9 @@ def conversation_settings(c: Config) -> ConversationSettings:
         vad_threshold=c.vad_threshold, vad_start_ms=c.vad_start_ms, vad_stop_ms=c.vad_stop_ms,
         turn_stop_secs=c.turn_stop_secs, max_utterance_secs=c.max_utterance_secs, barge_in=c.barge_in,
         stt_timeout_s=c.stt_timeout_secs, llm_timeout_s=c.llm_timeout_secs, tts_timeout_s=c.tts_timeout_secs,
-        provider_retries=c.provider_retries, dtmf_timeout_ms=c.dtmf_timeout_ms, apology_text=c.apology_text)
+        provider_retries=c.provider_retries, dtmf_timeout_ms=c.dtmf_timeout_ms, apology_text=c.apology_text,
+        silence_prompt_secs=c.silence_prompt_secs, silence_hangup_secs=c.silence_hangup_secs,
+        silence_prompt_text=c.silence_prompt_text, goodbye_text=c.goodbye_text)
 
 
 def build_carriers(c: Config, http: httpx.AsyncClient) -> dict[str, Carrier]:

@@ -208,8 +208,12 @@ class Call:
             await self.socket.send(message)
 
     async def _limit_duration(self) -> None:
-        await asyncio.sleep(self.services.config.max_call_secs)
-        logger.info("max_call_secs reached; ending the call")
+        config = self.services.config
+        await asyncio.sleep(config.max_call_secs)
+        logger.info("max_call_secs reached; saying goodbye")
+        if self.conversation is not None:
+            self.conversation.end_with(config.goodbye_text, "max_duration")
+        await asyncio.sleep(config.goodbye_timeout_secs)
         self.finish("max_duration")
 
     def _observe(self, event: Event) -> None:

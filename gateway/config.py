@@ -127,6 +127,12 @@ class Config:
     tts_timeout_secs: float = 10.0       # until the first audio chunk, and between chunks
     provider_retries: int = 1            # retries of a transient failure before any output was produced
     apology_text: str = "I'm sorry, I'm having trouble right now. Please call again later. Goodbye."
+    # call lifetime
+    silence_prompt_secs: float = 20.0    # silence on both sides this long: "are you still there?" (0 = off)
+    silence_hangup_secs: float = 10.0    # then this much more: goodbye and hang up
+    silence_prompt_text: str = "Are you still there?"
+    goodbye_text: str = "Thank you for calling. Goodbye."
+    goodbye_timeout_secs: float = 15.0   # a goodbye that has not played by then is cut by the hang-up
     # calls and media sockets
     max_call_secs: float = 3600.0
     media_start_timeout_secs: float = 10.0
@@ -340,11 +346,12 @@ def _validate(c: Config) -> None:
     positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
-                "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens")
+                "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
+                "silence_hangup_secs", "goodbye_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
-    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages"):
+    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs"):
         if getattr(c, key) < 0:
             raise ConfigError(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.port > 65535:

@@ -68,6 +68,10 @@ class ConversationSettings:
     dtmf_timeout_ms: float = 1500
     apology_text: str = "I'm sorry, I'm having trouble right now. Please call again later. Goodbye."
     preroll_ms: float = 300
+    silence_prompt_secs: float = 0.0     # 0 = never ask "are you still there?"
+    silence_hangup_secs: float = 10.0    # after the prompt, this much more silence ends the call
+    silence_prompt_text: str = "Are you still there?"
+    goodbye_text: str = "Thank you for calling. Goodbye."
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +181,17 @@ class Conversation:
         self._closed = False
         self._ending = False
         self._apology_task: asyncio.Task[None] | None = None
+        self._silence_task: asyncio.Task[None] | None = None
+        self._last_activity = clock()
+        self._prompted = False
 
     # ------------------------------------------------------------------------------ inputs
     def start(self) -> None:
         """Speak the persona's greeting (interruptible like any answer)."""
         if self.persona.greeting:
             self._begin_response(self._speak_text(self.persona.greeting))
+        if self.settings.silence_prompt_secs > 0:
+            self._silence_task = self._spawn(self._watch_silence())
 
     def on_audio(self, frame: AudioFrame) -> None:
         if self._closed or self._ending:
@@ -233,13 +242,14 @@ class Conversation:
     def close(self) -> None:
         """Stop everything; the tasks are cancelled by their TaskGroup or here."""
         self._closed = True
-        for task in (self._turn_task, self._dtmf_task, self._apology_task,
+        for task in (self._turn_task, self._dtmf_task, self._apology_task, self._silence_task,
                      self._response.task if self._response else None):
             if task is not None:
                 task.cancel()
 
     # ------------------------------------------------------------------------------ speech
     def _speech_started(self, rate: int) -> None:
+        self._last_activity, self._prompted = self._clock(), False
         if self.settings.barge_in:
             self._interrupt()
         if self._turn_task is not None:          # the caller went on speaking: same turn
@@ -448,6 +458,7 @@ class Conversation:
 
     def on_speaking(self, speaking: bool, at: float) -> None:
         """Playout callback: the first frame of an answer went out, or the agent went quiet."""
+        self._last_activity = at
         self._emit(BotSpeaking(speaking))
         response = self._response
         if speaking and response is not None and response.speech_end is not None and not response.reported:
@@ -509,6 +520,16 @@ class Conversation:
         raise _Fatal(f"{stage} failed: " + "; ".join(errors))
 
     # ------------------------------------------------------------------------------ failure
+    def end_with(self, text: str, reason: str) -> bool:
+        """Say ``text`` (uninterruptible), wait until it has played, then end the call with ``reason``.
+        False when the call is already ending."""
+        if self._ending or self._closed:
+            return False
+        self._ending = True
+        self._interrupt(barge_in=False)
+        self._apology_task = self._spawn(self._last_words(text, reason, None))
+        return True
+
     def _fail(self, code: str, message: str) -> None:
         """Apologise (never through a provider known to be down), then end the call."""
         if self._ending:
@@ -517,18 +538,18 @@ class Conversation:
         self._emit(ErrorEvent(code, message))
         self._ending = True
         self._interrupt(barge_in=False)
-        self._apology_task = self._spawn(self._apologise(code))
+        self._apology_task = self._spawn(self._last_words(self.settings.apology_text, code,
+                                                          self._providers.apology_audio))
 
-    async def _apologise(self, reason: str) -> None:
-        text = self.settings.apology_text
+    async def _last_words(self, text: str, reason: str, fallback: tuple[bytes, int] | None) -> None:
         self.messages.append({"role": "assistant", "content": text})
         try:
             try:
                 await self._play_tts(text)
             except _Fatal:
-                # TTS is down too: play the apology rendered once at startup (or nothing).
-                if self._providers.apology_audio is not None:
-                    pcm, rate = self._providers.apology_audio
+                # TTS is down: play the audio rendered once at startup (or nothing).
+                if fallback is not None:
+                    pcm, rate = fallback
                     if rate != self._playout.sample_rate:
                         pcm = Resampler(rate, self._playout.sample_rate).process(pcm)
                     await self._playout.write(pcm)
@@ -536,6 +557,31 @@ class Conversation:
             await self._playout.drained()
         finally:
             self._end_call(reason)
+
+    async def _watch_silence(self) -> None:
+        """Ask "are you still there?" after ``silence_prompt_secs`` of silence on both sides, and
+        say goodbye after ``silence_hangup_secs`` more."""
+        while True:
+            wait = self.settings.silence_hangup_secs if self._prompted else self.settings.silence_prompt_secs
+            delay = self._last_activity + wait - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            if self._busy():
+                self._last_activity = self._clock()
+                continue
+            if self._prompted:
+                logger.info("no answer to the silence prompt; ending the call")
+                self.end_with(self.settings.goodbye_text, "silence")
+                return
+            self._prompted = True
+            self._last_activity = self._clock()
+            self._begin_response(self._speak_text(self.settings.silence_prompt_text))
+
+    def _busy(self) -> bool:
+        response = self._response
+        return (self._utterance is not None or self._playout.speaking or self._turn_task is not None
+                or (response is not None and response.task is not None and not response.task.done()))
 
 
 def _describe(name: str, exc: BaseException) -> str:
