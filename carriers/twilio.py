@@ -41,8 +41,11 @@ import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
 from carriers.base import (
+    CallControlFailed,
+    CallEvent,
     CallInfo,
     CarrierProtocolError,
+    DialRequest,
     HangupFailed,
     SignatureInvalid,
     WebhookRequest,
@@ -241,6 +244,65 @@ class TwilioCarrier:
             f"twilio hang-up of {call.call_id} failed: HTTP {response.status_code}"
             f"{f' code {code}' if code is not None else ''}: {message}"
         )
+
+
+    def verify_websocket(self, headers: Mapping[str, str], url: str) -> None:
+        """Media Streams upgrades are not signed reliably (carriers.md §2.3 [?]); the single-use
+        session id in the path is the credential."""
+
+    def _calls_url(self, call_id: str = "") -> str:
+        base = f"{self.api_base_url}/2010-04-01/Accounts/{quote(self.account_sid, safe='')}/Calls"
+        return f"{base}/{quote(call_id, safe='')}.json" if call_id else f"{base}.json"
+
+    async def _rest(self, what: str, url: str, data: Mapping[str, str]) -> dict[str, Any]:
+        try:
+            response = await self._http.post(url, data=dict(data), auth=(self.account_sid, self._auth_token))
+        except httpx.HTTPError as exc:
+            raise CallControlFailed(f"twilio {what} failed: {type(exc).__name__}") from exc
+        if not response.is_success:
+            code, message = _twilio_error(response)
+            raise CallControlFailed(f"twilio {what} failed: HTTP {response.status_code}"
+                                    f"{f' code {code}' if code is not None else ''}: {message}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        return body if isinstance(body, dict) else {}
+
+    async def transfer(self, call: CallInfo, target: str) -> None:
+        """Replace the running TwiML with ``<Dial>``: the stream stops and the caller is connected."""
+        noun = f"<Sip>{escape(target)}</Sip>" if target.startswith("sip:") else escape(target)
+        twiml = f"<Response><Dial>{noun}</Dial></Response>"
+        await self._rest(f"transfer of {call.call_id}", self._calls_url(call.call_id), {"Twiml": twiml})
+        logger.info("twilio call %s transferred", call.call_id)
+
+    async def dial(self, request: DialRequest) -> CallInfo:
+        """``POST Calls.json`` with inline TwiML that streams the answered call to ``stream_url``."""
+        twiml, _ = self.answer(CallInfo(self.name, ""), request.stream_url, request.parameters)
+        data = {"To": request.to, "From": request.from_, "Twiml": twiml, "StatusCallback": request.events_url,
+                "StatusCallbackEvent": "answered completed"}
+        if request.machine_detection:
+            data.update(MachineDetection="Enable", AsyncAmd="true", AsyncAmdStatusCallback=request.events_url)
+        body = await self._rest(f"call to {request.to}", self._calls_url(), data)
+        call_id = str(body.get("sid", ""))
+        if not call_id:
+            raise CallControlFailed("twilio call creation answered without a call sid")
+        return CallInfo(self.name, call_id, from_=request.from_, to=request.to, account_id=self.account_sid,
+                        direction="outbound")
+
+    async def send_dtmf(self, call: CallInfo, digits: str) -> bool:
+        """Twilio cannot send digits into a live ``<Connect><Stream>`` without ending it: play tones."""
+        return False
+
+    def parse_event(self, request: WebhookRequest) -> CallEvent:
+        params = dict(_form_pairs(request)) if request.method.upper() != "GET" else \
+            dict(parse_qsl(urlsplit(request.url).query))
+        answered = params.get("AnsweredBy", "")
+        kind = "" if not answered else "human" if answered == "human" else \
+            "machine" if answered.startswith(("machine", "fax")) else "unknown"
+        status = params.get("CallStatus", "")
+        return CallEvent(call_id=params.get("CallSid", ""), answered_by=kind, status=status,
+                         ended=status in ("completed", "busy", "failed", "no-answer", "canceled"))
 
 
 def _twilio_error(response: httpx.Response) -> tuple[int | None, str]:

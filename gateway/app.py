@@ -100,7 +100,7 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway import routes
+    from gateway import control, routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -138,4 +138,8 @@ def create_app(config: Config) -> Starlette:
         Route("/start/{carrier}", routes.start, methods=["POST"]),
         WebSocketRoute("/media/{carrier}/{session_id}", routes.media),
         Route("/sessions/{session_id}", routes.session, methods=["GET", "DELETE"]),
+        Route("/sessions/{session_id}/transfer", control.transfer, methods=["POST"]),
+        Route("/sessions/{session_id}/dtmf", control.send_dtmf, methods=["POST"]),
+        Route("/calls", control.place_call, methods=["POST"]),
+        Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
     ], middleware=middleware, lifespan=lifespan)

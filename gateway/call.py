@@ -19,13 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from carriers.base import CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
+from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
 from gateway.logging import call_id
 from gateway.sessions import Session
-from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, TranscriptEvent,
-                                   TurnLatency)
+from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, Persona,
+                                   TranscriptEvent, TurnLatency)
 from pipeline.frames import AudioFrame, Dtmf, Frame, MarkPlayed, StreamStarted, StreamStopped
+from pipeline.audio import dtmf_tones
 from pipeline.playout import Playout
+from pipeline.providers.base import Tool, ToolCall
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -57,6 +59,8 @@ class Call:
         self.finalised = asyncio.Event()   # set once the finaliser has run (DELETE waits for it)
         self._finalised = False
         self._carrier_stopped = False
+        self._transferred = False
+        self._playout: Playout | None = None
         self._close_code, self._close_text = 1000, "call ended"
         self._stream: MediaStream = carrier.open_stream()
         self._bad_messages = 0
@@ -136,7 +140,9 @@ class Call:
                               coalesce_ms=config.ws_write_coalesce_ms)
             convo = Conversation(settings=services.conversation_settings, persona=persona,
                                  providers=services.providers, playout=playout, spawn=tg.create_task,
-                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
+                                 on_event=self._observe, end_call=self.finish, context=self.session.context,
+                                 tools=_tools(persona), on_tool=self._run_tool)
+            self._playout = playout
             playout._on_speaking = convo.on_speaking
             self.conversation = convo
             tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo)),
@@ -207,6 +213,49 @@ class Call:
         for message in self._stream.encode(frame):
             await self.socket.send(message)
 
+    # ------------------------------------------------------------------------------ call control
+    async def transfer(self, target: str) -> None:
+        """Cold-transfer through the carrier; the stream then ends without our hang-up.
+        Raises CallControlFailed when the carrier refuses."""
+        await self.carrier.transfer(self._call_info, target)
+        self._transferred = True
+        logger.info("call transferred")
+        self.finish("transferred")
+
+    async def send_dtmf(self, digits: str) -> str:
+        """Digits to the far end: out of band where the carrier can, else as in-band tones."""
+        if await self.carrier.send_dtmf(self._call_info, digits):
+            return "carrier"
+        if self._playout is None:
+            raise CallControlFailed("the media stream has not started yet")
+        await self._playout.write(dtmf_tones(digits, self._playout.sample_rate))
+        self._playout.end_of_audio()
+        return "in-band"
+
+    def machine_answered(self) -> None:
+        """Answering-machine detection says a machine picked up: leave the message or hang up."""
+        config = self.services.config
+        logger.info("answering machine detected; action=%s", config.amd_action)
+        if config.amd_action == "message" and self.conversation is not None:
+            self.conversation.end_with(config.voicemail_text or config.goodbye_text, "answering_machine")
+        else:
+            self.finish("answering_machine")
+
+    async def _run_tool(self, call: ToolCall) -> None:
+        if call.name != "transfer_call" or self.conversation is None:
+            return
+        targets = self.conversation.persona.transfer_targets
+        target = targets.get(str(call.arguments.get("target", "")))
+        if target is None:
+            logger.warning("model asked to transfer to an unknown target; ignored")
+            return
+        if self._playout is not None:
+            await self._playout.drained()      # the caller hears "transferring you" first
+        try:
+            await self.transfer(target)
+        except CallControlFailed as exc:
+            logger.error("transfer failed: %s", exc)
+
     async def _limit_duration(self) -> None:
         config = self.services.config
         await asyncio.sleep(config.max_call_secs)
@@ -243,7 +292,7 @@ class Call:
         self._finalised = True
         reason = self.reason or "unknown"
         config = self.services.config
-        if not self._carrier_stopped and self.session.call_id:
+        if not self._carrier_stopped and not self._transferred and self.session.call_id:
             try:
                 async with asyncio.timeout(config.hangup_timeout_secs):
                     await self.carrier.hang_up(self._call_info)
@@ -260,3 +309,13 @@ class Call:
         metrics.calls_ended.labels(carrier=self.carrier.name, reason=reason).inc()
         logger.info("call ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
         self.finalised.set()
+
+
+def _tools(persona: Persona) -> list[Tool]:
+    """The model may transfer only to the persona's named targets (never to a number it makes up)."""
+    if not persona.transfer_targets:
+        return []
+    return [Tool("transfer_call", "Transfer the caller to a person or department when they ask for it or "
+                 "when you cannot help. Say a short sentence first, e.g. 'Let me transfer you.'",
+                 {"type": "object", "properties": {"target": {"type": "string", "enum": sorted(persona.transfer_targets)}},
+                  "required": ["target"]})]

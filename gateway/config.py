@@ -133,6 +133,9 @@ class Config:
     silence_prompt_text: str = "Are you still there?"
     goodbye_text: str = "Thank you for calling. Goodbye."
     goodbye_timeout_secs: float = 15.0   # a goodbye that has not played by then is cut by the hang-up
+    # outbound calls
+    amd_action: str = "hangup"           # a machine answered: "hangup", or "message" (say voicemail_text first)
+    voicemail_text: str = ""             # the message left on a machine (else goodbye_text)
     # calls and media sockets
     max_call_secs: float = 3600.0
     media_start_timeout_secs: float = 10.0
@@ -331,6 +334,7 @@ _CHOICES = {
     "session_store": ("memory", "redis"),
     "log_level": ("debug", "info", "warning", "error"),
     "carrier": ("twilio",),
+    "amd_action": ("hangup", "message"),
 }
 
 

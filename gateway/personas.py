@@ -21,16 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.conversation import Persona
 
-__all__ = ["PersonaBook", "PersonaError"]
+__all__ = ["PersonaBook", "PersonaError", "dialable"]
 
 logger = logging.getLogger(__name__)
 
 _FIELDS = ("system", "greeting", "voice", "language")
+_OPTIONAL = ("transfer_targets",)
 _DEFAULT = Persona()
 
 
@@ -94,7 +96,7 @@ class PersonaBook:
             system = next((m.get("content", "") for m in context if m.get("role") == "system"), "")
             if system:
                 base = Persona(name="context", system=system, greeting=base.greeting, voice=base.voice,
-                               language=base.language)
+                               language=base.language, transfer_targets=base.transfer_targets)
         overrides = {k: parameters[k] for k in ("greeting", "voice", "language") if parameters.get(k)}
         if overrides:
             base = Persona(**{**_asdict(base), **overrides})
@@ -108,7 +110,13 @@ class PersonaBook:
 
 
 def _asdict(p: Persona) -> dict[str, Any]:
-    return {"name": p.name, "system": p.system, "greeting": p.greeting, "voice": p.voice, "language": p.language}
+    return {"name": p.name, "system": p.system, "greeting": p.greeting, "voice": p.voice, "language": p.language,
+            "transfer_targets": p.transfer_targets}
+
+
+def dialable(target: str) -> bool:
+    """An E.164 number or a sip: URI (what a transfer may reach)."""
+    return bool(re.fullmatch(r"\+[1-9]\d{6,14}", target)) or (target.startswith("sip:") and "@" in target)
 
 
 def _normalise(number: str) -> str:
@@ -123,14 +131,20 @@ def _parse(data: Any, where: str) -> tuple[dict[str, Persona], dict[str, str]]:
     for name, spec in data.get("personas", {}).items():
         if not isinstance(spec, dict) or not isinstance(spec.get("system"), str):
             raise PersonaError(f"{where}: persona '{name}' needs a 'system' string")
-        unknown = set(spec) - set(_FIELDS)
+        unknown = set(spec) - set(_FIELDS) - set(_OPTIONAL)
         if unknown:
-            raise PersonaError(f"{where}: persona '{name}' has unknown fields {sorted(unknown)}; allowed: {_FIELDS}")
+            raise PersonaError(f"{where}: persona '{name}' has unknown fields {sorted(unknown)}; "
+                               f"allowed: {_FIELDS + _OPTIONAL}")
+        targets = spec.get("transfer_targets", {})
+        if not isinstance(targets, dict) or not all(isinstance(v, str) and dialable(v) for v in targets.values()):
+            raise PersonaError(f"{where}: persona '{name}' transfer_targets must map names to E.164 numbers "
+                               "(+14155550100) or sip: URIs")
         wrong = [k for k in _FIELDS if k in spec and not isinstance(spec[k], str)]
         if wrong:
             raise PersonaError(f"{where}: persona '{name}' fields {wrong} must be strings")
         personas[name] = Persona(name=name, system=spec["system"], greeting=spec.get("greeting", _DEFAULT.greeting),
-                                 voice=spec.get("voice"), language=spec.get("language", _DEFAULT.language))
+                                 voice=spec.get("voice"), language=spec.get("language", _DEFAULT.language),
+                                 transfer_targets=dict(targets))
     numbers_spec = data.get("numbers") or {}
     if not isinstance(numbers_spec, dict):
         raise PersonaError(f"{where}: 'numbers' must be an object mapping E.164 numbers to persona names")

@@ -77,13 +77,7 @@ async def start(request: Request) -> Response:
     if name == "twilio" and tw.verify_signatures and not tw.auth_token:
         logger.error("webhook for twilio refused: no auth token configured")
         return _error(503, "twilio is not configured: set TWILIO_AUTH_TOKEN (or carriers.twilio.auth_token)")
-    body = await request.body()
-    form: list[tuple[str, str]] = []
-    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-    url = config.public_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    webhook = WebhookRequest(method=request.method, url=url, headers={k.lower(): v for k, v in request.headers.items()},
-                             body=body, form=form)
+    webhook = await webhook_request(request, services)
     try:
         carrier.verify(webhook)
         call = carrier.parse_call(webhook)
@@ -96,18 +90,44 @@ async def start(request: Request) -> Response:
         logger.warning("webhook rejected carrier=%s reason=%s", name, exc)
         return _error(400, str(exc))
     parameters = dict(request.query_params)
-    try:
-        persona = services.personas.resolve(to=call.to, parameters=parameters)
-    except PersonaError as exc:
-        logger.error("persona lookup failed, using the default: %s", exc)
-        persona = services.personas.resolve()
-    session = await services.sessions.create(Session.new(
-        carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
-        persona=persona.name, parameters=parameters))
+    outbound = await _outbound_session(services, name, parameters.pop("session", ""), call.call_id)
+    if outbound is not None:     # a carrier fetching the answer of a call we placed (POST /calls)
+        session, persona_name = outbound, outbound.persona
+    else:
+        try:
+            persona_name = services.personas.resolve(to=call.to, parameters=parameters).name
+        except PersonaError as exc:
+            logger.error("persona lookup failed, using the default: %s", exc)
+            persona_name = services.personas.resolve().name
+        session = await services.sessions.create(Session.new(
+            carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
+            persona=persona_name, parameters=parameters))
     stream_url = "wss://" + config.public_url.split("://", 1)[1] + f"/media/{name}/{session.id}"
-    text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona.name})
-    logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona.name, session.id[:6])
+    text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona_name})
+    logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona_name,
+                session.id[:6])
     return Response(text, media_type=media_type)
+
+
+async def _outbound_session(services: Services, carrier: str, session_id: str, call_id: str) -> Session | None:
+    if not session_id:
+        return None
+    session = await services.sessions.get(session_id)
+    if (session is None or session.direction != "outbound" or session.carrier != carrier
+            or session.state != "pending" or (session.call_id and session.call_id != call_id)):
+        return None
+    return session
+
+
+async def webhook_request(request: Request, services: Services) -> WebhookRequest:
+    """The request as the carrier signed it: ``public_url`` + path + query, never the proxy's address."""
+    body = await request.body()
+    form: list[tuple[str, str]] = []
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    url = services.config.public_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return WebhookRequest(method=request.method, url=url, headers={k.lower(): v for k, v in request.headers.items()},
+                          body=body, form=form)
 
 
 # ------------------------------------------------------------------------------------------ media

@@ -34,6 +34,7 @@ class Session:
     persona: str = "default"
     context: tuple[Mapping[str, str], ...] = ()
     parameters: Mapping[str, str] = field(default_factory=dict)
+    direction: str = "inbound"
     state: State = "pending"
     created_at: float = 0.0
     claimed_at: float = 0.0
@@ -56,6 +57,7 @@ class SessionStore:
     async def create(self, session: Session) -> Session: raise NotImplementedError
     async def claim(self, session_id: str, *, carrier: str) -> Session | None: raise NotImplementedError
     async def get(self, session_id: str) -> Session | None: raise NotImplementedError
+    async def update(self, session: Session) -> None: raise NotImplementedError
     async def end(self, session_id: str) -> None: raise NotImplementedError
     async def ping(self) -> bool: raise NotImplementedError
 
@@ -103,6 +105,11 @@ class MemorySessionStore(SessionStore):
         if s is None or self._expired(s, self._clock()):
             return None
         return s
+
+    async def update(self, session: Session) -> None:
+        """Replace a live session's fields (e.g. the carrier call id learned after dialling)."""
+        if session.id in self._sessions:
+            self._sessions[session.id] = session
 
     async def end(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

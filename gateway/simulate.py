@@ -118,6 +118,13 @@ class SimulatedCall:
             self.session_id = urlparse(self._stream_url).path.rstrip("/").rsplit("/", 1)[-1]
         return response
 
+    def adopt(self, answer_text: str, call_id: str) -> None:
+        """Take the identity of a call the gateway placed (``POST /calls``): the carrier runs the
+        answer markup it was given when the callee picks up."""
+        self.dialect.call_id = call_id
+        self._stream_url = self.dialect.answer(200, answer_text)
+        self.session_id = urlparse(self._stream_url).path.rstrip("/").rsplit("/", 1)[-1]
+
     @property
     def media_url(self) -> str:
         """The answer's stream URL, pointed at the gateway's real address instead of the public host."""

@@ -30,6 +30,7 @@ __all__ = [
     "Resampler",
     "alaw_decode",
     "alaw_encode",
+    "dtmf_tones",
     "duration_ms",
     "pcm_to_wav",
     "rms",
@@ -285,3 +286,30 @@ def _bench(frames: int = 5000) -> None:
 
 if __name__ == "__main__":
     _bench()
+
+
+_DTMF_FREQS = {
+    "1": (697, 1209), "2": (697, 1336), "3": (697, 1477), "A": (697, 1633),
+    "4": (770, 1209), "5": (770, 1336), "6": (770, 1477), "B": (770, 1633),
+    "7": (852, 1209), "8": (852, 1336), "9": (852, 1477), "C": (852, 1633),
+    "*": (941, 1209), "0": (941, 1336), "#": (941, 1477), "D": (941, 1633),
+}
+
+
+def dtmf_tones(digits: str, sample_rate: int, *, tone_ms: int = 100, gap_ms: int = 60) -> bytes:
+    """In-band DTMF (ITU-T Q.23 pairs) for ``digits`` as PCM16, each tone followed by a gap.
+
+    >>> len(dtmf_tones("12", 8000)) == 2 * (800 + 480) * 2
+    True
+    """
+    unknown = set(digits) - set(_DTMF_FREQS)
+    if unknown:
+        raise ValueError(f"not DTMF digits: {''.join(sorted(unknown))!r} (use 0-9, *, #, A-D)")
+    t = np.arange(sample_rate * tone_ms // 1000) / sample_rate
+    gap = np.zeros(sample_rate * gap_ms // 1000, dtype=np.int16)
+    out: list[np.ndarray] = []
+    for digit in digits:
+        low, high = _DTMF_FREQS[digit]
+        tone = 0.35 * (np.sin(2 * np.pi * low * t) + np.sin(2 * np.pi * high * t))
+        out += [np.round(tone * 32767).astype(np.int16), gap]
+    return np.concatenate(out).astype("<i2").tobytes() if out else b""

@@ -22,12 +22,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeVar
 
 from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame
 from pipeline.playout import Playout
-from pipeline.providers.base import LLMProvider, ProviderError, STTProvider, TTSProvider
+from pipeline.providers.base import LLMProvider, ProviderError, STTProvider, Tool, ToolCall, TTSProvider
 from pipeline.text import ClauseSplitter, looks_incomplete, truncate_words
 from pipeline.vad import EnergyVAD, VadEvent
 
@@ -51,6 +51,7 @@ class Persona:
     greeting: str = "Hello! How can I help you today?"
     voice: str | None = None
     language: str = "en"
+    transfer_targets: Mapping[str, str] = field(default_factory=dict)   # name -> E.164 or sip: URI
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,8 @@ class Conversation:
     def __init__(self, *, settings: ConversationSettings, persona: Persona, providers: ProviderChain,
                  playout: Playout, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
                  on_event: Callable[[Event], None], end_call: Callable[[str], None],
-                 context: Sequence[dict[str, str]] = (), clock: Callable[[], float] = time.monotonic) -> None:
+                 context: Sequence[dict[str, str]] = (), clock: Callable[[], float] = time.monotonic,
+                 tools: Sequence[Tool] = (), on_tool: Callable[[ToolCall], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.persona = persona
         self._providers = providers
@@ -164,6 +166,8 @@ class Conversation:
         self._emit = on_event
         self._end_call = end_call
         self._clock = clock
+        self._tools = tuple(tools)
+        self._on_tool = on_tool
         self.messages: list[dict[str, str]] = [dict(m) for m in context] or [{"role": "system", "content": persona.system}]
         self._vad = EnergyVAD(threshold=settings.vad_threshold, start_ms=settings.vad_start_ms,
                               stop_ms=settings.vad_stop_ms)
@@ -351,19 +355,29 @@ class Conversation:
     def _answer(self) -> Callable[[_Response], Coroutine[Any, Any, None]]:
         async def body(response: _Response) -> None:
             clauses: asyncio.Queue[str | None] = asyncio.Queue()
+            tool_calls: list[ToolCall] = []
             try:
                 async with asyncio.TaskGroup() as tg:   # the LLM streams while earlier clauses are spoken
                     tg.create_task(self._speak_queue(response, clauses))
-                    text = await self._generate(response, clauses)
+                    text = await self._generate(response, clauses, tool_calls)
             except ExceptionGroup as group:
                 fatal = group.subgroup(_Fatal)
                 if fatal is not None:
                     raise fatal.exceptions[0] from None
                 raise
-            self._emit(TranscriptEvent("assistant", text))
+            if text:
+                self._emit(TranscriptEvent("assistant", text))
+            for call in tool_calls:
+                if self._on_tool is not None and any(t.name == call.name for t in self._tools):
+                    logger.info("model called tool %s", call.name)
+                    self._playout.end_of_audio()
+                    await self._on_tool(call)
+                else:
+                    logger.warning("model called unknown tool %r; ignored", call.name)
         return body
 
-    async def _generate(self, response: _Response, clauses: asyncio.Queue[str | None]) -> str:
+    async def _generate(self, response: _Response, clauses: asyncio.Queue[str | None],
+                        tool_calls: list[ToolCall]) -> str:
         """Stream the LLM answer into clauses; the full text goes into the context as it grows."""
         splitter = ClauseSplitter()
         context = list(self.messages[:-1])
@@ -371,6 +385,9 @@ class Conversation:
         parts: list[str] = []
         async with contextlib.aclosing(self._llm_stream(context)) as deltas:
             async for delta in deltas:
+                if isinstance(delta, ToolCall):
+                    tool_calls.append(delta)
+                    continue
                 if not parts:
                     response.llm_ms = (self._clock() - t0) * 1000.0
                 parts.append(delta)
@@ -481,8 +498,10 @@ class Conversation:
                         break
         raise _Fatal("speech-to-text failed: " + "; ".join(errors))
 
-    def _llm_stream(self, context: Sequence[dict[str, str]]) -> AsyncIterator[str]:
-        return self._stream("language model", self._providers.llm, lambda llm: llm.stream(context),
+    def _llm_stream(self, context: Sequence[dict[str, str]]) -> AsyncIterator[str | ToolCall]:
+        tools = self._tools
+        return self._stream("language model", self._providers.llm,
+                            lambda llm: llm.stream(context, tools) if tools else llm.stream(context),
                             self.settings.llm_timeout_s)
 
     def _tts_stream(self, text: str) -> AsyncIterator[tuple[bytes, int]]:

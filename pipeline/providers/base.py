@@ -14,11 +14,29 @@ Usage::
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-__all__ = ["LLMProvider", "Message", "ProviderError", "STTProvider", "TTSProvider"]
+__all__ = ["LLMProvider", "Message", "ProviderError", "STTProvider", "TTSProvider", "Tool", "ToolCall"]
 
 Message = Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON schema object."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The model asked for ``name`` with ``arguments`` (already parsed from JSON)."""
+
+    name: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ProviderError(Exception):
@@ -45,11 +63,11 @@ class STTProvider(Protocol):
 
 
 class LLMProvider(Protocol):
-    """Chat completion streamed as text deltas."""
+    """Chat completion streamed as text deltas, then any tool calls the model made."""
 
     name: str
 
-    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str]: ...
+    def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]: ...
 
 
 class TTSProvider(Protocol):

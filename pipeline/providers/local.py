@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from pipeline.audio import Resampler, rms
-from pipeline.providers.base import Message, ProviderError
+from pipeline.providers.base import Message, ProviderError, Tool
 
 __all__ = ["EchoLLM", "PiperTTS", "PocketsphinxSTT"]
 
@@ -308,7 +308,7 @@ class EchoLLM:
             return _NOT_CAUGHT
         return f"You said: {text}. {_FOLLOW_UP}"
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str]:
         for word in re.findall(r"\S+\s*", self.reply(messages)):
             yield word
             await asyncio.sleep(0)

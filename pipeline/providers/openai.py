@@ -22,7 +22,7 @@ import httpx
 
 from pipeline.audio import pcm_to_wav
 from pipeline.providers import ProviderSettings
-from pipeline.providers.base import Message, ProviderError
+from pipeline.providers.base import Message, ProviderError, Tool, ToolCall
 
 __all__ = ["OpenAILLM", "OpenAISTT", "OpenAITTS"]
 
@@ -90,10 +90,14 @@ class OpenAILLM(_Client):
         super().__init__(settings, http, timeout_s=timeout_s)
         self._max_tokens = max_tokens
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
         body: dict[str, object] = {"model": self.settings.model, "messages": list(messages), "stream": True}
         if self._max_tokens:
             body["max_tokens"] = self._max_tokens
+        if tools:
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": dict(t.parameters)}} for t in tools]
+        calls: dict[int, list[str]] = {}     # index -> [name, arguments so far]
         with _provider_errors(self.name):
             async with self._http.stream("POST", f"{self._url}/chat/completions", json=body,
                                          headers=self._headers, timeout=self._timeout) as response:
@@ -103,13 +107,20 @@ class OpenAILLM(_Client):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        return
-                    delta = _delta(self.name, data)
+                        break
+                    delta = _delta(self.name, data, calls)
                     if delta:
                         yield delta
+        for name, arguments in calls.values():
+            try:
+                parsed = json.loads(arguments or "{}")
+            except ValueError:
+                logger.warning("%s: tool call %s has arguments that are not JSON; ignored", self.name, name)
+                continue
+            yield ToolCall(name, parsed if isinstance(parsed, dict) else {})
 
 
-def _delta(name: str, data: str) -> str:
+def _delta(name: str, data: str, calls: dict[int, list[str]]) -> str:
     try:
         chunk = json.loads(data)
     except ValueError as exc:
@@ -119,7 +130,13 @@ def _delta(name: str, data: str) -> str:
     choices = chunk.get("choices") or []
     if not choices:
         return ""
-    return (choices[0].get("delta") or {}).get("content") or ""
+    delta = choices[0].get("delta") or {}
+    for call in delta.get("tool_calls") or ():
+        entry = calls.setdefault(int(call.get("index", 0)), ["", ""])
+        function = call.get("function") or {}
+        entry[0] += function.get("name") or ""
+        entry[1] += function.get("arguments") or ""
+    return delta.get("content") or ""
 
 
 class OpenAITTS(_Client):

@@ -46,7 +46,7 @@ __all__ = ["FakeOpenAI", "FakeState", "TTS_SAMPLE_RATE", "speech_pcm"]
 TTS_SAMPLE_RATE = 24000
 STAGES = ("stt", "llm", "tts")
 Transcripts = Sequence[str] | Callable[[dict[str, Any]], str]  # callable gets the STT record
-Replies = Sequence[str] | Callable[[list[dict[str, Any]]], str]  # callable gets the messages
+Replies = Sequence[Any] | Callable[[list[dict[str, Any]]], Any]  # str, or {"content", "tool_calls"}; callable gets the messages
 
 
 def _make_tone(seconds: int = 60) -> np.ndarray:
@@ -231,7 +231,10 @@ class _App:
         if body is None or not isinstance(body.get("messages"), list):
             return _bad("Missing required parameter: 'messages'.")
         self.state.llm_requests.append(body)
-        text = self.state.next_reply(body["messages"])
+        reply: Any = self.state.next_reply(body["messages"])
+        # a reply may be {"content": "...", "tool_calls": [{"name": ..., "arguments": {...}}]}
+        tool_calls = reply.get("tool_calls", []) if isinstance(reply, dict) else []
+        text = reply.get("content", "") if isinstance(reply, dict) else reply
         model, created, cid = body.get("model", ""), int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
         usage = {"prompt_tokens": 10, "completion_tokens": len(re.findall(r"\S+\s*", text))}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -254,7 +257,13 @@ class _App:
                 if i:
                     await _sleep_ms(self.state.llm_token_interval_ms)
                 yield chunk({"content": token})
-            yield chunk({}, "stop")
+            for index, call in enumerate(tool_calls):   # streamed as OpenAI does: name first, arguments in pieces
+                arguments = json.dumps(call.get("arguments", {}))
+                half = len(arguments) // 2
+                yield chunk({"tool_calls": [{"index": index, "id": f"call_{index}", "type": "function",
+                                             "function": {"name": call["name"], "arguments": arguments[:half]}}]})
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]})
+            yield chunk({}, "tool_calls" if tool_calls else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield chunk(None, usage=usage)
             yield b"data: [DONE]\n\n"

@@ -38,6 +38,7 @@ __all__ = ["FakeTwilioREST", "RecordedRequest"]
 
 _CALL_PATH = re.compile(r"^/2010-04-01/Accounts/(?P<account>[^/]+)/Calls/(?P<call>[^/]+)\.json$")
 _END_STATUSES = frozenset({"completed", "canceled"})
+_CREATE_PATH = re.compile(r"^/2010-04-01/Accounts/(?P<account>[^/]+)/Calls\.json$")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class FakeTwilioREST:
         self.calls: dict[str, str] = {}  # CallSid -> status
         self.requests: list[RecordedRequest] = []
         self.ended_calls: list[str] = []
+        self.updates: list[tuple[str, str]] = []     # (CallSid, Twiml) of live-call redirects (transfers)
+        self.dialed: list[dict[str, str]] = []       # outbound calls created
         self.force_error: tuple[int, int, str] | None = None  # (HTTP status, Twilio code, message)
         self.base_url = ""
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
@@ -112,6 +115,9 @@ class FakeTwilioREST:
 
         if not auth_ok:
             return _error(401, 20003, "Authenticate")
+        create = _CREATE_PATH.match(path)
+        if create is not None and create["account"] == self.account_sid and request.method == "POST":
+            return self._create(form)
         match = _CALL_PATH.match(path)
         if match is None or match["account"] != self.account_sid:
             return _error(404, 20404, f"The requested resource {path} was not found")
@@ -120,15 +126,35 @@ class FakeTwilioREST:
         if self.force_error is not None:
             status, code, message = self.force_error
             return _error(status, code, message)
+        call_sid = match["call"]
+        if "Twiml" in form and "Status" not in form:       # redirect the live call (a transfer)
+            if self.calls.get(call_sid) not in ("queued", "ringing", "in-progress"):
+                return _error(404, 20404, f"The requested resource {path} was not found")
+            [twiml] = form["Twiml"]
+            if len(twiml) > 4000 or not twiml.startswith("<Response>"):
+                return _error(400, 21620, "Twiml is not valid TwiML (or longer than 4000 characters)")
+            self.updates.append((call_sid, twiml))
+            return JSONResponse(self._call_json(call_sid))
         statuses = form.get("Status", [])
         if len(statuses) != 1 or statuses[0] not in _END_STATUSES:
             return _error(400, 20001, "Status must be one of completed, canceled")
-        call_sid = match["call"]
         if self.calls.get(call_sid) not in ("queued", "ringing", "in-progress"):
             return _error(404, 20404, f"The requested resource {path} was not found")
         self.calls[call_sid] = statuses[0]
         self.ended_calls.append(call_sid)
         return JSONResponse(self._call_json(call_sid))
+
+    def _create(self, form: dict[str, list[str]]) -> Response:
+        """``POST Calls.json``: To, From and Twiml (or Url) are required, as on the real API."""
+        for required in ("To", "From"):
+            if len(form.get(required, [])) != 1:
+                return _error(400, 21201 if required == "To" else 21213, f"No '{required}' number is specified")
+        if "Twiml" not in form and "Url" not in form:
+            return _error(400, 21205, "Url parameter is required (or Twiml)")
+        call_sid = f"CA{len(self.calls) + 1:032x}"
+        self.calls[call_sid] = "queued"
+        self.dialed.append({k: v[0] for k, v in form.items()})
+        return JSONResponse({**self._call_json(call_sid), "direction": "outbound-api"}, status_code=201)
 
     def _call_json(self, call_sid: str) -> dict[str, Any]:
         return {

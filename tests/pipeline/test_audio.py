@@ -356,3 +356,18 @@ def test_wav_to_pcm_accepts_extensible_pcm():
 def test_wav_to_pcm_rejects_unsupported(wav, message):
     with pytest.raises(ValueError, match=message):
         wav_to_pcm(wav)
+
+
+def test_dtmf_tones_hold_the_two_q23_frequencies() -> None:
+    from pipeline.audio import dtmf_tones
+
+    pcm = dtmf_tones("5#", 8000, tone_ms=100, gap_ms=50)
+    assert len(pcm) == 2 * (800 + 400) * 2
+    x = np.frombuffer(pcm, "<i2").astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(x[:800]))
+    freqs = np.fft.rfftfreq(800, 1 / 8000)
+    top = sorted(freqs[np.argsort(spectrum)[-2:]])
+    assert top == [770.0, 1340.0] or (abs(top[0] - 770) <= 10 and abs(top[1] - 1336) <= 10)
+    assert not np.any(x[800:1200])                      # the gap is silent
+    with pytest.raises(ValueError, match="not DTMF digits"):
+        dtmf_tones("5x", 8000)

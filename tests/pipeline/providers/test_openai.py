@@ -101,3 +101,18 @@ async def test_a_refused_connection_is_a_transient_error() -> None:
         with pytest.raises(ProviderError) as err:
             await build_stt(dead, http, timeout_s=2).transcribe(silence(100, 16000), sample_rate=16000)
     assert err.value.transient is True and "connection failed" in str(err.value)
+
+
+async def test_llm_tool_calls_are_assembled_and_yielded_after_the_text() -> None:
+    from pipeline.providers.base import Tool, ToolCall
+
+    tool = Tool("transfer_call", "Transfer the caller", {"type": "object", "properties": {"target": {"type": "string"}}})
+    reply = {"content": "Let me transfer you.", "tool_calls": [{"name": "transfer_call", "arguments": {"target": "sales"}}]}
+    async with FakeOpenAI(replies=[reply], api_key="sk-test") as fake, httpx.AsyncClient() as http:
+        llm = OpenAILLM(settings(fake, "gpt-4o-mini"), http, timeout_s=5)
+        items = [d async for d in llm.stream([{"role": "user", "content": "sales please"}], [tool])]
+    assert "".join(i for i in items if isinstance(i, str)) == "Let me transfer you."
+    assert items[-1] == ToolCall("transfer_call", {"target": "sales"})
+    sent = fake.state.llm_requests[0]["tools"]
+    assert sent == [{"type": "function", "function": {"name": "transfer_call", "description": "Transfer the caller",
+                                                      "parameters": dict(tool.parameters)}}]
