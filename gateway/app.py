@@ -23,8 +23,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
+from carriers import CARRIERS
 from carriers.base import Carrier
-from carriers.twilio import TwilioCarrier
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
@@ -47,6 +47,7 @@ class Services:
     config: Config
     http: httpx.AsyncClient
     carriers: dict[str, Carrier]
+    unconfigured: dict[str, str]
     sessions: SessionStore
     personas: PersonaBook
     providers: ProviderChain
@@ -66,13 +67,21 @@ def conversation_settings(c: Config) -> ConversationSettings:
         silence_prompt_text=c.silence_prompt_text, goodbye_text=c.goodbye_text)
 
 
-def build_carriers(c: Config, http: httpx.AsyncClient) -> dict[str, Carrier]:
-    tw = c.carriers.twilio
-    if not tw.verify_signatures:
-        logger.warning("carriers.twilio.verify_signatures is false: anyone can forge calls; use only for local testing")
-    return {"twilio": TwilioCarrier(account_sid=tw.account_sid, auth_token=tw.auth_token, http=http,
-                                    api_base_url=tw.api_base_url, verify_signatures=tw.verify_signatures,
-                                    shared_key_secrets=tw.shared_key_secrets)}
+def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrier], dict[str, str]]:
+    """Adapters for every carrier whose credentials are set, and why the others are unavailable."""
+    carriers: dict[str, Carrier] = {}
+    unconfigured: dict[str, str] = {}
+    for name, spec in CARRIERS.items():
+        settings = c.carriers[name]
+        missing = c.carriers.missing(name)
+        if missing:
+            unconfigured[name] = f"{name} is not configured: set {', '.join(missing)}"
+            continue
+        if settings.get("verify_signatures") is False:
+            logger.warning("carriers.%s.verify_signatures is false: anyone can forge calls; use only for local "
+                           "testing", name)
+        carriers[name] = spec.load()(http=http, **settings)
+    return carriers, unconfigured
 
 
 def build_providers(c: Config, http: httpx.AsyncClient) -> ProviderChain:
@@ -107,8 +116,9 @@ def create_app(config: Config) -> Starlette:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0)) as http:
             chain = await _render_apology(config, build_providers(config, http))
+            carriers, unconfigured = build_carriers(config, http)
             services = Services(
-                config=config, http=http, carriers=build_carriers(config, http),
+                config=config, http=http, carriers=carriers, unconfigured=unconfigured,
                 sessions=MemorySessionStore(pending_ttl_s=config.session_pending_ttl_secs,
                                             ttl_s=config.session_ttl_secs),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),

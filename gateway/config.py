@@ -22,28 +22,15 @@ from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 from urllib.parse import urlparse
 
+from carriers import CARRIERS
+from gateway.carrier_config import CarriersConfig, _ConfigError
 from pipeline.providers import PROVIDERS, ProviderSettings
 
-__all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig",
-           "TwilioConfig"]
+__all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig"]
 
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message names the key and the fix."""
-
-
-@dataclass(frozen=True, slots=True)
-class TwilioConfig:
-    account_sid: str = ""            # else TWILIO_ACCOUNT_SID
-    auth_token: str = ""             # else TWILIO_AUTH_TOKEN
-    api_base_url: str = "https://api.twilio.com"
-    verify_signatures: bool = True   # false only for local testing; logs a warning at startup
-    shared_key_secrets: Mapping[str, str] = field(default_factory=dict)  # Webhooks SharedKey id -> secret
-
-
-@dataclass(frozen=True, slots=True)
-class CarriersConfig:
-    twilio: TwilioConfig = field(default_factory=TwilioConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +75,7 @@ class Config:
     log_json: bool = False
     # carriers and personas
     carrier: str = "twilio"              # default carrier for POST /start
-    carriers: CarriersConfig = field(default_factory=CarriersConfig)
+    carriers: CarriersConfig = field(default_factory=lambda: CarriersConfig.build({}, {}))
     personas_file: str = ""
     server_api_key: str = ""
     cors_allowed_origins: tuple[str, ...] = ()
@@ -178,8 +165,13 @@ class Config:
     def from_mapping(cls, raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
         """Build and validate a Config from plain values (tests use this directly)."""
         environ = {} if environ is None else environ
-        config = _build(cls, dict(raw), "")
-        config = _with_carrier_env(config, environ)
+        raw = dict(raw)
+        try:
+            carriers = CarriersConfig.build(raw.pop("carriers", {}), environ)
+        except _ConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        config = dataclasses.replace(_build(cls, raw, ""), carriers=carriers)
+        config = _with_public_url(config, environ)
         _validate(config)
         return dataclasses.replace(config, providers=_resolve_providers(config, environ))
 
@@ -190,9 +182,9 @@ class Config:
         out["api_keys"] = {k: "***" for k in self.api_keys}
         out["webrtc_ice_servers"] = [{k: ("***" if k == "credential" else v) for k, v in s.items()}
                                      for s in out["webrtc_ice_servers"]]
-        tw = out["carriers"]["twilio"]
-        tw["auth_token"] = "***" if tw["auth_token"] else ""
-        tw["shared_key_secrets"] = {k: "***" for k in tw["shared_key_secrets"]}
+        out["carriers"] = self.carriers.plain()
+        for name, settings in out["carriers"].items():
+            settings["missing"] = self.carriers.missing(name)
         if self.transcripts.dsn:
             out["transcripts"]["dsn"] = _mask_url(self.transcripts.dsn)
         if self.redis_url:
@@ -214,7 +206,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     """``VOXRAY_<KEY>`` for scalar keys, ``VOXRAY_<SECTION>_<KEY>`` for nested ones."""
     hints = get_type_hints(Config)
     for f in fields(Config):
-        if f.metadata.get("derived"):
+        if f.metadata.get("derived") or f.name == "carriers":   # carriers read VOXRAY_CARRIERS_<NAME>_<KEY>
             continue
         nested = _dataclass_type(hints[f.name])
         if nested is None:
@@ -222,8 +214,6 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             if value is not None:
                 raw[f.name] = value
             continue
-        if nested is CarriersConfig:
-            continue  # carrier credentials come from their own variables (TWILIO_AUTH_TOKEN ...)
         for sub in fields(nested):
             value = environ.get(f"VOXRAY_{f.name.upper()}_{sub.name.upper()}")
             if value is not None:
@@ -301,15 +291,14 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"'{name}' must be {kind} (got {value!r})")
 
 
-def _with_carrier_env(config: Config, environ: Mapping[str, str]) -> Config:
-    tw = config.carriers.twilio
-    tw = dataclasses.replace(tw, account_sid=tw.account_sid or environ.get("TWILIO_ACCOUNT_SID", ""),
-                             auth_token=tw.auth_token or environ.get("TWILIO_AUTH_TOKEN", ""))
+def _with_public_url(config: Config, environ: Mapping[str, str]) -> Config:
     public_url = config.public_url or environ.get("VOXRAY_PUBLIC_URL", "")
-    return dataclasses.replace(config, carriers=CarriersConfig(twilio=tw), public_url=public_url.rstrip("/"))
+    return dataclasses.replace(config, public_url=public_url.rstrip("/"))
 
 
 def _to_plain(value: Any) -> Any:
+    if isinstance(value, CarriersConfig):
+        return value.plain()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _to_plain(getattr(value, f.name)) for f in fields(value) if not f.metadata.get("derived")}
     if isinstance(value, Mapping):
@@ -333,7 +322,7 @@ _CHOICES = {
     "vad_type": ("energy", "silero"),
     "session_store": ("memory", "redis"),
     "log_level": ("debug", "info", "warning", "error"),
-    "carrier": ("twilio",),
+    "carrier": tuple(CARRIERS),
     "amd_action": ("hangup", "message"),
 }
 

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
 from gateway.personas import PersonaError, dialable
-from gateway.routes import _authorised, _error, _services, webhook_request
+from gateway.routes import _authorised, _error, _services, carrier_or_error, webhook_request
 from gateway.sessions import Session
 
 if TYPE_CHECKING:
@@ -100,9 +100,9 @@ async def place_call(request: Request) -> Response:
     if body is None:
         return _error(400, "body must be a JSON object")
     name = body.get("carrier") or config.carrier
-    carrier = services.carriers.get(name)
-    if carrier is None:
-        return _error(404, f"unknown carrier '{name}'", known=sorted(services.carriers))
+    carrier, refused = carrier_or_error(services, str(name))
+    if refused is not None:
+        return refused
     to, from_ = body.get("to"), body.get("from")
     if not isinstance(to, str) or not dialable(to) or not isinstance(from_, str) or not from_:
         return _error(400, '"to" (E.164 or sip: URI) and "from" (your carrier number) are required')
@@ -140,9 +140,9 @@ async def carrier_event(request: Request) -> Response:
     """``POST /events/{carrier}/{session_id}``: status and answering-machine callbacks."""
     services = _services(request)
     name = request.path_params["carrier"]
-    carrier = services.carriers.get(name)
-    if carrier is None:
-        return _error(404, f"unknown carrier '{name}'", known=sorted(services.carriers))
+    carrier, refused = carrier_or_error(services, name)
+    if refused is not None:
+        return refused
     webhook = await webhook_request(request, services)
     try:
         carrier.verify(webhook)

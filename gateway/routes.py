@@ -67,16 +67,12 @@ async def start(request: Request) -> Response:
     services = _services(request)
     config = services.config
     name = request.path_params.get("carrier") or config.carrier
-    carrier = services.carriers.get(name)
-    if carrier is None:
-        return _error(404, f"unknown carrier '{name}'", known=sorted(services.carriers))
+    carrier, refused = carrier_or_error(services, name)
+    if refused is not None:
+        return refused
     if not config.public_url:
         logger.error("webhook for %s refused: public_url is not set", name)
         return _error(503, "public_url is not set: set it (or VOXRAY_PUBLIC_URL) to the https URL carriers reach")
-    tw = config.carriers.twilio
-    if name == "twilio" and tw.verify_signatures and not tw.auth_token:
-        logger.error("webhook for twilio refused: no auth token configured")
-        return _error(503, "twilio is not configured: set TWILIO_AUTH_TOKEN (or carriers.twilio.auth_token)")
     webhook = await webhook_request(request, services)
     try:
         carrier.verify(webhook)
@@ -109,6 +105,17 @@ async def start(request: Request) -> Response:
     return Response(text, media_type=media_type)
 
 
+def carrier_or_error(services: Services, name: str) -> tuple[Any, Response | None]:
+    """The adapter for ``name``, or the answer to give: 404 unknown (listing the known), 503 unconfigured."""
+    carrier = services.carriers.get(name)
+    if carrier is not None:
+        return carrier, None
+    if name in services.unconfigured:
+        logger.error("request for %s refused: %s", name, services.unconfigured[name])
+        return None, _error(503, services.unconfigured[name])
+    return None, _error(404, f"unknown carrier '{name}'", known=sorted([*services.carriers, *services.unconfigured]))
+
+
 async def _outbound_session(services: Services, carrier: str, session_id: str, call_id: str) -> Session | None:
     if not session_id:
         return None
@@ -139,6 +146,15 @@ async def media(websocket: WebSocket) -> None:
     await websocket.accept()
     if carrier is None:
         await websocket.close(1008, f"unknown carrier '{name}'")
+        return
+    try:
+        url = "wss://" + services.config.public_url.split("://", 1)[-1] + websocket.url.path + (
+            f"?{websocket.url.query}" if websocket.url.query else "")
+        carrier.verify_websocket({k.lower(): v for k, v in websocket.headers.items()}, url)
+    except SignatureInvalid as exc:
+        services.metrics.webhooks_rejected.labels(carrier=name, reason="websocket_auth").inc()
+        logger.warning("media socket refused carrier=%s: %s", name, exc)
+        await websocket.close(1008, "media socket authentication failed")
         return
     session = await services.sessions.claim(websocket.path_params["session_id"], carrier=name)
     if session is None:

@@ -200,7 +200,7 @@ async def test_unknown_carrier_is_404_listing_known_carriers() -> None:
                                        headers={"X-Twilio-Signature": sign(f"{PUBLIC_URL}/start/nope", params)})
             assert response.status_code == 404
             body = response.json()
-            assert body["known"] == ["twilio"]
+            assert body["known"] == ["exotel", "plivo", "telnyx", "twilio", "vonage"]
             assert "nope" in body["error"]
 
 
@@ -375,3 +375,12 @@ async def test_delete_pending_session_refuses_its_media_socket() -> None:
                             await ws.recv()
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "unknown, used or expired session")
+
+
+async def test_a_known_carrier_without_credentials_is_503_naming_its_variables() -> None:
+    async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url, httpx.AsyncClient() as http:
+            for carrier, variable in (("telnyx", "TELNYX_PUBLIC_KEY"), ("vonage", "VONAGE_SIGNATURE_SECRET"),
+                                      ("plivo", "PLIVO_AUTH_TOKEN"), ("exotel", "basic_auth_password")):
+                response = await http.post(f"{url}/start/{carrier}", data={"CallSid": "x"})
+                assert response.status_code == 503 and variable in response.json()["error"], carrier
