@@ -19,7 +19,7 @@ Usage::
 Signatures: ``X-Plivo-Signature-V3`` (HMAC-SHA256 with the Auth Token over the URL, the sorted
 params and ``"." + X-Plivo-Signature-V3-Nonce``; the header may hold several comma-separated
 values) or ``X-Plivo-Signature-Ma-V3`` (the same, keyed with the main account's token). Plivo
-sends no timestamp, so a stale request cannot be told apart; a nonce+signature seen before is
+sends no timestamp, so a stale request cannot be told apart; a request (content + nonce) seen before is
 rejected as a replay (per process, bounded memory). Legacy V2 is off unless asked for.
 
 Custom parameters travel in ``extraHeaders``, which Plivo limits to 512 bytes of ``[A-Za-z0-9]``
@@ -40,6 +40,14 @@ Unverified points (``[?]`` in the doc) and the switches that settle them:
 * ``transfer_url``: Plivo transfers by fetching XML from a URL (``aleg_url``); the gateway must
   serve :meth:`PlivoCarrier.transfer_markup` there (``?target=`` carries the destination).
 * ``accept_v2_signatures`` (default False): V2 signs only the URL and nonce, not the body.
+* ``escape_extra_headers`` (default True): False sends names/values as they are and refuses any
+  that are not alphanumeric.
+* ``main_auth_token`` (default: ``auth_token``): the key for ``X-Plivo-Signature-Ma-V3``.
+
+Outbound calls: ``dial`` returns Plivo's ``request_uuid`` as the call id (Plivo names the
+``CallUUID`` only when the call is answered). ``hang_up`` of that id cancels the still-queued
+request (``DELETE .../Request/{uuid}/``); the answer webhook's ``CallInfo.custom["request_uuid"]``
+links the answered call (``call_id`` = its CallUUID) back to it.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlparse, urlsplit, urlunparse
 from xml.sax.saxutils import escape
 
@@ -215,8 +223,9 @@ class PlivoCarrier:
         api_base_url: str = "https://api.plivo.com",
         verify_signatures: bool = True,
         main_auth_token: str | None = None,
-        content_type: str = "audio/x-mulaw;rate=8000",
-        l16_byte_order: str = "little",
+        content_type: Literal["audio/x-mulaw;rate=8000", "audio/x-l16;rate=8000",
+                              "audio/x-l16;rate=16000"] = "audio/x-mulaw;rate=8000",
+        l16_byte_order: Literal["little", "big"] = "little",
         stream_timeout: int = 86400,
         stream_status_url: str = "",
         transfer_url: str = "",
@@ -273,14 +282,11 @@ class PlivoCarrier:
         if method == "POST":
             for key, value in _form_pairs(request):
                 params.setdefault(key, []).append(value)
-        matched = ""
-        if v3 and _matches(signature_v3(self._auth_token, method, request.url, params, nonce), v3):
-            matched = v3
-        elif ma and _matches(signature_v3(self._main_auth_token, method, request.url, params, nonce), ma):
-            matched = ma
-        if not matched:
+        expected = signature_v3(self._auth_token, method, request.url, params, nonce)
+        if not (v3 and _matches(expected, v3)) and not (
+                ma and _matches(signature_v3(self._main_auth_token, method, request.url, params, nonce), ma)):
             raise SignatureInvalid("plivo: signature does not match")
-        self._remember(nonce + "|" + matched)
+        self._remember(expected)  # the request's content + nonce, whichever header vouched for it
 
     def _verify_v2(self, request: WebhookRequest) -> None:
         nonce = request.headers.get("x-plivo-signature-v2-nonce", "")
@@ -289,11 +295,11 @@ class PlivoCarrier:
         signature = request.headers["x-plivo-signature-v2"]
         if not hmac.compare_digest(_signature_v2(self._auth_token, request.url, nonce).encode(), signature.encode()):
             raise SignatureInvalid("plivo: signature does not match")
-        self._remember(nonce + "|" + signature)
+        self._remember("v2|" + signature)
 
     def _remember(self, key: str) -> None:
         if key in self._seen:
-            raise SignatureInvalid("plivo: replayed request (nonce and signature already used)")
+            raise SignatureInvalid("plivo: replayed request (nonce already used for this request)")
         self._seen[key] = None
         if len(self._seen) > self._replay_cache_size:
             self._seen.popitem(last=False)
@@ -304,13 +310,17 @@ class PlivoCarrier:
         if not call_id:
             raise CarrierProtocolError("plivo webhook has no CallUUID")
         custom = {k[5:]: v for k, v in params.items() if k.upper().startswith("X-PH-") and len(k) > 5}
+        outbound = params.get("Direction", "").startswith("outbound")
+        request_uuid = params.get("RequestUUID", "")
+        if outbound and request_uuid and request_uuid != call_id:
+            custom["request_uuid"] = request_uuid  # the id dial() returned for this call
         return CallInfo(
             carrier=self.name,
             call_id=call_id,
             from_=_e164(params.get("From", "")),
             to=_e164(params.get("To", "")),
             account_id=self.auth_id,
-            direction="outbound" if params.get("Direction", "").startswith("outbound") else "inbound",
+            direction="outbound" if outbound else "inbound",
             custom=custom,
         )
 
@@ -367,6 +377,8 @@ class PlivoCarrier:
 
     async def _send(self, method: str, url: str, body: dict[str, Any] | None, what: str,
                     error: type[Exception] = CallControlFailed) -> httpx.Response:
+        if not self.auth_id:
+            raise error(f"plivo {what} failed: no auth_id configured (PLIVO_AUTH_ID)")
         try:
             return await self._http.request(method, url, json=body, auth=(self.auth_id, self._auth_token))
         except httpx.HTTPError as exc:

@@ -229,10 +229,12 @@ def test_other_methods_cannot_be_verified() -> None:
 def test_replayed_request_rejected() -> None:
     c = carrier()
     c.verify(post(ANSWER, DOC_PARAMS, SIG_POST))
-    with pytest.raises(SignatureInvalid, match=r"^plivo: replayed request \(nonce and signature already used\)$"):
+    with pytest.raises(SignatureInvalid, match=r"^plivo: replayed request \(nonce already used for this request\)$"):
         c.verify(post(ANSWER, DOC_PARAMS, SIG_POST))
     with pytest.raises(SignatureInvalid, match="replayed"):  # the same signature in a multi-value header
-        c.verify(post(ANSWER, DOC_PARAMS, SIG_POST))
+        c.verify(post(ANSWER, DOC_PARAMS, "AAAA," + SIG_POST))
+    with pytest.raises(SignatureInvalid, match="replayed"):  # replayed with only the Ma-V3 header
+        c.verify(post(ANSWER, DOC_PARAMS, None, **{"x-plivo-signature-ma-v3": SIG_POST}))
     # another carrier instance (another process) has its own memory
     carrier().verify(post(ANSWER, DOC_PARAMS, SIG_POST))
 
@@ -328,9 +330,10 @@ def test_parse_call_from_form() -> None:
 
 def test_parse_call_keeps_sip_and_plus_numbers() -> None:
     form = [("CallUUID", CALL), ("From", "sip:alice@phone.plivo.com"), ("To", "+14155550199"),
-            ("Direction", "outbound")]
+            ("Direction", "outbound"), ("RequestUUID", "req-1")]
     call = carrier().parse_call(post(ANSWER, form))
     assert (call.from_, call.to, call.direction) == ("sip:alice@phone.plivo.com", "+14155550199", "outbound")
+    assert call.custom == {"request_uuid": "req-1"}  # what dial() returned, for matching the session
 
 
 def test_parse_call_get() -> None:
@@ -955,6 +958,14 @@ async def test_call_control_transport_error() -> None:
 
 
 @pytest.mark.asyncio
+async def test_rest_needs_the_auth_id() -> None:
+    with pytest.raises(HangupFailed, match=r"no auth_id configured \(PLIVO_AUTH_ID\)"):
+        await carrier(auth_id="").hang_up(info())
+    with pytest.raises(CallControlFailed, match="no auth_id configured"):
+        await carrier(auth_id="").send_dtmf(info(), "1")
+
+
+@pytest.mark.asyncio
 async def test_error_bodies_are_summarised() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(
         400, json={"api_id": "a", "error": {"to": ["This field is required."]}}))
@@ -1159,9 +1170,12 @@ async def test_emulated_plivo_call_through_the_gateway(monkeypatch: pytest.Monke
                 FakePlivoREST(AUTH_ID, TOKEN) as plivo):
         build = gateway.app.build_carriers
 
-        def with_plivo(config: Any, http: httpx.AsyncClient) -> dict[str, Any]:
-            return {**build(config, http), "plivo": PlivoCarrier(auth_id=AUTH_ID, auth_token=TOKEN, http=http,
-                                                                 api_base_url=plivo.base_url)}
+        def with_plivo(config: Any, http: httpx.AsyncClient) -> Any:
+            ours = PlivoCarrier(auth_id=AUTH_ID, auth_token=TOKEN, http=http, api_base_url=plivo.base_url)
+            built = build(config, http)
+            if isinstance(built, tuple):  # (carriers, why the others are unconfigured)
+                return {**built[0], "plivo": ours}, {k: v for k, v in built[1].items() if k != "plivo"}
+            return {**built, "plivo": ours}
 
         monkeypatch.setattr(gateway.app, "build_carriers", with_plivo)
         async with running_gateway(phone_config(fake.base_url, "http://127.0.0.1:9")) as url:
