@@ -80,7 +80,10 @@ def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrie
         if settings.get("verify_signatures") is False:
             logger.warning("carriers.%s.verify_signatures is false: anyone can forge calls; use only for local "
                            "testing", name)
-        carriers[name] = spec.load()(http=http, **settings)
+        kwargs = dict(settings)
+        if "transfer_url" in kwargs and not kwargs["transfer_url"] and c.public_url:
+            kwargs["transfer_url"] = f"{c.public_url}/transfer/{name}"   # served by routes.transfer_markup
+        carriers[name] = spec.load()(http=http, **kwargs)
     return carriers, unconfigured
 
 
@@ -152,4 +155,5 @@ def create_app(config: Config) -> Starlette:
         Route("/sessions/{session_id}/dtmf", control.send_dtmf, methods=["POST"]),
         Route("/calls", control.place_call, methods=["POST"]),
         Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
+        Route("/transfer/{carrier}", routes.transfer_markup, methods=["GET", "POST"]),
     ], middleware=middleware, lifespan=lifespan)

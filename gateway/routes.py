@@ -8,6 +8,7 @@ with a reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -18,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from carriers.base import CarrierProtocolError, SignatureInvalid, WebhookRequest
+from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, WebhookRequest
 from gateway.call import Call, SocketIO
 from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.personas import PersonaError
+from gateway.personas import PersonaError, dialable
 from gateway.sessions import Session
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ async def start(request: Request) -> Response:
         logger.warning("webhook rejected carrier=%s reason=%s", name, exc)
         return _error(400, str(exc))
     parameters = dict(request.query_params)
-    outbound = await _outbound_session(services, name, parameters.pop("session", ""), call.call_id)
+    outbound = await _outbound_session(services, name, parameters.pop("session", ""), call)
     if outbound is not None:     # a carrier fetching the answer of a call we placed (POST /calls)
         session, persona_name = outbound, outbound.persona
     else:
@@ -116,14 +117,45 @@ def carrier_or_error(services: Services, name: str) -> tuple[Any, Response | Non
     return None, _error(404, f"unknown carrier '{name}'", known=sorted([*services.carriers, *services.unconfigured]))
 
 
-async def _outbound_session(services: Services, carrier: str, session_id: str, call_id: str) -> Session | None:
+async def _outbound_session(services: Services, carrier: str, session_id: str, call: CallInfo) -> Session | None:
+    """The session of a call we placed, when its carrier fetches the answer (Plivo). Some carriers
+    name the dialled request differently from the answered call: the session learns the call's id."""
     if not session_id:
         return None
     session = await services.sessions.get(session_id)
-    if (session is None or session.direction != "outbound" or session.carrier != carrier
-            or session.state != "pending" or (session.call_id and session.call_id != call_id)):
+    if session is None or session.direction != "outbound" or session.carrier != carrier or session.state != "pending":
         return None
+    if session.call_id and session.call_id not in (call.call_id, call.custom.get("request_uuid")):
+        return None
+    if session.call_id != call.call_id:
+        session = dataclasses.replace(session, call_id=call.call_id)
+        await services.sessions.update(session)
     return session
+
+
+async def transfer_markup(request: Request) -> Response:
+    """``POST /transfer/{carrier}?target=``: the markup a carrier fetches to carry out a transfer
+    (Plivo); signed by the carrier like any webhook."""
+    services = _services(request)
+    name = request.path_params["carrier"]
+    carrier, refused = carrier_or_error(services, name)
+    if refused is not None:
+        return refused
+    markup = getattr(carrier, "transfer_markup", None)
+    if markup is None:
+        return _error(404, f"{name} transfers without fetching markup")
+    webhook = await webhook_request(request, services)
+    try:
+        carrier.verify(webhook)
+    except SignatureInvalid as exc:
+        services.metrics.webhooks_rejected.labels(carrier=name, reason="signature").inc()
+        logger.warning("transfer markup request rejected carrier=%s reason=%s", name, exc)
+        return _error(403, "invalid signature")
+    target = request.query_params.get("target", "")
+    if not dialable(target):
+        return _error(400, "target must be an E.164 number or a sip: URI")
+    text, media_type = markup(target)
+    return Response(text, media_type=media_type)
 
 
 async def webhook_request(request: Request, services: Services) -> WebhookRequest:

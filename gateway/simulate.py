@@ -218,6 +218,9 @@ class SimulatedCall:
                 for name, handle in pending:         # carriers return buffered marks at once after a clear
                     handle.cancel()
                     self._echo_mark(name, remove=False)
+                cleared = getattr(self.dialect, "cleared", None)   # e.g. Plivo's clearedAudio
+                if cleared is not None and (ack := cleared()) is not None:
+                    self._tasks.append(asyncio.ensure_future(self.send_raw(ack)))
                 self._got_clear.set()
             elif item.kind == "invalid":
                 r.invalid.append(item.text)
