@@ -23,11 +23,12 @@ dynamic URL; Exotel requests it (GET, call details ``CallSid``/``CallFrom``/``Ca
 the query) and expects ``{"url": "wss://..."}``. Our custom parameters ride on that URL's query (at
 most 3, 256 characters) and come back in ``start.custom_parameters``; ``sample-rate`` is set there too.
 
-Authenticity: Exotel does not sign requests. ``verify`` and ``verify_websocket`` check HTTP Basic
-credentials (``basic_auth_user``/``basic_auth_password``; put them in the applet URL as
-``https://user:pass@host/start/exotel``; the answer embeds them in the wss URL, which Exotel sends as
-``Authorization: Basic`` on the upgrade) and/or an IP allow-list (``allowed_ips``, CIDRs). The client
-address is read from ``client_ip_header`` (default ``x-forwarded-for``), taking the entry
+Authenticity: Exotel does not sign requests. ``verify`` (webhooks and status callbacks) and
+``verify_websocket`` check HTTP Basic credentials (``basic_auth_user``/``basic_auth_password``: put
+them in the applet URL as ``https://user:pass@host/start/exotel``; the answer, ``StreamUrl`` and
+``StatusCallback`` carry them too, and Exotel sends URL credentials as ``Authorization: Basic``)
+and/or an IP allow-list (``allowed_ips``, CIDRs). ``verify`` only sees headers, so the client address
+is read from ``client_ip_header`` (default ``x-forwarded-for``), taking the entry
 ``trusted_proxy_hops`` from the right, i.e. the one your own proxy appended; never rely on it when
 the gateway is reachable without that proxy. With ``verify_signatures`` on and neither configured,
 every request is refused. There are no timestamps: replays are bounded by the single-use session id.
@@ -49,7 +50,8 @@ Switches for what ``carriers.md`` marks ``[?]`` (defaults first):
   We keep the byte rule, so ``frame_ms`` is 200 at 8 kHz and 100 at 16/24 kHz; ``min_chunk_bytes=1600``
   gives 100 ms frames at 8 kHz. Every chunk is a whole number of 20 ms (a multiple of 320 bytes at
   any rate); short tails are padded with silence. With µ-law the same durations apply.
-* ``ws_credentials_in_url``: True — embed the Basic credentials in the wss URL we hand Exotel.
+* ``credentials_in_urls``: True — embed the Basic credentials in the URLs we hand Exotel (the wss
+  answer URL, ``StreamUrl`` and ``StatusCallback``), for it to send as ``Authorization: Basic``.
 * ``lowercase_paths``: False — ``/v1/accounts/{sid}/calls/connect`` (developer guide) instead of CamelCase.
 * ``json_suffix``: False — append ``.json`` to REST paths; XML and JSON responses are both parsed.
 * ``rest_hangup``: False (see above); ``legs_api_base_url`` is where that call goes.
@@ -134,7 +136,7 @@ class ExotelCarrier:
         codec: str = "pcm16",
         outbound_id_key: str = "stream_sid",
         min_chunk_bytes: int = 3200,
-        ws_credentials_in_url: bool = True,
+        credentials_in_urls: bool = True,
         lowercase_paths: bool = False,
         json_suffix: bool = False,
         rest_hangup: bool = False,
@@ -155,6 +157,7 @@ class ExotelCarrier:
         self.verify_signatures = verify_signatures
         self._basic_user = basic_auth_user
         self._basic_password = basic_auth_password
+        self._basic = bool(basic_auth_user or basic_auth_password)
         self.allowed_ips = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in allowed_ips)
         self.client_ip_header = client_ip_header.lower()
         self.trusted_proxy_hops = trusted_proxy_hops
@@ -162,12 +165,12 @@ class ExotelCarrier:
         self.codec = codec
         self.outbound_id_key = outbound_id_key
         self.min_chunk_bytes = min_chunk_bytes
-        self.ws_credentials_in_url = ws_credentials_in_url
+        self.credentials_in_urls = credentials_in_urls
         self.lowercase_paths = lowercase_paths
         self.json_suffix = json_suffix
         self.rest_hangup = rest_hangup
-        if verify_signatures and not basic_auth_user and not self.allowed_ips:
-            logger.warning("exotel: neither basic_auth_user nor allowed_ips is set; every webhook and media "
+        if verify_signatures and not self._basic and not self.allowed_ips:
+            logger.warning("exotel: neither basic auth nor allowed_ips is set; every webhook and media "
                            "socket will be refused (set one, or verify_signatures=False for local tests)")
 
     def __repr__(self) -> str:  # never show the token or the Basic password
@@ -184,13 +187,13 @@ class ExotelCarrier:
     def _authenticate(self, headers: Mapping[str, str]) -> None:
         if not self.verify_signatures:
             return
-        if not self._basic_user and not self.allowed_ips:
-            raise SignatureInvalid("exotel: no basic_auth_user or allowed_ips configured to check the request")
+        if not self._basic and not self.allowed_ips:
+            raise SignatureInvalid("exotel: no basic auth or allowed_ips configured to check the request")
         if self.allowed_ips:
             address = self._client_address(headers)
             if not any(address in network for network in self.allowed_ips):
                 raise SignatureInvalid("exotel: client address is not in allowed_ips")
-        if self._basic_user:
+        if self._basic:
             self._check_basic(_header(headers, "authorization"))
 
     def _client_address(self, headers: Mapping[str, str]) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -257,7 +260,7 @@ class ExotelCarrier:
             raise ValueError(f"exotel stream url must start with wss:// (scheme is {scheme[:10]!r})")
         parts = urlsplit(stream_url)
         if parts.username is not None or parts.password is not None:
-            raise ValueError("exotel stream url must not carry credentials; set basic_auth_user instead")
+            raise ValueError("exotel stream url must not carry credentials; set basic_auth_user/_password instead")
         if parts.fragment:
             raise ValueError("exotel stream url must not carry a fragment")
         custom: list[tuple[str, str]] = []
@@ -277,11 +280,16 @@ class ExotelCarrier:
         encoded = urlencode(custom)
         if len(encoded) > MAX_CUSTOM_CHARS:
             raise ValueError(f"exotel custom parameters exceed {MAX_CUSTOM_CHARS} characters ({len(encoded)})")
-        netloc = parts.netloc
-        if self._basic_user and self.ws_credentials_in_url:
-            netloc = f"{quote(self._basic_user, safe='')}:{quote(self._basic_password, safe='')}@{netloc}"
         query = urlencode([("sample-rate", str(self.sample_rate))]) + (f"&{encoded}" if encoded else "")
-        return urlunsplit(("wss", netloc, parts.path, query, ""))
+        return self._with_credentials(urlunsplit(("wss", parts.netloc, parts.path, query, "")))
+
+    def _with_credentials(self, url: str) -> str:
+        """``url`` with our Basic credentials in its authority (Exotel sends them as ``Authorization``)."""
+        if not (self._basic and self.credentials_in_urls) or not url:
+            return url
+        scheme, netloc, path, query, fragment = urlsplit(url)
+        userinfo = f"{quote(self._basic_user, safe='')}:{quote(self._basic_password, safe='')}"
+        return urlunsplit((scheme, f"{userinfo}@{netloc.rpartition('@')[2]}", path, query, fragment))
 
     def open_stream(self) -> ExotelMediaStream:
         return ExotelMediaStream(sample_rate=self.sample_rate, codec=self.codec,
@@ -319,7 +327,7 @@ class ExotelCarrier:
         if response.is_success:
             logger.info("exotel call %s hung up", call.call_id)
             return
-        if response.status_code == 404:
+        if response.status_code == 404 and _is_exotel_body(response):  # "leg not found": ended already
             logger.info("exotel call %s already ended (404)", call.call_id)
             return
         raise HangupFailed(f"exotel hang-up of {call.call_id} failed: HTTP {response.status_code}: "
@@ -347,7 +355,7 @@ class ExotelCarrier:
         if len(stream_url) >= MAX_STREAM_URL_CHARS:
             raise CallControlFailed(f"exotel StreamUrl must be under {MAX_STREAM_URL_CHARS} characters")
         fields = {"From": request.to, "CallerId": request.from_, "StreamUrl": stream_url,
-                  "StreamType": "bidirectional", "StatusCallback": request.events_url,
+                  "StreamType": "bidirectional", "StatusCallback": self._with_credentials(request.events_url),
                   "StatusCallbackEvents[0]": "answered", "StatusCallbackEvents[1]": "terminal"}
         result = await self._connect(fields, "dial")
         call_id = result.get("Sid", "")
@@ -425,6 +433,15 @@ def _call_fields(response: httpx.Response) -> dict[str, str]:
     if node is None:
         return {}
     return {child.tag: (child.text or "").strip() for child in node}
+
+
+def _is_exotel_body(response: httpx.Response) -> bool:
+    """An Exotel API answer (v2 envelope or v1 ``RestException``), not a proxy's error page."""
+    try:
+        data = response.json()
+    except ValueError:
+        return False
+    return isinstance(data, dict) and ("http_code" in data or "RestException" in data)
 
 
 def _exotel_error(response: httpx.Response) -> str:

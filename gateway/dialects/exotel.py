@@ -63,7 +63,7 @@ class ExotelDialect:
                 signature: str | None = None) -> Webhook:
         """``signature`` replaces the ``Authorization`` value ('' sends none)."""
         headers: dict[str, str] = {}
-        if signature is None and self.basic_user:
+        if signature is None and (self.basic_user or self.basic_password):
             signature = _basic(self.basic_user, self.basic_password)
         if signature:
             headers["Authorization"] = signature
@@ -165,7 +165,7 @@ class ExotelDialect:
         now = self.clock()
         self._play_end = max(self._play_end, now)
         ahead_ms = (self._play_end - now) * 1000.0
-        if ahead_ms > self.max_ahead_ms:
+        if ahead_ms > self.max_ahead_ms + 1.0:   # 1 ms of float slack
             problems.append(f"media sent {ahead_ms:.0f} ms ahead of real time (pace it)")
         self._play_end += size / 2 / self.rate
         return [Inbound("invalid", text=p) for p in problems]

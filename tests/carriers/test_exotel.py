@@ -66,7 +66,7 @@ def pcm(samples: list[int]) -> bytes:
 
 def carrier(http: httpx.AsyncClient | None = None, **kwargs: Any) -> ExotelCarrier:
     kwargs.setdefault("basic_auth_user", USER)
-    kwargs.setdefault("basic_auth_password", PASSWORD)
+    kwargs.setdefault("basic_auth_password", PASSWORD if kwargs["basic_auth_user"] else "")  # user "": no Basic
     return ExotelCarrier(sid=SID, api_key=API_KEY, api_token=API_TOKEN, http=http or httpx.AsyncClient(), **kwargs)
 
 
@@ -119,10 +119,19 @@ def test_forged_or_missing_credentials(headers: dict[str, str], reason: str) -> 
 def test_nothing_configured_refuses_everything(caplog: pytest.LogCaptureFixture) -> None:
     c = carrier(basic_auth_user="", basic_auth_password="")
     assert "every webhook" in caplog.text
-    with pytest.raises(SignatureInvalid, match="^exotel: no basic_auth_user or allowed_ips configured"):
+    with pytest.raises(SignatureInvalid, match="^exotel: no basic auth or allowed_ips configured"):
         c.verify(hook({"authorization": BASIC}))
-    with pytest.raises(SignatureInvalid, match="^exotel: no basic_auth_user or allowed_ips configured"):
+    with pytest.raises(SignatureInvalid, match="^exotel: no basic auth or allowed_ips configured"):
         c.verify_websocket({}, "wss://x/y")
+
+
+def test_password_only_basic_auth() -> None:
+    c = carrier(basic_auth_user="", basic_auth_password="only-a-password")
+    c.verify(hook({"authorization": basic("", "only-a-password")}))
+    with pytest.raises(SignatureInvalid, match="do not match"):
+        c.verify(hook({"authorization": basic("x", "only-a-password")}))
+    body, _ = c.answer(CALL_INFO, "wss://h/p", {})
+    assert json.loads(body)["url"] == "wss://:only-a-password@h/p?sample-rate=8000"
 
 
 def test_verification_disabled() -> None:
@@ -240,7 +249,7 @@ def test_answer_vector() -> None:
 
 
 def test_answer_without_basic_auth_or_with_it_kept_out_of_the_url() -> None:
-    for c in (carrier(basic_auth_user="", allowed_ips=ALLOW), carrier(ws_credentials_in_url=False)):
+    for c in (carrier(basic_auth_user="", allowed_ips=ALLOW), carrier(credentials_in_urls=False)):
         body, _ = c.answer(CALL_INFO, "wss://gw.example.com/media/exotel/s1", {})
         assert json.loads(body) == {"url": "wss://gw.example.com/media/exotel/s1?sample-rate=8000"}
 
@@ -484,7 +493,8 @@ def test_encode_tone8_is_padded_to_the_minimum_chunk() -> None:
 
 def test_encode_mark_and_clear() -> None:
     stream = started_stream()
-    assert stream.encode(Mark("utt-7")) == ['{"event":"mark","stream_sid":"MZxxxxxxxxxxxxxxxx","mark":{"name":"utt-7"}}']
+    assert stream.encode(Mark("utt-7")) == [
+        '{"event":"mark","stream_sid":"MZxxxxxxxxxxxxxxxx","mark":{"name":"utt-7"}}']
     assert stream.encode(Clear()) == ['{"event":"clear","stream_sid":"MZxxxxxxxxxxxxxxxx"}']
     assert json.loads(stream.encode(Mark('a"\\b</'))[0])["mark"]["name"] == 'a"\\b</'
 
@@ -605,15 +615,28 @@ async def test_dial(json_suffix: bool) -> None:
             "From": "+919876543210", "CallerId": "08047491899",
             "StreamUrl": "wss://EXOTEL_API_KEY:EXOTEL_API_TOKEN@gw.example.com/media/exotel/s9"
                          "?sample-rate=8000&session_id=s9",
-            "StreamType": "bidirectional", "StatusCallback": DIAL.events_url,
+            "StreamType": "bidirectional",
+            "StatusCallback": "https://EXOTEL_API_KEY:EXOTEL_API_TOKEN@gw.example.com/events/exotel?session=s9",
             "StatusCallbackEvents[0]": "answered", "StatusCallbackEvents[1]": "terminal"}
+        callback = urlsplit(fields["StatusCallback"])                             # Exotel's callback passes verify
+        headers = {"authorization": basic(unquote(callback.username or ""), unquote(callback.password or ""))}
+        carrier().verify(WebhookRequest("POST", DIAL.events_url, headers, b""))
+
+
+@pytest.mark.asyncio
+async def test_dial_without_credentials_in_urls() -> None:
+    async with FakeExotelREST(SID, API_KEY, API_TOKEN) as fake, httpx.AsyncClient() as http:
+        await rest_carrier(http, fake, credentials_in_urls=False).dial(DIAL)
+        [fields] = fake.dialed
+        assert fields["StatusCallback"] == DIAL.events_url
+        assert fields["StreamUrl"] == "wss://gw.example.com/media/exotel/s9?sample-rate=8000&session_id=s9"
 
 
 @pytest.mark.asyncio
 async def test_dial_lowercase_path_switch() -> None:
     async with FakeExotelREST(SID, API_KEY, API_TOKEN) as fake, httpx.AsyncClient() as http:
         c = rest_carrier(http, fake, lowercase_paths=True)
-        with pytest.raises(CallControlFailed, match="HTTP 404: The requested resource /v1/accounts/acme1/calls/connect"):
+        with pytest.raises(CallControlFailed, match="HTTP 404: The requested resource /v1/accounts/acme1/calls/"):
             await c.dial(DIAL)
         fake.accept_lowercase = True
         await c.dial(DIAL)
@@ -770,6 +793,10 @@ async def test_rest_hang_up_failures(caplog: pytest.LogCaptureFixture) -> None:
         with pytest.raises(HangupFailed, match="ConnectError") as info:
             await carrier(http, rest_hangup=True).hang_up(INBOUND)
     assert isinstance(info.value.__cause__, httpx.ConnectError)
+    proxy_404 = httpx.MockTransport(lambda request: httpx.Response(404, text="<html>nginx: not found</html>"))
+    async with httpx.AsyncClient(transport=proxy_404) as http:                  # not Exotel: not "ended"
+        with pytest.raises(HangupFailed, match="HTTP 404: Not Found"):
+            await carrier(http, rest_hangup=True).hang_up(INBOUND)
 
 
 @pytest.mark.asyncio
@@ -831,7 +858,8 @@ def event(query: str = "", **body: str) -> WebhookRequest:
         (event("CallSid=c1&Status=busy"), CallEvent(call_id="c1", ended=True, status="busy")),
         (event(CallSid="c1", Status="no-answer", EventType="terminal"),
          CallEvent(call_id="c1", ended=True, status="no-answer")),
-        (event(CallSid="c1", EventType="terminal", Status="failed"), CallEvent(call_id="c1", ended=True, status="failed")),
+        (event(CallSid="c1", EventType="terminal", Status="failed"),
+         CallEvent(call_id="c1", ended=True, status="failed")),
         (event(CallSid="c1", Status="in-progress", AnsweredBy="HUMAN"),
          CallEvent(call_id="c1", answered_by="human", status="in-progress")),
         (event(CallSid="c1", AnsweredBy="MACHINE"), CallEvent(call_id="c1", answered_by="machine")),

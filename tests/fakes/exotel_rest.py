@@ -2,9 +2,9 @@
 
 * ``POST /v1/Accounts/{sid}/Calls/connect[.json]`` — Connect Voice AI (``From``, ``CallerId``,
   ``StreamUrl``, ``StreamType=bidirectional``) or Connect-two-numbers (``From``, ``To``, ``CallerId``),
-  form-encoded (the real API also takes multipart, which the carrier does not use). Answers XML (``<TwilioResponse><Call>``) without ``.json`` and JSON
-  (``{"Call": {...}}``) with it, as the classic v1 API does; errors are ``RestException`` in the
-  same format. The lowercase path (``/v1/accounts/{sid}/calls/connect``) answers only when
+  form-encoded (the real API also takes multipart, which the carrier does not use). Answers XML
+  (``<TwilioResponse><Call>``) without ``.json`` and JSON (``{"Call": {...}}``) with it, as the
+  classic v1 API does; errors are ``RestException`` in the same format. The lowercase path (``/v1/accounts/{sid}/calls/connect``) answers only when
   ``accept_lowercase`` is set.
 * ``POST /v2/accounts/{sid}/legs/{leg_sid}/actions`` with ``{"exoml": "...<Hangup/>..."}`` — the
   Legs API hang-up (202; 404 for an unknown or ended leg, in the v2 error shape).
@@ -145,8 +145,8 @@ class FakeExotelREST:
         if as_json:
             return JSONResponse({"Call": call})
         inner = "".join(f"<{k}>{escape(v or '')}</{k}>" for k, v in call.items())
-        return Response(f'<?xml version="1.0" encoding="UTF-8"?>\n<TwilioResponse><Call>{inner}</Call></TwilioResponse>',
-                        media_type="application/xml")
+        xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<TwilioResponse><Call>{inner}</Call></TwilioResponse>'
+        return Response(xml, media_type="application/xml")
 
     def _leg_action(self, method: str, match: re.Match[str], data: Any, auth_ok: bool) -> Response:
         if not auth_ok:
