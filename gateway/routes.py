@@ -165,8 +165,9 @@ async def webhook_request(request: Request, services: Services) -> WebhookReques
     if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     url = services.config.public_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return WebhookRequest(method=request.method, url=url, headers={k.lower(): v for k, v in request.headers.items()},
-                          body=body, form=form)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers["x-voxray-peer"] = request.client.host if request.client else ""   # ours: never the sender's
+    return WebhookRequest(method=request.method, url=url, headers=headers, body=body, form=form)
 
 
 # ------------------------------------------------------------------------------------------ media
