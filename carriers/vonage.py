@@ -23,7 +23,9 @@ Webhooks: Vonage signs answer and event webhooks with an HS256 JWT in ``Authoriz
 (the account's signature secret). ``verify`` checks the signature, the ``payload_hash`` claim
 (SHA-256 of the raw body), ``iat`` (at most ``max_token_age_s`` old and at most ``clock_skew_s``
 ahead of our clock), ``exp``/``nbf`` when present (same leeway), ``application_id`` when present,
-and refuses a ``jti`` seen before (``reject_replays``; an in-process cache, so per gateway process).
+and refuses a ``jti`` seen before (``reject_replays``; an in-process cache, so per gateway process;
+a Vonage retry that reused its token would be refused too). ``verify_signatures=False`` skips all of
+it (local testing only); ``ws_auth_value`` is checked regardless. A secret under 32 bytes is logged.
 REST calls carry an RS256 JWT signed with the application's private key (``PyJWT[crypto]``).
 The media socket is the NCCO's websocket leg: it has its own uuid, which Vonage does not tell the
 socket, so ``answer`` adds the caller's leg uuid as the ``call_uuid`` header (``StreamStarted.call_id``).
@@ -42,7 +44,11 @@ Switches for what docs/carriers.md marks ``[?]`` (constructor arguments, default
   are accepted. Prefer ``answer_method=POST``.
 * DTMF in: ``digit`` at top level, else ``dtmf.digit`` or a string ``dtmf``.
 * ``amd`` ["advanced"]: ``advanced_machine_detection`` ``{"behavior":"continue","mode":amd_mode}``
-  (``amd_mode`` ["default"]: asynchronous, with beep detection); "standard": ``machine_detection``.
+  (``amd_mode`` ["default"]: asynchronous, with beep detection; "detect"/"detect_beep" hold the
+  NCCO ~4-5 s) or "standard": ``machine_detection: "continue"``. Results (``human``/``machine``,
+  ``sub_state`` beep events) reach ``DialRequest.events_url``; ``parse_event`` normalises them.
+* The NCCO ``from`` (required by Vonage's SDK models): our number (the call's ``to`` inbound, its
+  ``from`` outbound) or ``answer_from``; omitted when that is not a 7-15 digit number.
 * Hang-up of a call Vonage no longer has: a 404 with a JSON body is success, and so is a
   400/409/410/422 whose text says the call is not in progress or already completed.
 """
@@ -54,6 +60,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -62,7 +69,7 @@ import warnings
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping, TypeGuard
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
@@ -119,9 +126,8 @@ def _render(node: Any, values: Mapping[str, Any]) -> Any:
             if rendered is not None:
                 out[key] = rendered
         return out
-    if isinstance(node, str) and node.startswith("$"):
-        if node[1:] in values:
-            return values[node[1:]]
+    if isinstance(node, str) and node.startswith("$") and node[1:] in values:
+        return values[node[1:]]
     if isinstance(node, str):
         return Template(node).substitute(values)
     return node
@@ -159,6 +165,8 @@ def _load_private_key(private_key: str | bytes) -> RSAPrivateKey | None:
     if not data.lstrip().startswith(b"-----BEGIN") and os.path.isfile(data):
         with open(data, "rb") as handle:
             data = handle.read()
+    if b"\\n" in data and b"\n" not in data.strip():  # a PEM squeezed into one env-var line
+        data = data.replace(b"\\n", b"\n")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -189,8 +197,8 @@ class VonageCarrier:
         max_token_age_s: float = 300.0,
         clock_skew_s: float = 10.0,
         reject_replays: bool = True,
-        amd: str = "advanced",
-        amd_mode: str = "default",
+        amd: Literal["advanced", "standard"] = "advanced",
+        amd_mode: Literal["default", "detect", "detect_beep"] = "default",
         rest_token_ttl_s: int = 900,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -242,7 +250,7 @@ class VonageCarrier:
         claimed = claims.get("payload_hash")
         if not isinstance(claimed, str) or not claimed:
             raise SignatureInvalid("vonage: token has no payload_hash")
-        if not any(hmac.compare_digest(claimed.lower(), h) for h in _payload_hashes(request)):
+        if not any(hmac.compare_digest(claimed.lower().encode(), h.encode()) for h in _payload_hashes(request)):
             raise SignatureInvalid("vonage: payload_hash does not match the body")
         if self.reject_replays:
             self._check_replay(claims, now)
@@ -335,8 +343,10 @@ class VonageCarrier:
             raise ValueError(f"vonage websocket headers are {size} bytes; Vonage allows {_MAX_HEADERS_BYTES}")
         auth = {"type": "custom", "value": self._ws_auth_value} if self._ws_auth_value else None
         number = from_.lstrip("+") if _NUMBER.fullmatch(from_ or "") else None
-        return _render(_answer_template(), {"from": number, "stream_url": stream_url, "rate": str(self.sample_rate),
-                                            "headers": dict(headers), "authorization": auth})
+        ncco: list[dict[str, Any]] = _render(_answer_template(), {
+            "from": number, "stream_url": stream_url, "rate": str(self.sample_rate), "headers": dict(headers),
+            "authorization": auth})
+        return ncco
 
     def open_stream(self) -> VonageMediaStream:
         return VonageMediaStream(sample_rate=self.sample_rate, clear_and_notify=self.clear_and_notify)
@@ -508,8 +518,8 @@ def _webhook_params(request: WebhookRequest) -> dict[str, Any]:
     return data
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _str(value: object) -> str:
@@ -598,10 +608,10 @@ class VonageMediaStream:
             pcm, size = frame.pcm, self._frame_bytes
             if len(pcm) == size:  # the playout's usual case
                 return [pcm]
-            out: list[str | bytes] = [pcm[i:i + size] for i in range(0, len(pcm), size)]
-            if out and len(out[-1]) < size:
-                out[-1] = bytes(out[-1]) + bytes(size - len(out[-1]))  # pad the tail with silence
-            return out
+            frames = [pcm[i:i + size] for i in range(0, len(pcm), size)]
+            if frames and len(frames[-1]) < size:
+                frames[-1] += bytes(size - len(frames[-1]))  # pad the tail with silence
+            return [*frames]
         if isinstance(frame, Mark):
             self._require_open()
             if not self.marks:

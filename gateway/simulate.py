@@ -271,10 +271,12 @@ class SimulatedCall:
         """The caller hangs up: the carrier ends the stream (``stop`` where it has one) and closes."""
         if not self._closed.is_set():
             self._stop_pacing = True
-            for message in self.dialect.stop():
+            stop = self.dialect.stop()
+            for message in stop:
                 await self.send_raw(message)
-            with contextlib.suppress(TimeoutError):
-                await self.wait_closed(5.0)     # the gateway closes its side once the call is finalised
+            if stop:                            # the gateway closes its side once the call is finalised
+                with contextlib.suppress(TimeoutError):
+                    await self.wait_closed(5.0)
         await self.close()
 
     async def close(self) -> None:

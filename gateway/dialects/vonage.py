@@ -52,7 +52,8 @@ class VonageDialect:
                 "application_id": self.application_id, **claims}
         with warnings.catch_warnings():   # Vonage's secrets are what they are; the gateway warns about short ones
             warnings.simplefilter("ignore", getattr(jwt, "InsecureKeyLengthWarning", UserWarning))
-            return jwt.encode(body, self.signature_secret, algorithm="HS256")
+            token = str(jwt.encode(body, self.signature_secret, algorithm="HS256"))
+        return token
 
     def webhook(self, public_url: str, extra: Mapping[str, str], *, path: str = "/start/vonage",
                 signature: str | None = None) -> Webhook:
@@ -76,8 +77,8 @@ class VonageDialect:
             for endpoint in action.get("endpoint", []):
                 if endpoint.get("type") != "websocket":
                     continue
-                uri = endpoint.get("uri", "")
-                if not uri.startswith(("ws://", "wss://")):
+                uri = endpoint.get("uri")
+                if not isinstance(uri, str) or not uri.startswith(("ws://", "wss://")):
                     raise AssertionError(f"NCCO websocket uri is not ws(s)://: {uri!r}")
                 if endpoint.get("content-type") != f"audio/l16;rate={self.rate}":
                     raise AssertionError(f"NCCO content-type {endpoint.get('content-type')!r} does not match "
