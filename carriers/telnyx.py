@@ -48,8 +48,16 @@ Switches (``[?]`` = unverified in carriers.md; decide by a live call):
 * ``stream_call_id=True``: report ``start.call_control_id`` as ``StreamStarted.call_id`` (the gateway checks it
   against the webhook's ``CallSid``; TeXML ``CallSid`` == ``call_control_id`` is ``[?]``); False reports ``""``.
 * ``stop_stream_on_transfer=True``: Call Control transfer first stops the stream (``[?]`` whether needed).
+* ``reject_replays=True``, ``call_control_auto_answer=True``: see above.
 
-Telnyx media frames may arrive out of order (§3.4); they are decoded in arrival order.
+REST: ``dial`` uses ``POST /v2/calls`` (Call Control, stream options inline, ``connection_id``) or
+``POST /v2/texml/Accounts/{account_sid}/Calls`` with inline ``Texml`` (``ApplicationSid`` = ``connection_id``;
+the response's call id key is ``[?]``: ``call_sid``, ``sid`` or ``CallSid``). ``send_dtmf`` is Call Control only
+(TeXML: False, the gateway plays tones). Already-ended calls: 422 code 90018, or a Telnyx 404.
+
+Media: outbound chunks are whole 20 ms frames (a shorter tail is padded with silence; Telnyx refuses < 20 ms)
+of at most 30 s. Inbound frames may arrive out of order (§3.4); they are decoded in arrival order, resampled
+to ``sample_rate`` (the outbound rate) when the call's rate differs.
 """
 
 from __future__ import annotations
@@ -133,6 +141,11 @@ def _xml_attr(value: str, what: str) -> str:
     return escape(value, _ATTR_ENTITIES)
 
 
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"telnyx {name} must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+
 def _segment(value: str) -> str:
     """A call id as one URL path segment (quoted as the SDK does: ``v3:abc`` stays readable)."""
     if not value:
@@ -169,20 +182,14 @@ class TelnyxCarrier:
         call_control_auto_answer: bool = True,
         stop_stream_on_transfer: bool = True,
     ) -> None:
-        if flow not in ("texml", "call_control"):
-            raise ValueError(f"telnyx flow must be 'texml' or 'call_control' (got {flow!r})")
-        if stream_parameters not in ("query", "element", "both", "none"):
-            raise ValueError(f"telnyx stream_parameters must be query, element, both or none (got {stream_parameters!r})")
-        if inbound_codec not in ("PCMU", "PCMA", "L16", "default") or (flow == "texml" and inbound_codec == "L16"):
-            raise ValueError(f"telnyx inbound_codec {inbound_codec!r} is not available with flow={flow!r}")
-        if outbound_codec not in ("PCMU", "PCMA", "L16"):
-            raise ValueError(f"telnyx outbound_codec must be PCMU, PCMA or L16 (got {outbound_codec!r})")
+        _choice("flow", flow, ("texml", "call_control"))
+        _choice("stream_parameters", stream_parameters, ("query", "element", "both", "none"))
+        _choice("inbound_codec", inbound_codec, ("PCMU", "PCMA", "default") + (("L16",) if flow != "texml" else ()))
+        _choice("outbound_codec", outbound_codec, ("PCMU", "PCMA", "L16"))
+        _choice("l16_byte_order", l16_byte_order, ("big", "little"))
         rates = (8000, 16000, 24000) if flow == "texml" else (8000, 16000, 22050, 24000, 48000)
-        if outbound_sample_rate not in rates or (outbound_codec != "L16" and outbound_sample_rate != 8000):
-            raise ValueError(f"telnyx outbound {outbound_codec} at {outbound_sample_rate} Hz is not available "
-                             f"(G.711 is 8000 Hz; L16 with flow={flow!r}: {', '.join(map(str, rates))})")
-        if l16_byte_order not in ("big", "little"):
-            raise ValueError(f"telnyx l16_byte_order must be 'big' or 'little' (got {l16_byte_order!r})")
+        _choice(f"{outbound_codec} outbound_sample_rate", outbound_sample_rate,
+                rates if outbound_codec == "L16" else (8000,))
         if verify_signatures:
             try:
                 raw_key = base64.b64decode(public_key, validate=True)
@@ -323,7 +330,7 @@ class TelnyxCarrier:
         if not call_id:
             raise CarrierProtocolError("telnyx event has no CallSid")
         status = params.get("CallStatus") or params.get("StreamEvent", "")
-        answered_by = params.get("AnsweredBy")
+        answered_by = params.get("AnsweredBy", "")
         return CallEvent(call_id=call_id, answered_by=_ANSWERED_BY.get(answered_by, "unknown") if answered_by else "",
                          ended=params.get("CallStatus", "") in _ENDED_STATUSES, status=status)
 
@@ -368,6 +375,8 @@ class TelnyxCarrier:
             await self.answer_call(call, stream_url, parameters)
         except CallControlFailed as exc:
             logger.error("%s", exc)
+        except Exception:  # a background task: log, never lose it
+            logger.exception("telnyx answer of %s failed unexpectedly", call.call_id)
 
     def _stream_options(self, stream_url: str, parameters: Mapping[str, str]) -> dict[str, Any]:
         options: dict[str, Any] = {"stream_url": self._stream_target(stream_url, parameters),
@@ -506,7 +515,8 @@ class TelnyxCarrier:
                                 AsyncAmdStatusCallback=request.events_url)
                 path = f"/v2/texml/Accounts/{self._texml_account()}/Calls"
                 data = await self._call_control(path, body, what)
-                inner = data.get("data") if isinstance(data.get("data"), dict) else data
+                nested = data.get("data")
+                inner = nested if isinstance(nested, dict) else data
                 call_id = next((inner[k] for k in ("call_sid", "sid", "CallSid") if isinstance(inner.get(k), str)),
                                None)  # [?] the SDK model declares none of them
         except ValueError as exc:

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
+from telnyx.lib.webhook_verification import verify_webhook_signature  # imported at collection: it takes ~1 s
 
 from carriers.base import (
     CallControlFailed,
@@ -145,8 +146,6 @@ def test_signature_vector_verifies(clock: Any) -> None:
 
 
 def test_signature_vector_is_what_the_sdk_and_the_dialect_compute(clock: Any) -> None:
-    from telnyx.lib.webhook_verification import verify_webhook_signature
-
     verify_webhook_signature(BODY, {"Telnyx-Signature-Ed25519": SIGNATURE, "Telnyx-Timestamp": str(TIMESTAMP)},
                              PUBLIC_KEY)
     dialect = TelnyxDialect(credentials={"signing_key": SEED_B64}, from_="+1", to="+2")
@@ -375,7 +374,8 @@ def test_answer_rejects_xml_invalid_characters() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"flow": "sip"}, {"stream_parameters": "path"}, {"inbound_codec": "L16"}, {"inbound_codec": "OPUS"},
-     {"outbound_codec": "G722"}, {"outbound_sample_rate": 16000}, {"outbound_codec": "L16", "outbound_sample_rate": 44100},
+     {"outbound_codec": "G722"}, {"outbound_sample_rate": 16000},
+     {"outbound_codec": "L16", "outbound_sample_rate": 44100},
      {"outbound_codec": "L16", "outbound_sample_rate": 48000}, {"l16_byte_order": "middle"}],
 )
 def test_constructor_rejects_impossible_switches(kwargs: dict[str, Any]) -> None:
@@ -895,7 +895,7 @@ async def test_dial_call_control() -> None:
             await cc(http=http, api_base_url=fake.base_url, connection_id="999").dial(DIAL)
         with pytest.raises(CallControlFailed, match="connection_id is not set"):
             await cc(http=http, api_base_url=fake.base_url, connection_id="").dial(DIAL)
-        with pytest.raises(ValueError, match="wss://"):
+        with pytest.raises(CallControlFailed, match="wss://"):
             await c.dial(DialRequest(to="+1", from_="+2", stream_url="https://x", answer_url="", events_url=""))
 
 
@@ -1114,7 +1114,8 @@ def test_dialect_flags_what_telnyx_would_reject() -> None:
     dialect.answer(200, carrier().answer(CALL_INFO, WSS, {})[0])
     good = '{"event":"media","media":{"payload":"' + base64.b64encode(b"\xff" * 160).decode() + '"}}'
     assert dialect.parse(good) == [Inbound("media", pcm=bytes(320))]
-    assert dialect.parse(good.replace('{"event"', '{"stream_id":"' + dialect.stream_id + '","event"'))[0].kind == "media"
+    with_id = good.replace('{"event"', '{"stream_id":"' + dialect.stream_id + '","event"')
+    assert dialect.parse(with_id)[0].kind == "media"
     for bad in [b"\x00", "nope", '{"event":"media"}', '{"event":"play"}',
                 good.replace('{"event"', '{"streamSid":"x","event"'),
                 good.replace('{"event"', '{"stream_id":"other","event"'),
@@ -1133,3 +1134,119 @@ def test_dialect_answer_needs_texml() -> None:
         dialect.answer(200, "{}")
     with pytest.raises(AssertionError, match="no <Connect><Stream>"):
         dialect.answer(200, "<Response><Hangup/></Response>")
+
+
+# ------------------------------------------------------------------------------------ through the gateway
+
+@pytest.mark.asyncio
+async def test_emulated_telnyx_call_through_the_gateway() -> None:
+    """The dialect against a real gateway configured by ``carriers.telnyx``: Ed25519-signed TeXML webhook,
+    <Connect><Stream> answer, connected + start, speech, marks, barge-in (clear), TeXML REST hang-up."""
+    from gateway.simulate import SimulatedCall
+    from tests.conftest import PUBLIC_URL, phone_config, running_gateway
+    from tests.fakes.openai_server import FakeOpenAI
+    from tests.speech import speech_pcm
+
+    speech = speech_pcm("I would like to book a table for two people tonight.", 8000)
+    long_reply = "Let me tell you about tonight's menu. " + "We have fresh pasta with basil and lemon. " * 6
+    async with (FakeOpenAI(transcripts=["book a table", "what is on the menu", "stop"],
+                           replies=["Sure. For what time?", long_reply], tts_ms_per_char=20) as fake,
+                FakeTelnyxREST(API_KEY, account_sid=ACCOUNT) as telnyx):
+        settings = {"api_key": API_KEY, "public_key": PUBLIC_KEY, "account_sid": ACCOUNT,
+                    "api_base_url": telnyx.base_url, "stream_auth_token": "tok-e2e"}
+        async with running_gateway(phone_config(fake.base_url, "http://127.0.0.1:9",
+                                                carriers={"telnyx": settings})) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier="telnyx",
+                                 credentials={"signing_key": SEED_B64, "account_sid": ACCOUNT,
+                                              "stream_auth_token": "tok-e2e"})
+            telnyx.known_calls = {call.call_sid}
+            answer = await call.dial()
+            assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/xml")
+            assert call.parameters["session_id"] == call.session_id and "persona" in call.parameters
+            await call.connect()
+            await call.wait_audio(after=0, timeout=5)                  # the greeting
+            await call.wait_quiet(400)
+            end = await call.speak(speech)
+            await call.wait_audio(after=end, timeout=5)
+            await call.wait_quiet(400)
+            assert call.received.marks                                 # marks were echoed after playback
+            end = await call.speak(speech)
+            await call.wait_audio(after=end, timeout=5)
+            await asyncio.sleep(1.0)
+            assert call.playing()
+            barge = asyncio.create_task(call.speak(speech))            # barge-in: clear
+            await call.wait_clear(timeout=3)
+            await barge
+            fake.state.fail["llm"] = "500"                             # the apology, then a REST hang-up
+            await call.wait_closed(timeout=15)
+            assert telnyx.ended_calls == [call.call_sid]
+            assert telnyx.requests[-1].path == f"/v2/texml/Accounts/{ACCOUNT}/Calls/{call.call_sid}"
+            assert telnyx.requests[-1].body == {"Status": "completed"}
+            assert call.received.invalid == []
+            await call.close()
+
+
+@pytest.mark.asyncio
+async def test_gateway_refuses_a_forged_webhook_and_a_wrong_stream_token() -> None:
+    from gateway.simulate import SimulatedCall
+    from tests.conftest import PUBLIC_URL, phone_config, running_gateway
+    from tests.fakes.openai_server import FakeOpenAI
+
+    async with FakeOpenAI() as fake, FakeTelnyxREST(API_KEY, account_sid=ACCOUNT) as telnyx:
+        settings = {"api_key": API_KEY, "public_key": PUBLIC_KEY, "account_sid": ACCOUNT,
+                    "api_base_url": telnyx.base_url, "stream_auth_token": "tok-e2e"}
+        async with running_gateway(phone_config(fake.base_url, "http://127.0.0.1:9",
+                                                carriers={"telnyx": settings})) as url:
+            forged = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier="telnyx", credentials={})
+            assert (await forged.dial()).status_code == 403                     # signed with another key
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier="telnyx",
+                                 credentials={"signing_key": SEED_B64, "stream_auth_token": "tok-wrong"})
+            assert (await call.dial()).status_code == 200
+            await call.connect()
+            await call.wait_closed(timeout=5)
+            assert (call.close_code, call.close_reason) == (1008, "media socket authentication failed")
+            await call.close()
+
+
+@pytest.mark.asyncio
+async def test_call_control_flow_through_the_gateway() -> None:
+    """flow=call_control: the signed call.initiated JSON is answered 200 "{}", the REST answer carries the
+    stream URL, and the media socket then works like the TeXML one; the hang-up is actions/hangup."""
+    from gateway.simulate import SimulatedCall
+    from tests.conftest import PUBLIC_URL, phone_config, running_gateway
+    from tests.fakes.openai_server import FakeOpenAI
+
+    async with (FakeOpenAI(transcripts=["stop"], replies=["Bye."]) as fake,
+                FakeTelnyxREST(API_KEY) as telnyx):
+        settings = {"api_key": API_KEY, "public_key": PUBLIC_KEY, "api_base_url": telnyx.base_url,
+                    "flow": "call_control"}
+        async with running_gateway(phone_config(fake.base_url, "http://127.0.0.1:9",
+                                                carriers={"telnyx": settings})) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier="telnyx",
+                                 credentials={"signing_key": SEED_B64})
+            body = BODY.replace(b"v3:abc123", call.call_sid.encode())
+            telnyx.calls = {call.call_sid: "parked"}
+            stamp = str(int(time.time()))
+            async with httpx.AsyncClient() as http:
+                response = await http.post(url + "/start/telnyx", content=body, headers={
+                    "content-type": "application/json", "telnyx-timestamp": stamp,
+                    "telnyx-signature-ed25519": call.dialect.sign(stamp, body)})
+            assert (response.status_code, response.text) == (200, "{}")
+            async with asyncio.timeout(5):
+                while not telnyx.answered:
+                    await asyncio.sleep(0.02)
+            [(answered_id, options)] = telnyx.answered
+            assert answered_id == call.call_sid and options["stream_bidirectional_mode"] == "rtp"
+            stream_url = options["stream_url"]
+            assert stream_url.startswith(f"wss://{PUBLIC_URL.split('://')[1]}/media/telnyx/")
+            call.dialect.answer(200, carrier(stream_parameters="none").answer(CALL_INFO, stream_url, {})[0])
+            await call.connect(url=url.replace("http://", "ws://") + urlsplit(stream_url).path)
+            await call.wait_audio(after=0, timeout=5)                  # the greeting
+            async with httpx.AsyncClient() as http:                    # the API ends the call: REST hang-up
+                ended = await http.delete(url + "/sessions/" + urlsplit(stream_url).path.rsplit("/", 1)[1])
+            assert ended.status_code in (200, 204), ended.text
+            await call.wait_closed(timeout=5)
+            assert telnyx.ended_calls == [call.call_sid]
+            assert telnyx.requests[-1].path == f"/v2/calls/{call.call_sid}/actions/hangup"
+            assert call.received.invalid == []
+            await call.close()
