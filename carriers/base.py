@@ -29,6 +29,7 @@ __all__ = [
     "HangupFailed",
     "MediaStream",
     "SignatureInvalid",
+    "WebhookIgnored",
     "WebhookRequest",
 ]
 
@@ -47,6 +48,11 @@ class CarrierProtocolError(CarrierError):
 
 class HangupFailed(CarrierError):
     """The carrier's REST API refused or failed the hang-up (an already-ended call is not a failure)."""
+
+
+class WebhookIgnored(CarrierError):
+    """A verified webhook that needs only an acknowledgement (e.g. a Call Control event other than a
+    new call, sent to the same URL): the gateway answers 200 and does nothing else."""
 
 
 class CallControlFailed(CarrierError):

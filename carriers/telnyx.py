@@ -88,6 +88,7 @@ from carriers.base import (
     DialRequest,
     HangupFailed,
     SignatureInvalid,
+    WebhookIgnored,
     WebhookRequest,
 )
 from pipeline.audio import Resampler, alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
@@ -293,8 +294,8 @@ class TelnyxCarrier:
             if self.flow != "call_control":
                 raise CarrierProtocolError("telnyx Call Control webhook, but this carrier answers TeXML (flow='texml')")
             event_type, payload = _event(request.body)
-            if event_type != "call.initiated":
-                raise CarrierProtocolError(f"telnyx webhook event {event_type:.40} is not call.initiated")
+            if event_type != "call.initiated":   # Telnyx sends every event of the call to this URL
+                raise WebhookIgnored(f"telnyx {event_type:.40} event acknowledged")
             call_id = payload.get("call_control_id")
             if not isinstance(call_id, str) or not call_id:
                 raise CarrierProtocolError("telnyx call.initiated has no payload.call_control_id")

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, WebhookRequest
+from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, WebhookIgnored, WebhookRequest
 from gateway.call import Call, SocketIO
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.personas import PersonaError, dialable
@@ -82,6 +82,9 @@ async def start(request: Request) -> Response:
         services.metrics.webhooks_rejected.labels(carrier=name, reason="signature").inc()
         logger.warning("webhook rejected carrier=%s reason=%s from=%s", name, exc, request.client.host if request.client else "-")
         return _error(403, "invalid signature")
+    except WebhookIgnored as exc:
+        logger.info("%s", exc)
+        return JSONResponse({})
     except CarrierProtocolError as exc:
         services.metrics.webhooks_rejected.labels(carrier=name, reason="malformed").inc()
         logger.warning("webhook rejected carrier=%s reason=%s", name, exc)

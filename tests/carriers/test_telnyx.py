@@ -286,8 +286,6 @@ def test_parse_texml_call() -> None:
         ("call_control", b'{"data":{"payload":{}}}', "application/json", "telnyx webhook has no data.event_type"),
         ("call_control", b'{"data":{"event_type":"call.initiated"}}', "application/json",
          "telnyx webhook has no data.payload object"),
-        ("call_control", BODY.replace(b"call.initiated", b"call.answered"), "application/json",
-         "telnyx webhook event call.answered is not call.initiated"),
         ("call_control", BODY.replace(b'"call_control_id":"v3:abc123",', b""), "application/json",
          "telnyx call.initiated has no payload.call_control_id"),
     ],
@@ -1250,3 +1248,12 @@ async def test_call_control_flow_through_the_gateway() -> None:
             assert telnyx.requests[-1].path == f"/v2/calls/{call.call_sid}/actions/hangup"
             assert call.received.invalid == []
             await call.close()
+
+
+def test_other_call_control_events_are_acknowledged_not_rejected() -> None:
+    from carriers.base import WebhookIgnored
+
+    request = WebhookRequest("POST", "https://x/start/telnyx", {"content-type": "application/json"},
+                             BODY.replace(b"call.initiated", b"call.answered"))
+    with pytest.raises(WebhookIgnored, match="telnyx call.answered event acknowledged"):
+        carrier(flow="call_control").parse_call(request)
