@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
+import aiohttp
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -31,6 +32,7 @@ from gateway.personas import PersonaBook
 from gateway.sessions import MemorySessionStore, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
+from pipeline.providers.openai import open_session
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -87,7 +89,7 @@ def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrie
     return carriers, unconfigured
 
 
-def build_providers(c: Config, http: httpx.AsyncClient) -> ProviderChain:
+def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
     stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
     llm = [build_llm(s, http, timeout_s=c.llm_timeout_secs, max_tokens=c.llm_max_tokens) for s in (p.llm, p.llm_fallback) if s]
@@ -116,9 +118,9 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0)) as http:
-            chain = await _render_apology(config, build_providers(config, http))
+        # httpx for the carriers' low-volume REST calls; aiohttp for the per-turn provider requests
+        async with (httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as http, open_session() as provider_http):
+            chain = await _render_apology(config, build_providers(config, provider_http))
             carriers, unconfigured = build_carriers(config, http)
             services = Services(
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,

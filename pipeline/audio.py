@@ -201,8 +201,10 @@ class Resampler:
 
 def rms(pcm: bytes) -> float:
     """Root-mean-square level, full scale = 1.0 (0.0 for empty input)."""
-    x = np.frombuffer(pcm, "<i2").astype(np.float64)
-    return float(np.sqrt(np.mean(x * x)) / 32768.0) if x.size else 0.0
+    if len(pcm) < 2:
+        return 0.0
+    x = np.frombuffer(pcm, "<i2", len(pcm) // 2).astype(np.float32)
+    return float(np.sqrt(np.dot(x, x) / x.size)) / 32768.0   # float32 dot: exact enough, ~3x cheaper
 
 
 def silence(duration_ms: float, sample_rate: int) -> bytes:

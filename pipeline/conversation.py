@@ -173,8 +173,8 @@ class Conversation:
                               stop_ms=settings.vad_stop_ms)
         self._preroll: collections.deque[AudioFrame] = collections.deque()
         self._preroll_ms = 0.0
-        self._resampler: Resampler | None = None
-        self._utterance: list[bytes] | None = None   # 16 kHz PCM of the caller's current turn
+        self._utterance_rate = PIPELINE_RATE
+        self._utterance: list[bytes] | None = None   # PCM of the caller's current turn (transport rate)
         self._utterance_ms = 0.0
         self._last_speech_at = 0.0
         self._turn_task: asyncio.Task[None] | None = None
@@ -261,7 +261,7 @@ class Conversation:
             self._turn_task = None
         if self._utterance is None:
             self._utterance, self._utterance_ms = [], 0.0
-            self._resampler = None if rate == PIPELINE_RATE else Resampler(rate, PIPELINE_RATE)
+            self._utterance_rate = rate
             for f in self._preroll:
                 self._append(f)
             self._preroll.clear()
@@ -270,7 +270,7 @@ class Conversation:
 
     def _append(self, frame: AudioFrame) -> None:
         assert self._utterance is not None
-        pcm = frame.pcm if self._resampler is None else self._resampler.process(frame.pcm)
+        pcm = frame.pcm       # at the transport's rate; resampled once, when the turn is transcribed
         self._utterance.append(pcm)
         self._utterance_ms += frame.duration_ms
 
@@ -284,6 +284,8 @@ class Conversation:
     async def _end_of_speech(self, utterance: list[bytes], stopped_at: float, *, complete: bool = False) -> None:
         """Transcribe at once; answer now if the words sound complete, else wait up to turn_stop_secs."""
         pcm = b"".join(utterance)
+        if self._utterance_rate != PIPELINE_RATE:
+            pcm = Resampler(self._utterance_rate, PIPELINE_RATE).process(pcm)
         speech_end = self._last_speech_at
         t0 = self._clock()
         try:
@@ -361,10 +363,7 @@ class Conversation:
                     tg.create_task(self._speak_queue(response, clauses))
                     text = await self._generate(response, clauses, tool_calls)
             except ExceptionGroup as group:
-                fatal = group.subgroup(_Fatal)
-                if fatal is not None:
-                    raise fatal.exceptions[0] from None
-                raise
+                raise _first(group, _Fatal) from None
             if text:
                 self._emit(TranscriptEvent("assistant", text))
             for call in tool_calls:
@@ -400,28 +399,57 @@ class Conversation:
         return "".join(parts).strip()
 
     async def _speak_queue(self, response: _Response, clauses: asyncio.Queue[str | None]) -> None:
-        while (text := await clauses.get()) is not None:
-            await self._speak_clause(response, text)
+        """Speak clauses in order while the next one is already being synthesised, so a short
+        clause is never followed by a gap the length of a TTS round trip."""
+        ahead: asyncio.Queue[tuple[str, asyncio.Queue[Any], float] | None] = asyncio.Queue(1)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async def prefetch() -> None:
+                    while (text := await clauses.get()) is not None:
+                        chunks: asyncio.Queue[Any] = asyncio.Queue()
+                        tg.create_task(self._synthesise_into(text, chunks))
+                        await ahead.put((text, chunks, self._clock()))   # waits while a clause is already ahead
+                    await ahead.put(None)
 
-    async def _speak_clause(self, response: _Response, text: str) -> None:
+                tg.create_task(prefetch())
+                while (item := await ahead.get()) is not None:
+                    text, chunks, started = item
+                    await self._speak_clause(response, text, _drain(chunks), started)
+        except ExceptionGroup as group:
+            raise _first(group, _Fatal) from None
+
+    async def _synthesise_into(self, text: str, chunks: asyncio.Queue[Any]) -> None:
+        """Feed a clause's audio into ``chunks`` as it arrives; then None, or the failure."""
+        try:
+            async with contextlib.aclosing(self._tts_stream(text)) as stream:
+                async for chunk in stream:
+                    chunks.put_nowait(chunk)
+        except _Fatal as exc:
+            chunks.put_nowait(exc)
+            return
+        chunks.put_nowait(None)
+
+    async def _speak_clause(self, response: _Response, text: str,
+                            chunks: AsyncIterator[tuple[bytes, int]] | None = None, started: float | None = None) -> None:
         clause = _Clause(f"r{response.index}-c{len(response.clauses)}", text,
                          start_ms=self._playout.sent_ms + self._playout.queued_ms)
         response.clauses.append(clause)
-        t0 = self._clock()
+        t0 = self._clock() if started is None else started
 
         def first_chunk() -> None:
             if len(response.clauses) == 1:
                 response.tts_ms = (self._clock() - t0) * 1000.0
 
-        await self._play_tts(text, first_chunk)
+        await self._play_tts(text, first_chunk, chunks)
         clause.end_ms = self._playout.sent_ms + self._playout.queued_ms
         self._playout.mark(clause.name)
 
-    async def _play_tts(self, text: str, on_first: Callable[[], None] | None = None) -> bool:
-        """Synthesise ``text`` into the playout at its rate; True once any audio was queued."""
+    async def _play_tts(self, text: str, on_first: Callable[[], None] | None = None,
+                        source: AsyncIterator[tuple[bytes, int]] | None = None) -> bool:
+        """Synthesise ``text`` (or play ``source``) into the playout at its rate; True once audio was queued."""
         resampler: Resampler | None = None
         spoke = False
-        async with contextlib.aclosing(self._tts_stream(text)) as chunks:
+        async with contextlib.aclosing(source if source is not None else self._tts_stream(text)) as chunks:
             async for pcm, rate in chunks:
                 if not spoke and on_first is not None:
                     on_first()
@@ -601,6 +629,25 @@ class Conversation:
         response = self._response
         return (self._utterance is not None or self._playout.speaking or self._turn_task is not None
                 or (response is not None and response.task is not None and not response.task.done()))
+
+
+async def _drain(chunks: asyncio.Queue[Any]) -> AsyncIterator[tuple[bytes, int]]:
+    while (item := await chunks.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _first(group: BaseExceptionGroup[Any], kind: type[BaseException]) -> BaseException:
+    """The first ``kind`` leaf of a (nested) exception group, else the group itself."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if isinstance(found, kind):
+                return found
+        elif isinstance(exc, kind):
+            return exc
+    return group
 
 
 def _describe(name: str, exc: BaseException) -> str:

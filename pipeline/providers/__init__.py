@@ -4,7 +4,7 @@ Usage::
 
     spec = PROVIDERS["groq"]
     spec.key_env          # "GROQ_API_KEY"
-    stt = build_stt(ProviderSettings(name="openai", api_key="sk-...", base_url=..., model=None), http)
+    stt = build_stt(ProviderSettings(name="openai", model="whisper-1", api_key="sk-..."), http, timeout_s=10)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import httpx
+import aiohttp
 
 from pipeline.providers.base import LLMProvider, ProviderError, STTProvider, TTSProvider
 
@@ -81,7 +81,7 @@ class ProviderSettings:
                 "voice": self.voice}
 
 
-def build_stt(settings: ProviderSettings, http: httpx.AsyncClient, *, timeout_s: float) -> STTProvider:
+def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float) -> STTProvider:
     """Instantiate the STT provider named by ``settings``."""
     if settings.name == "local":
         from pipeline.providers.local import PocketsphinxSTT
@@ -94,7 +94,7 @@ def build_stt(settings: ProviderSettings, http: httpx.AsyncClient, *, timeout_s:
     raise ProviderError(settings.name, "does not offer speech-to-text")
 
 
-def build_llm(settings: ProviderSettings, http: httpx.AsyncClient, *, timeout_s: float,
+def build_llm(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
               max_tokens: int | None = None) -> LLMProvider:
     """Instantiate the LLM provider named by ``settings`` (every remote one speaks OpenAI's chat API)."""
     if settings.name == "local":
@@ -108,7 +108,7 @@ def build_llm(settings: ProviderSettings, http: httpx.AsyncClient, *, timeout_s:
     raise ProviderError(settings.name, "does not offer a language model")
 
 
-def build_tts(settings: ProviderSettings, http: httpx.AsyncClient, *, timeout_s: float) -> TTSProvider:
+def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float) -> TTSProvider:
     """Instantiate the TTS provider named by ``settings``."""
     if settings.name == "local":
         from pipeline.providers.local import PiperTTS

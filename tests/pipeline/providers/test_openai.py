@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 import pytest
 
 from pipeline.audio import rms, silence
@@ -21,7 +21,7 @@ def settings(fake: FakeOpenAI, model: str, key: str = "sk-test", name: str = "op
 
 async def test_stt_uploads_a_wav_and_returns_the_text() -> None:
     pcm = speech_pcm("Good morning.", 16000)
-    async with FakeOpenAI(transcripts=[" good morning "], api_key="sk-test") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(transcripts=[" good morning "], api_key="sk-test") as fake, aiohttp.ClientSession() as http:
         stt = build_stt(settings(fake, "whisper-1"), http, timeout_s=5)
         assert isinstance(stt, OpenAISTT)
         assert await stt.transcribe(pcm, sample_rate=16000, language="en-US") == "good morning"
@@ -33,7 +33,7 @@ async def test_stt_uploads_a_wav_and_returns_the_text() -> None:
 async def test_llm_streams_deltas_with_the_whole_context() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     async with FakeOpenAI(replies=["Hello there, how are you?"], api_key="sk-test") as fake, \
-            httpx.AsyncClient() as http:
+            aiohttp.ClientSession() as http:
         llm = build_llm(settings(fake, "gpt-4o-mini"), http, timeout_s=5, max_tokens=50)
         assert isinstance(llm, OpenAILLM)
         deltas = [d async for d in llm.stream(messages)]
@@ -44,7 +44,7 @@ async def test_llm_streams_deltas_with_the_whole_context() -> None:
 
 async def test_tts_streams_24k_pcm_in_whole_samples_with_the_voice() -> None:
     async with FakeOpenAI(api_key="sk-test", tts_chunk_ms=7, tts_ms_per_char=20) as fake, \
-            httpx.AsyncClient() as http:
+            aiohttp.ClientSession() as http:
         tts = build_tts(settings(fake, "tts-1"), http, timeout_s=5)
         assert isinstance(tts, OpenAITTS) and tts.sample_rate == 24000
         chunks = [c async for c in tts.synthesize("Hello world.", voice="shimmer")]
@@ -57,7 +57,7 @@ async def test_tts_streams_24k_pcm_in_whole_samples_with_the_voice() -> None:
 
 @pytest.mark.parametrize(("mode", "transient"), [("500", True), ("401", False)])
 async def test_http_errors_map_to_provider_errors(mode: str, transient: bool) -> None:
-    async with FakeOpenAI(api_key="sk-test") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(api_key="sk-test") as fake, aiohttp.ClientSession() as http:
         fake.state.fail.update(stt=mode, llm=mode, tts=mode)
         stt = OpenAISTT(settings(fake, "whisper-1"), http, timeout_s=5)
         llm = OpenAILLM(settings(fake, "m"), http, timeout_s=5)
@@ -72,7 +72,7 @@ async def test_http_errors_map_to_provider_errors(mode: str, transient: bool) ->
 
 
 async def test_a_wrong_key_is_refused_and_not_retried() -> None:
-    async with FakeOpenAI(api_key="sk-right") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(api_key="sk-right") as fake, aiohttp.ClientSession() as http:
         stt = OpenAISTT(settings(fake, "whisper-1", key="sk-wrong"), http, timeout_s=5)
         with pytest.raises(ProviderError) as err:
             await stt.transcribe(silence(100, 16000), sample_rate=16000)
@@ -80,7 +80,7 @@ async def test_a_wrong_key_is_refused_and_not_retried() -> None:
 
 
 async def test_a_hanging_server_times_out_as_a_transient_error() -> None:
-    async with FakeOpenAI(api_key="sk-test") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(api_key="sk-test") as fake, aiohttp.ClientSession() as http:
         fake.state.fail["llm"] = "hang"
         llm = OpenAILLM(settings(fake, "m"), http, timeout_s=0.3)
         with pytest.raises(ProviderError) as err:
@@ -89,7 +89,7 @@ async def test_a_hanging_server_times_out_as_a_transient_error() -> None:
 
 
 async def test_compatible_llms_use_their_own_base_url_and_key() -> None:
-    async with FakeOpenAI(replies=["ok"], api_key="gsk-groq") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(replies=["ok"], api_key="gsk-groq") as fake, aiohttp.ClientSession() as http:
         llm = build_llm(settings(fake, "llama-3.1-8b-instant", key="gsk-groq", name="groq"), http, timeout_s=5)
         assert "".join([d async for d in llm.stream([{"role": "user", "content": "x"}])]) == "ok"
     assert fake.state.llm_requests[0]["model"] == "llama-3.1-8b-instant"
@@ -97,7 +97,7 @@ async def test_compatible_llms_use_their_own_base_url_and_key() -> None:
 
 async def test_a_refused_connection_is_a_transient_error() -> None:
     dead = ProviderSettings(name="whisper", model="whisper-1", base_url="http://127.0.0.1:9/v1")
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         with pytest.raises(ProviderError) as err:
             await build_stt(dead, http, timeout_s=2).transcribe(silence(100, 16000), sample_rate=16000)
     assert err.value.transient is True and "connection failed" in str(err.value)
@@ -108,7 +108,7 @@ async def test_llm_tool_calls_are_assembled_and_yielded_after_the_text() -> None
 
     tool = Tool("transfer_call", "Transfer the caller", {"type": "object", "properties": {"target": {"type": "string"}}})
     reply = {"content": "Let me transfer you.", "tool_calls": [{"name": "transfer_call", "arguments": {"target": "sales"}}]}
-    async with FakeOpenAI(replies=[reply], api_key="sk-test") as fake, httpx.AsyncClient() as http:
+    async with FakeOpenAI(replies=[reply], api_key="sk-test") as fake, aiohttp.ClientSession() as http:
         llm = OpenAILLM(settings(fake, "gpt-4o-mini"), http, timeout_s=5)
         items = [d async for d in llm.stream([{"role": "user", "content": "sales please"}], [tool])]
     assert "".join(i for i in items if isinstance(i, str)) == "Let me transfer you."
@@ -116,3 +116,23 @@ async def test_llm_tool_calls_are_assembled_and_yielded_after_the_text() -> None
     sent = fake.state.llm_requests[0]["tools"]
     assert sent == [{"type": "function", "function": {"name": "transfer_call", "description": "Transfer the caller",
                                                       "parameters": dict(tool.parameters)}}]
+
+
+async def test_streams_are_read_to_the_end_so_one_connection_serves_every_request() -> None:
+    created: list[int] = []
+
+    async def on_create(*_: object) -> None:
+        created.append(1)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_create)
+    async with FakeOpenAI(replies=["One two three."], api_key="sk-test") as fake, \
+            aiohttp.ClientSession(trace_configs=[trace]) as http:
+        llm = OpenAILLM(settings(fake, "m"), http, timeout_s=5)
+        tts = OpenAITTS(settings(fake, "tts-1"), http, timeout_s=5)
+        stt = OpenAISTT(settings(fake, "whisper-1"), http, timeout_s=5)
+        for _ in range(3):
+            assert [d async for d in llm.stream([{"role": "user", "content": "x"}])]
+            assert [c async for c in tts.synthesize("Hi.")]
+            await stt.transcribe(silence(100, 16000), sample_rate=16000)
+    assert len(created) == 1
