@@ -11,13 +11,19 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
-from gateway.config import Config, ConfigError
+# One event loop per process does all the audio work; a multi-threaded BLAS would spin extra cores
+# on the resampler's small matrix products. Set before numpy is imported (the operator may override).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from gateway.config import Config, ConfigError  # noqa: E402
 
 __all__ = ["main"]
 
@@ -32,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
     check.add_argument("config", type=Path, nargs="?", help="config.json (default: $VOXRAY_CONFIG)")
     sim = sub.add_parser("simulate", help="place emulated carrier calls against a gateway and print latencies")
-    sim.add_argument("--carrier", default="twilio", choices=["twilio"])
+    sim.add_argument("--carrier", default="twilio", choices=["twilio", "telnyx", "vonage", "plivo", "exotel"])
+    sim.add_argument("--credential", action="append", default=[], metavar="KEY=VALUE",
+                     help="the emulated carrier's signing credentials (e.g. auth_token=..., signature_secret=..., "
+                          "signing_key=<base64 Ed25519 seed>, basic_auth_user=...); Twilio's default to "
+                          "TWILIO_AUTH_TOKEN / TWILIO_ACCOUNT_SID")
     sim.add_argument("--url", required=True, help="the gateway's address, e.g. http://127.0.0.1:8000")
     sim.add_argument("--public-url", help="the public_url the gateway signs against (default: --url)")
     sim.add_argument("--calls", type=int, default=1)
@@ -48,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         from gateway.simulate import run_simulation
 
+        credentials = dict(item.partition("=")[::2] for item in args.credential)
+        if args.carrier == "twilio":
+            credentials.setdefault("auth_token", environ.get("TWILIO_AUTH_TOKEN", ""))
+            credentials.setdefault("account_sid", environ.get("TWILIO_ACCOUNT_SID", ""))
         return run_simulation(url=args.url, public_url=args.public_url, calls=args.calls, turns=args.turns,
-                              audio=args.audio, to=args.to, auth_token=environ.get("TWILIO_AUTH_TOKEN", ""),
-                              account_sid=environ.get("TWILIO_ACCOUNT_SID", ""))
+                              audio=args.audio, to=args.to, carrier=args.carrier, credentials=credentials)
     path = getattr(args, "config", None) or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None)
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
     try:

@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from gateway.call import Call
 
 __all__ = ["Services", "create_app"]
+
+# Young-generation collections every 20k net allocations instead of 700: each one is still short
+# (the young generation is small), and full collections come far less often under per-frame churn.
+GC_THRESHOLDS = (20_000, 20, 50)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +140,11 @@ def create_app(config: Config) -> Starlette:
             p = config.providers
             logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
                         p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
+            # Startup objects (modules, models, tables) never die: keep the cyclic collector from
+            # re-scanning them on every full collection, which stalls every call's audio at once.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
             try:
                 yield
             finally:

@@ -309,10 +309,9 @@ def synthetic_voice(seconds: float = 1.2, rate: int = 8000) -> bytes:
 
 
 async def _simulate(*, url: str, public_url: str | None, calls: int, turns: int, pcm: bytes, to: str,
-                    auth_token: str, account_sid: str) -> list[list[float]]:
+                    carrier: str, credentials: Mapping[str, str]) -> list[list[float]]:
     async def one(i: int) -> list[float]:
-        call = SimulatedCall(gateway=url, public_url=public_url, auth_token=auth_token, account_sid=account_sid,
-                             to=to)
+        call = SimulatedCall(gateway=url, public_url=public_url, carrier=carrier, credentials=credentials, to=to)
         response = await call.dial()
         if response.status_code != 200:
             raise RuntimeError(f"call {i}: webhook answered {response.status_code}: {response.text[:200]}")
@@ -338,7 +337,7 @@ async def _simulate(*, url: str, public_url: str | None, calls: int, turns: int,
 
 
 def run_simulation(*, url: str, public_url: str | None, calls: int, turns: int, audio: Any, to: str,
-                   auth_token: str, account_sid: str) -> int:
+                   carrier: str = "twilio", credentials: Mapping[str, str] | None = None) -> int:
     """``voxray simulate``: place calls, print each turn's end-of-speech → first-audio latency."""
     from pipeline.audio import Resampler, wav_to_pcm
 
@@ -348,7 +347,7 @@ def run_simulation(*, url: str, public_url: str | None, calls: int, turns: int, 
     else:
         pcm = synthetic_voice()
     results = asyncio.run(_simulate(url=url, public_url=public_url, calls=calls, turns=turns, pcm=pcm, to=to,
-                                    auth_token=auth_token, account_sid=account_sid))
+                                    carrier=carrier, credentials=credentials or {}))
     flat = sorted(x for r in results for x in r)
     for i, r in enumerate(results):
         print(f"call {i + 1}: " + ", ".join(f"{x:.0f} ms" for x in r))

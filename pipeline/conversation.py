@@ -399,24 +399,36 @@ class Conversation:
         return "".join(parts).strip()
 
     async def _speak_queue(self, response: _Response, clauses: asyncio.Queue[str | None]) -> None:
-        """Speak clauses in order while the next one is already being synthesised, so a short
-        clause is never followed by a gap the length of a TTS round trip."""
-        ahead: asyncio.Queue[tuple[str, asyncio.Queue[Any], float] | None] = asyncio.Queue(1)
+        """Speak clauses in order. The first streams straight from TTS (fewest hops to first audio);
+        each later one is synthesised while the one before it plays, so a short clause is never
+        followed by a gap the length of a TTS round trip."""
+        text = await clauses.get()
+        if text is None:
+            return
         try:
             async with asyncio.TaskGroup() as tg:
-                async def prefetch() -> None:
-                    while (text := await clauses.get()) is not None:
-                        chunks: asyncio.Queue[Any] = asyncio.Queue()
-                        tg.create_task(self._synthesise_into(text, chunks))
-                        await ahead.put((text, chunks, self._clock()))   # waits while a clause is already ahead
-                    await ahead.put(None)
-
-                tg.create_task(prefetch())
-                while (item := await ahead.get()) is not None:
-                    text, chunks, started = item
-                    await self._speak_clause(response, text, _drain(chunks), started)
+                source: AsyncIterator[tuple[bytes, int]] | None = None
+                started: float | None = None
+                while text is not None:
+                    upcoming = tg.create_task(self._prefetch(clauses, tg))
+                    await self._speak_clause(response, text, source, started)
+                    following = await upcoming
+                    if following is None:
+                        break
+                    text, chunks, started = following
+                    source = _drain(chunks)
         except ExceptionGroup as group:
             raise _first(group, _Fatal) from None
+
+    async def _prefetch(self, clauses: asyncio.Queue[str | None],
+                        tg: asyncio.TaskGroup) -> tuple[str, asyncio.Queue[Any], float] | None:
+        """Wait for the next clause's text and start synthesising it at once."""
+        text = await clauses.get()
+        if text is None:
+            return None
+        chunks: asyncio.Queue[Any] = asyncio.Queue()
+        tg.create_task(self._synthesise_into(text, chunks))
+        return text, chunks, self._clock()
 
     async def _synthesise_into(self, text: str, chunks: asyncio.Queue[Any]) -> None:
         """Feed a clause's audio into ``chunks`` as it arrives; then None, or the failure."""

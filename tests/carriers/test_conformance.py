@@ -1,0 +1,109 @@
+"""One conformance suite every carrier adapter passes: an emulated carrier speaking that carrier's
+real protocol (gateway/dialects/<carrier>.py) performs signed webhook -> answer parse -> media
+socket handshake -> audio both ways -> barge-in flush -> marker acknowledgement -> DTMF -> stop
+against a real gateway on 127.0.0.1 whose providers are the fake OpenAI server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import httpx
+import pytest
+from nacl.signing import SigningKey
+
+from gateway.config import Config
+from gateway.simulate import SimulatedCall, synthetic_voice
+from tests.conftest import PUBLIC_URL, running_gateway
+from tests.fakes.openai_server import FakeOpenAI
+
+pytestmark = pytest.mark.asyncio
+
+TELNYX_SEED = base64.b64encode(bytes(range(32))).decode()
+TELNYX_PUBLIC = base64.b64encode(bytes(SigningKey(bytes(range(32))).verify_key)).decode()
+
+# (gateway carriers.<name> settings, the emulated carrier's credentials)
+CARRIERS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "twilio": ({"account_sid": "AC" + "1" * 32, "auth_token": "tw-token"},
+               {"account_sid": "AC" + "1" * 32, "auth_token": "tw-token"}),
+    "telnyx": ({"api_key": "KEY-telnyx", "public_key": TELNYX_PUBLIC},
+               {"signing_key": TELNYX_SEED}),
+    "vonage": ({"application_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "signature_secret": "vonage-secret"},
+               {"application_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "signature_secret": "vonage-secret"}),
+    "plivo": ({"auth_id": "MAXXXXXXXXXXXXXXXXXX", "auth_token": "plivo-token"},
+              {"auth_id": "MAXXXXXXXXXXXXXXXXXX", "auth_token": "plivo-token"}),
+    "exotel": ({"sid": "voxray1", "api_key": "k", "api_token": "t", "basic_auth_user": "exo",
+                "basic_auth_password": "exo-pass"},
+               {"sid": "voxray1", "basic_auth_user": "exo", "basic_auth_password": "exo-pass"}),
+}
+
+LONG = ("Here is the whole story of our opening hours. We open at nine. We close at six. "
+        "On Saturdays we open at ten. On Sundays we stay closed all day long.")
+
+
+def config_for(carrier: str, openai_url: str) -> Config:
+    return Config.from_mapping({
+        "public_url": PUBLIC_URL, "carrier": carrier, "provider": "openai", "api_keys": {"openai": "sk-test"},
+        "base_urls": {"openai": openai_url}, "carriers": {carrier: CARRIERS[carrier][0]}, "vad_stop_ms": 300,
+        "stt_timeout_secs": 3, "llm_timeout_secs": 3, "tts_timeout_secs": 3}, environ={})
+
+
+@pytest.mark.parametrize("carrier", sorted(CARRIERS))
+async def test_a_whole_call(carrier: str) -> None:
+    async with FakeOpenAI(transcripts=["when are you open", "thanks"], replies=[LONG, "You are welcome."],
+                          tts_ms_per_char=25) as fake:
+        async with running_gateway(config_for(carrier, fake.base_url)) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier=carrier,
+                                 credentials=CARRIERS[carrier][1], to="+14155550100")
+            # a forged webhook is refused before anything else happens
+            async with httpx.AsyncClient() as http:
+                forged = await http.post(f"{url}/start/{carrier}", content=b"CallSid=CA1&From=%2B1&To=%2B1",
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+            assert forged.status_code == 403, forged.text
+
+            answer = await call.dial()
+            assert answer.status_code == 200, answer.text
+            assert call.media_url.split("?")[0].endswith(f"/media/{carrier}/{call.session_id}")
+            await call.connect()
+
+            # audio out: the greeting
+            await call.wait_audio(after=0, timeout=10)
+            await call.wait_quiet(400, timeout=10)
+            assert fake.state.tts_requests[1]["input"] == "Hello! How can I help you today?"
+
+            # audio in -> answer out; barge-in flushes the carrier's buffer
+            end = await call.speak(synthetic_voice(1.0))
+            await call.wait_audio(after=end, timeout=10)
+            await asyncio.sleep(1.5)
+            assert call.playing()
+            barge_at = time.monotonic()
+            barge = asyncio.create_task(call.speak(synthetic_voice(1.0)))
+            assert await call.wait_clear(timeout=5) - barge_at < 1.0
+            end = await barge
+            await call.wait_audio(after=end, timeout=10)
+            await call.wait_quiet(400, timeout=10)
+
+            # markers: played clauses were acknowledged, and the context holds only what was heard
+            assert call.received.marks, "the carrier acknowledged no marker"
+            heard = [m["content"] for m in fake.state.llm_requests[-1]["messages"] if m["role"] == "assistant"][-1]
+            assert heard and LONG.startswith(heard) and len(heard) < len(LONG)
+
+            # DTMF reaches the model as the caller's input
+            await call.dtmf("7")
+            await call.dtmf("#")
+            async with asyncio.timeout(5):
+                while fake.state.llm_requests[-1]["messages"][-1]["content"] != "[DTMF] 7":
+                    await asyncio.sleep(0.05)
+            await call.wait_audio(after=time.monotonic() - 0.01, timeout=10)
+
+            # the carrier ends the stream: the gateway finalises and forgets the session
+            await call.hang_up()
+            async with httpx.AsyncClient() as http:
+                async with asyncio.timeout(5):
+                    while (await http.get(f"{url}/sessions/{call.session_id}")).status_code != 404:
+                        await asyncio.sleep(0.05)
+                metrics = (await http.get(f"{url}/metrics")).text
+            assert f'voxray_calls_ended_total{{carrier="{carrier}",reason="caller_hangup"}} 1.0' in metrics
+            assert call.received.invalid == [], call.received.invalid[:3]
