@@ -69,7 +69,8 @@ class ExotelDialect:
             headers["Authorization"] = signature
         if self.client_ip:
             headers["X-Forwarded-For"] = self.client_ip
-        return Webhook(self.method, f"{path}?{urlencode(self.webhook_params(**extra))}", headers, b"")
+        joiner = "&" if "?" in path else "?"
+        return Webhook(self.method, f"{path}{joiner}{urlencode(self.webhook_params(**extra))}", headers, b"")
 
     def answer(self, status: int, text: str) -> str:
         data = json.loads(text)

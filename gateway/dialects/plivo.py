@@ -22,7 +22,7 @@ from array import array
 from typing import Any, ClassVar, Mapping
 from urllib.parse import urlencode
 
-from carriers.plivo import decode_extra_headers
+from carriers.plivo import decode_extra_headers, signature_v3
 from gateway.dialects.base import Inbound, Webhook
 from pipeline.audio import ulaw_decode, ulaw_encode
 
@@ -35,7 +35,10 @@ _EXPECTED = {"playAudio": {"event", "media"}, "checkpoint": {"event", "streamId"
 
 
 def _sign(token: str, url: str, params: Mapping[str, str], nonce: str) -> str:
-    """V3 for a POST to a URL without a query: ``url + "?" + sorted(name+value) + "." + nonce``."""
+    """V3 for a POST: ``url + "?" + sorted(name+value) + "." + nonce``, written out independently of
+    the adapter for a query-less URL; a URL with a query follows Plivo's query rules (the adapter's)."""
+    if "?" in url:
+        return signature_v3(token, "POST", url, {k: [v] for k, v in params.items()}, nonce)
     text = url + ("?" + "".join(f"{k}{params[k]}" for k in sorted(params)) if params else "") + "." + nonce
     return base64.b64encode(hmac.new(token.encode(), text.encode(), hashlib.sha256).digest()).decode()
 

@@ -107,3 +107,33 @@ async def test_a_whole_call(carrier: str) -> None:
                 metrics = (await http.get(f"{url}/metrics")).text
             assert f'voxray_calls_ended_total{{carrier="{carrier}",reason="caller_hangup"}} 1.0' in metrics
             assert call.received.invalid == [], call.received.invalid[:3]
+
+
+@pytest.mark.parametrize("carrier", sorted(CARRIERS))
+async def test_the_persona_follows_the_dialed_number_and_the_webhook_parameters(carrier: str, tmp_path: Any) -> None:
+    import json
+
+    personas = tmp_path / "personas.json"
+    personas.write_text(json.dumps({
+        "personas": {"desk": {"system": "You are the front desk.", "greeting": "Front desk, hello."},
+                     "sales": {"system": "You sell.", "greeting": "Sales team here."}},
+        "numbers": {"+14155550100": "desk"}}))
+    async with FakeOpenAI(tts_ms_per_char=10) as fake:
+        config = config_for(carrier, fake.base_url)
+        config = Config.from_mapping({**_raw(config, carrier), "personas_file": str(personas)}, environ={})
+        async with running_gateway(config) as url:
+            for to, path, greeting in (("+14155550100", f"/start/{carrier}", "Front desk, hello."),
+                                       ("+14155550999", f"/start/{carrier}?persona=sales", "Sales team here.")):
+                call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier=carrier,
+                                     credentials=CARRIERS[carrier][1], to=to, path=path)
+                assert (await call.dial()).status_code == 200
+                await call.connect()
+                await call.wait_audio(after=0, timeout=10)
+                assert fake.state.tts_requests[-1]["input"] == greeting, (carrier, path)
+                await call.hang_up()
+
+
+def _raw(config: Config, carrier: str) -> dict[str, Any]:
+    return {"public_url": config.public_url, "carrier": carrier, "provider": "openai",
+            "api_keys": {"openai": "sk-test"}, "base_urls": dict(config.base_urls),
+            "carriers": {carrier: CARRIERS[carrier][0]}, "vad_stop_ms": 300}
