@@ -77,6 +77,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from carriers._messages import DTMF_DIGITS, field, mark_frame, parse_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -88,7 +89,7 @@ from carriers.base import (
     WebhookRequest,
 )
 from pipeline.audio import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from pipeline.frames import AudioFrame, Clear, Dtmf, Frame, Mark, MarkPlayed, StreamStarted, StreamStopped
+from pipeline.frames import AudioFrame, Clear, Dtmf, Frame, Mark, StreamStarted, StreamStopped
 
 __all__ = ["ExotelCarrier", "ExotelMediaStream"]
 
@@ -99,7 +100,6 @@ MAX_CHUNK_BYTES = 102400            # "100k" (Exotel's own bridge uses 102400)
 MAX_CUSTOM_PARAMETERS = 3
 MAX_CUSTOM_CHARS = 256
 MAX_STREAM_URL_CHARS = 600
-_DTMF_DIGITS = frozenset("0123456789*#ABCD")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _END_STATUSES = frozenset({"completed", "failed", "busy", "no-answer", "canceled"})
 _ENCODINGS = {"pcm16": "audio/x-l16", "ulaw": "audio/x-mulaw", "alaw": "audio/x-alaw"}
@@ -516,14 +516,7 @@ class ExotelMediaStream:
     # -- Exotel -> us --------------------------------------------------------------------------
 
     def decode(self, message: str | bytes) -> list[Frame]:
-        if not isinstance(message, str):
-            raise CarrierProtocolError("exotel sends text frames only")
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("exotel message is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise CarrierProtocolError("exotel message has no event")
+        data = parse_json("exotel", message)
         event = data.get("event")
         if event is None:
             event = data.get("Event")
@@ -537,7 +530,7 @@ class ExotelMediaStream:
             return []
         if event == "stop":
             self._check_stream_sid(data)
-            reason = _field(data, "stop", "reason")
+            reason = field(data, "stop", "reason")
             return [StreamStopped(reason or "stop")]
         if event == "dtmf":
             self._require_started(event, data)
@@ -547,15 +540,12 @@ class ExotelMediaStream:
                 digit = str(digit)
             if not isinstance(digit, str) or not digit:
                 raise CarrierProtocolError("exotel dtmf event has no dtmf.digit")
-            if digit not in _DTMF_DIGITS:
+            if digit not in DTMF_DIGITS:
                 raise CarrierProtocolError("exotel dtmf digit is not one of 0-9 * # A-D")
             return [Dtmf(digit)]
         if event == "mark":
             self._require_started(event, data)
-            name = _field(data, "mark", "name")
-            if name is None:
-                raise CarrierProtocolError("exotel mark event has no mark.name")
-            return [MarkPlayed(name)]
+            return [mark_frame("exotel", data)]
         return []  # Exotel may add events
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
@@ -708,9 +698,3 @@ def _first_str(data: dict[str, Any], *keys: str) -> str | None:
             return value
     return None
 
-
-def _field(data: dict[str, Any], obj: str, key: str) -> str | None:
-    """``data[obj][key]`` if it is a non-empty string."""
-    inner = data.get(obj)
-    value = inner.get(key) if isinstance(inner, dict) else None
-    return value if isinstance(value, str) and value else None

@@ -80,6 +80,7 @@ from xml.sax.saxutils import escape
 import httpx
 import numpy as np
 
+from carriers._messages import dtmf_frame, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -92,7 +93,7 @@ from carriers.base import (
     WebhookRequest,
 )
 from pipeline.audio import Resampler, alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from pipeline.frames import AudioFrame, Clear, Dtmf, Frame, Mark, MarkPlayed, StreamStarted, StreamStopped
+from pipeline.frames import AudioFrame, Clear, Frame, Mark, StreamStarted, StreamStopped
 
 __all__ = ["TelnyxCarrier", "TelnyxMediaStream"]
 
@@ -103,7 +104,6 @@ _SIGNATURE_HEADER = "telnyx-signature-ed25519"
 _TIMESTAMP_HEADER = "telnyx-timestamp"
 _WS_TOKEN = "x-telnyx-streaming-auth-token"
 _ALREADY_ENDED = "90018"
-_DTMF_IN = frozenset("0123456789*#ABCD")
 _DTMF_OUT = re.compile(r"^[0-9*#A-DwW]{1,64}$")
 _TARGET = re.compile(r"^(\+[1-9][0-9]{6,14}|sips?:[^\s<>\"']{3,256})$")
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -642,14 +642,7 @@ class TelnyxMediaStream:
     # -- Telnyx -> us --------------------------------------------------------------------------
 
     def decode(self, message: str | bytes) -> list[Frame]:
-        if not isinstance(message, str):
-            raise CarrierProtocolError("telnyx sends text frames only")
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("telnyx message is not valid JSON") from None
-        if not isinstance(data, dict) or not isinstance(event := data.get("event"), str):
-            raise CarrierProtocolError("telnyx message has no event")
+        data, event = parse_event("telnyx", message)
         if event == "media":
             return self._decode_media(data)
         if event == "start":
@@ -662,18 +655,10 @@ class TelnyxMediaStream:
             return [StreamStopped("stop")]
         if event == "dtmf":
             self._require_started(event, data)
-            digit = _field(data, "dtmf", "digit")
-            if digit is None:
-                raise CarrierProtocolError("telnyx dtmf event has no dtmf.digit")
-            if digit not in _DTMF_IN:
-                raise CarrierProtocolError("telnyx dtmf digit is not one of 0-9 * # A-D")
-            return [Dtmf(digit)]
+            return [dtmf_frame("telnyx", data)]
         if event == "mark":
             self._require_started(event, data)
-            name = _field(data, "mark", "name")
-            if name is None:
-                raise CarrierProtocolError("telnyx mark event has no mark.name")
-            return [MarkPlayed(name)]
+            return [mark_frame("telnyx", data)]
         if event == "error":
             payload = data.get("payload")
             payload = payload if isinstance(payload, dict) else {}
@@ -802,8 +787,3 @@ def _custom_parameters(value: Any) -> dict[str, str]:
         return {p["name"]: p["value"] for p in value}
     raise CarrierProtocolError("telnyx start.custom_parameters is not an object or name/value list of strings")
 
-
-def _field(data: dict[str, Any], obj: str, key: str) -> str | None:
-    inner = data.get(obj)
-    value = inner.get(key) if isinstance(inner, dict) else None
-    return value if isinstance(value, str) and value else None

@@ -40,6 +40,7 @@ from xml.sax.saxutils import escape
 import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
+from carriers._messages import dtmf_frame, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -51,16 +52,7 @@ from carriers.base import (
     WebhookRequest,
 )
 from pipeline.audio import ulaw_decode, ulaw_encode
-from pipeline.frames import (
-    AudioFrame,
-    Clear,
-    Dtmf,
-    Frame,
-    Mark,
-    MarkPlayed,
-    StreamStarted,
-    StreamStopped,
-)
+from pipeline.frames import AudioFrame, Clear, Frame, Mark, StreamStarted, StreamStopped
 
 __all__ = ["TwilioCarrier", "TwilioMediaStream"]
 
@@ -70,7 +62,6 @@ SAMPLE_RATE = 8000
 ENCODING = "audio/x-mulaw"
 _SIGNATURE_HEADER = "x-twilio-signature"
 _SETTINGS_HEADER = "x-twilio-webhooks-signature-settings"
-_DTMF_DIGITS = frozenset("0123456789*#ABCD")
 # Characters XML 1.0 cannot carry at all (escaping does not help).
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _ATTR_ENTITIES = {'"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
@@ -364,14 +355,7 @@ class TwilioMediaStream:
     # -- Twilio -> us --------------------------------------------------------------------------
 
     def decode(self, message: str | bytes) -> list[Frame]:
-        if not isinstance(message, str):
-            raise CarrierProtocolError("twilio sends text frames only")
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("twilio message is not valid JSON") from None
-        if not isinstance(data, dict) or not isinstance(event := data.get("event"), str):
-            raise CarrierProtocolError("twilio message has no event")
+        data, event = parse_event("twilio", message)
         if event == "media":
             return self._decode_media(data)
         if event == "start":
@@ -383,18 +367,10 @@ class TwilioMediaStream:
             return [StreamStopped("stop")]
         if event == "dtmf":
             self._require_started(event, data)
-            digit = _field(data, "dtmf", "digit")
-            if digit is None:
-                raise CarrierProtocolError("twilio dtmf event has no dtmf.digit")
-            if digit not in _DTMF_DIGITS:
-                raise CarrierProtocolError("twilio dtmf digit is not one of 0-9 * # A-D")
-            return [Dtmf(digit)]
+            return [dtmf_frame("twilio", data)]
         if event == "mark":
             self._require_started(event, data)
-            name = _field(data, "mark", "name")
-            if name is None:
-                raise CarrierProtocolError("twilio mark event has no mark.name")
-            return [MarkPlayed(name)]
+            return [mark_frame("twilio", data)]
         return []  # Twilio may add events
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
@@ -495,9 +471,3 @@ class TwilioMediaStream:
         if not self.started:
             raise CarrierProtocolError("twilio stream has not started (no streamSid yet)")
 
-
-def _field(data: dict[str, Any], obj: str, key: str) -> str | None:
-    """``data[obj][key]`` if it is a non-empty string."""
-    inner = data.get(obj)
-    value = inner.get(key) if isinstance(inner, dict) else None
-    return value if isinstance(value, str) and value else None
