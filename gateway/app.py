@@ -30,7 +30,7 @@ from carriers.base import Carrier
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
-from gateway.sessions import MemorySessionStore, SessionStore
+from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
@@ -94,6 +94,14 @@ def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrie
     return carriers, unconfigured
 
 
+def build_session_store(c: Config) -> SessionStore:
+    """Memory for one instance; Redis (``session_store: "redis"``) to share sessions between instances."""
+    if c.session_store == "redis":
+        return RedisSessionStore(c.redis_url, pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
+                                 timeout_s=c.redis_timeout_secs)
+    return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs)
+
+
 def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
     stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
@@ -119,7 +127,7 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway import control, routes
+    from gateway import browser_ws, control, routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -129,8 +137,7 @@ def create_app(config: Config) -> Starlette:
             carriers, unconfigured = build_carriers(config, http)
             services = Services(
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,
-                sessions=MemorySessionStore(pending_ttl_s=config.session_pending_ttl_secs,
-                                            ttl_s=config.session_ttl_secs),
+                sessions=build_session_store(config),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
                 providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
                 debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
@@ -150,6 +157,7 @@ def create_app(config: Config) -> Starlette:
             finally:
                 for call in list(services.calls.values()):
                     call.finish("shutdown", code=1001, text="server shutting down")
+                await services.sessions.close()
 
     middleware = []
     if config.cors_allowed_origins:
@@ -168,4 +176,5 @@ def create_app(config: Config) -> Starlette:
         Route("/calls", control.place_call, methods=["POST"]),
         Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
         Route("/transfer/{carrier}", routes.transfer_markup, methods=["GET", "POST"]),
+        *([WebSocketRoute("/ws", browser_ws.ws)] if config.transport in ("websocket", "both") else []),
     ], middleware=middleware, lifespan=lifespan)

@@ -132,7 +132,8 @@ class Config:
     hangup_timeout_secs: float = 5.0
     # sessions (seed keys)
     session_store: str = "memory"
-    redis_url: str = ""
+    redis_url: str = ""                  # required with session_store "redis", e.g. redis://127.0.0.1:6379/0
+    redis_timeout_secs: float = 0.5      # Redis connect/read deadline: an outage flips /ready within about this
     session_ttl_secs: int = 3600
     session_pending_ttl_secs: int = 120  # a /start session not claimed by a media socket within this expires
     # storage (seed keys)
@@ -340,7 +341,7 @@ def _validate(c: Config) -> None:
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
-                "silence_hangup_secs", "goodbye_timeout_secs")
+                "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
@@ -358,8 +359,12 @@ def _validate(c: Config) -> None:
         if parsed.scheme != "https" or not parsed.netloc:
             raise ConfigError(f"'public_url' must be the https URL your carriers reach, e.g. "
                               f"https://voice.example.com (got {c.public_url!r})")
-    if c.session_store == "redis":
-        raise ConfigError("'session_store': 'redis' is not available in this version; use 'memory'")
+    if c.session_store == "redis" and not c.redis_url:
+        raise ConfigError("'redis_url' is required when 'session_store' is 'redis': "
+                          "set redis_url (or VOXRAY_REDIS_URL), e.g. redis://127.0.0.1:6379/0")
+    if c.redis_url and urlparse(c.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"'redis_url' must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0 "
+                          f"(got {_mask_url(c.redis_url)!r})")
     if c.recording.enable:
         raise ConfigError("'recording.enable': call recording is not available in this version; set it to false")
     if c.transcripts.enable:

@@ -23,7 +23,7 @@ from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, Webh
 from gateway.call import Call, SocketIO
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.personas import PersonaError, dialable
-from gateway.sessions import Session
+from gateway.sessions import Session, SessionStoreUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -90,18 +90,22 @@ async def start(request: Request) -> Response:
         logger.warning("webhook rejected carrier=%s reason=%s", name, exc)
         return _error(400, str(exc))
     parameters = dict(request.query_params)
-    outbound = await _outbound_session(services, name, parameters.pop("session", ""), call)
-    if outbound is not None:     # a carrier fetching the answer of a call we placed (POST /calls)
-        session, persona_name = outbound, outbound.persona
-    else:
-        try:
-            persona_name = services.personas.resolve(to=call.to, parameters=parameters).name
-        except PersonaError as exc:
-            logger.error("persona lookup failed, using the default: %s", exc)
-            persona_name = services.personas.resolve().name
-        session = await services.sessions.create(Session.new(
-            carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
-            persona=persona_name, parameters=parameters))
+    try:
+        outbound = await _outbound_session(services, name, parameters.pop("session", ""), call)
+        if outbound is not None:     # a carrier fetching the answer of a call we placed (POST /calls)
+            session, persona_name = outbound, outbound.persona
+        else:
+            try:
+                persona_name = services.personas.resolve(to=call.to, parameters=parameters).name
+            except PersonaError as exc:
+                logger.error("persona lookup failed, using the default: %s", exc)
+                persona_name = services.personas.resolve().name
+            session = await services.sessions.create(Session.new(
+                carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
+                persona=persona_name, parameters=parameters))
+    except SessionStoreUnavailable as exc:
+        logger.error("webhook for %s refused: %s", name, exc)
+        return _error(503, "session store unavailable")
     stream_url = "wss://" + config.public_url.split("://", 1)[1] + f"/media/{name}/{session.id}"
     text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona_name})
     logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona_name,
@@ -192,7 +196,12 @@ async def media(websocket: WebSocket) -> None:
         logger.warning("media socket refused carrier=%s: %s", name, exc)
         await websocket.close(1008, "media socket authentication failed")
         return
-    session = await services.sessions.claim(websocket.path_params["session_id"], carrier=name)
+    try:
+        session = await services.sessions.claim(websocket.path_params["session_id"], carrier=name)
+    except SessionStoreUnavailable as exc:
+        logger.error("media socket refused carrier=%s: %s", name, exc)
+        await websocket.close(1011, "session store unavailable")
+        return
     if session is None:
         logger.warning("media socket refused carrier=%s: unknown, used or expired session", name)
         await websocket.close(1008, "unknown, used or expired session")

@@ -9,16 +9,28 @@ Usage::
     store = MemorySessionStore(pending_ttl_s=120, ttl_s=3600)
     session = await store.create(Session.new(carrier="twilio", call_id="CA...", persona=...))
     claimed = await store.claim(session.id, carrier="twilio")   # None if unknown, used or expired
+
+Several instances share sessions through ``RedisSessionStore`` (``session_store: "redis"``): the webhook
+can land on one instance and the media socket on another. A Redis failure raises
+``SessionStoreUnavailable`` (the webhook answers 503); ``ping()`` answers False instead of raising.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Literal, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-__all__ = ["MemorySessionStore", "Session", "SessionStore"]
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = ["MemorySessionStore", "RedisSessionStore", "Session", "SessionStore", "SessionStoreUnavailable"]
+
+logger = logging.getLogger(__name__)
 
 State = Literal["pending", "active", "ended"]
 
@@ -51,8 +63,12 @@ class Session:
         return data
 
 
+class SessionStoreUnavailable(Exception):
+    """The shared session store cannot be reached (or failed); the request cannot be served now."""
+
+
 class SessionStore:
-    """Interface (the Redis store of a later release implements the same methods)."""
+    """Interface: ``MemorySessionStore`` (one instance) and ``RedisSessionStore`` (shared)."""
 
     async def create(self, session: Session) -> Session: raise NotImplementedError
     async def claim(self, session_id: str, *, carrier: str) -> Session | None: raise NotImplementedError
@@ -60,6 +76,7 @@ class SessionStore:
     async def update(self, session: Session) -> None: raise NotImplementedError
     async def end(self, session_id: str) -> None: raise NotImplementedError
     async def ping(self) -> bool: raise NotImplementedError
+    async def close(self) -> None: return None
 
 
 class MemorySessionStore(SessionStore):
@@ -119,3 +136,150 @@ class MemorySessionStore(SessionStore):
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+
+_FIELDS = frozenset(f.name for f in fields(Session))
+
+
+def session_to_json(s: Session) -> str:
+    """Every field, as the dataclass names them (``from_``); context as a list, parameters as an object."""
+    data = asdict(s)
+    data["context"] = [dict(m) for m in s.context]
+    data["parameters"] = dict(s.parameters)
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def session_from_json(text: str | bytes) -> Session:
+    data = json.loads(text)
+    data = {k: v for k, v in data.items() if k in _FIELDS}   # tolerate fields a newer release added
+    data["context"] = tuple(data.get("context") or ())
+    data["parameters"] = dict(data.get("parameters") or {})
+    return Session(**data)
+
+
+# Compare-and-set: replace the value only if it is still exactly what we read, so a claim (or an
+# update) made by another instance in between is never overwritten. ARGV[3] is a TTL in seconds, or
+# "keepttl" to keep the key's remaining lifetime.
+_CAS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == 'keepttl' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
+"""
+
+
+class RedisSessionStore(SessionStore):
+    """Sessions shared by every instance through Redis: key ``voxray:session:<id>`` holds the session
+    as JSON; a pending one expires after ``pending_ttl_s``, a claimed one ``ttl_s`` after its claim."""
+
+    PREFIX = "voxray:session:"
+    _CAS_ATTEMPTS = 16
+
+    def __init__(self, url: str, *, pending_ttl_s: float, ttl_s: float, timeout_s: float = 0.5,
+                 client: redis.asyncio.Redis | None = None) -> None:
+        import redis.asyncio
+        import redis.exceptions
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._errors = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+        self._pending_ttl = max(1, int(pending_ttl_s))
+        self._ttl = max(1, int(ttl_s))
+        self._timeout = timeout_s
+        # One retry on a fresh connection (a pooled one may be stale after a Redis restart), no
+        # backoff: an outage shows as an error within about two timeouts, not after a long wait.
+        self._redis = client or redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
+            health_check_interval=30)
+        self._cas = self._redis.register_script(_CAS)
+
+    def _key(self, session_id: str) -> str:
+        return self.PREFIX + session_id
+
+    async def create(self, session: Session) -> Session:
+        session = replace(session, created_at=time.time())
+        try:
+            created = await self._redis.set(self._key(session.id), session_to_json(session), nx=True,
+                                            ex=self._pending_ttl)
+        except self._errors as exc:
+            raise _unavailable("create", exc) from exc
+        if not created:
+            raise RuntimeError(f"session id {session.id[:6]}… already exists")   # 192 random bits: never
+        return session
+
+    async def claim(self, session_id: str, *, carrier: str) -> Session | None:
+        key = self._key(session_id)
+        try:
+            for _ in range(self._CAS_ATTEMPTS):
+                raw = await self._redis.get(key)
+                if raw is None:
+                    return None
+                s = session_from_json(raw)
+                if s.carrier != carrier or s.state != "pending":
+                    return None
+                claimed = replace(s, state="active", claimed_at=time.time())
+                if await self._cas(keys=[key], args=[raw, session_to_json(claimed), self._ttl]):
+                    return claimed
+                # changed under us: claimed by another instance (the next read says so) or updated
+        except self._errors as exc:
+            raise _unavailable("claim", exc) from exc
+        raise SessionStoreUnavailable(f"session {session_id[:6]}… kept changing during the claim")
+
+    async def get(self, session_id: str) -> Session | None:
+        try:
+            raw = await self._redis.get(self._key(session_id))
+        except self._errors as exc:
+            raise _unavailable("get", exc) from exc
+        return None if raw is None else session_from_json(raw)
+
+    async def update(self, session: Session) -> None:
+        """Replace a live session's fields, keeping its remaining lifetime. Never undoes a claim: a
+        pending copy written after another instance claimed the session keeps the claim."""
+        key = self._key(session.id)
+        try:
+            for _ in range(self._CAS_ATTEMPTS):
+                raw = await self._redis.get(key)
+                if raw is None:
+                    return                                   # ended or expired: nothing to update
+                stored = session_from_json(raw)
+                new = session
+                if stored.state != "pending" and session.state == "pending":
+                    new = replace(session, state=stored.state, claimed_at=stored.claimed_at)
+                if await self._cas(keys=[key], args=[raw, session_to_json(new), "keepttl"]):
+                    return
+        except self._errors as exc:
+            raise _unavailable("update", exc) from exc
+        raise SessionStoreUnavailable(f"session {session.id[:6]}… kept changing during the update")
+
+    async def end(self, session_id: str) -> None:
+        """Remove the session. Called while a call is torn down: a Redis failure is logged, not
+        raised (the key expires with its TTL anyway)."""
+        try:
+            await self._redis.delete(self._key(session_id))
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("session store: could not remove session %s…: %s", session_id[:6], _describe(exc))
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _unavailable(op: str, exc: BaseException) -> SessionStoreUnavailable:
+    logger.error("session store unavailable during %s: %s", op, _describe(exc))
+    return SessionStoreUnavailable(f"session store unavailable ({op}): {_describe(exc)}")

@@ -1,0 +1,441 @@
+"""``GET /ws``: the browser/app transport over the same pipeline as a carrier call (design §3.1).
+
+Binary frames carry raw 16-bit little-endian mono PCM: in at the rate the client declared in its
+``start`` message, out at 16 kHz (announced in ``ready``). Text frames carry one JSON object each,
+``type`` first; audio never travels inside JSON.
+
+Client -> server::
+
+    {"type": "start", "context": {"messages": [...]}, "sample_rate": 16000, "persona": "concierge"}
+    {"type": "interrupt"}          # stop the agent now (barge-in without speaking)
+    {"type": "end"}                # end the session: the server answers {"type": "end"} and closes 1000
+
+Server -> client: ``ready`` (``sample_rate``, ``session_id``), ``transcript`` (``role``, ``text``,
+``final``), ``bot_speaking`` (``state``: ``started``/``stopped``), ``interrupted`` (flush your playback
+buffer), ``turn_latency`` (per-stage milliseconds), ``error`` (``code``, ``message``), ``end``.
+
+Authentication (when ``server_api_key`` is set): ``?token=<key>``, ``Authorization: Bearer <key>``, or
+the WebSocket subprotocol ``bearer.<key>`` (browsers cannot set headers; offer ``["voxray", "bearer.<key>"]``
+and the server selects ``voxray``, so the key is never echoed back). A wrong key closes with 1008.
+
+Input validation: an odd byte count or float32 samples are refused per frame with an ``error`` event
+(``bad_audio``) and the frame is dropped; a frame over ``ws_max_message_bytes`` closes the socket
+with 1009. Stereo (interleaved L/R int16) cannot be told from mono reliably: it is heard as mono at
+twice the rate (slowed, lower pitched speech), so send mono.
+
+Usage (``gateway.app`` mounts it when ``transport`` is ``websocket`` or ``both``)::
+
+    WebSocketRoute("/ws", browser_ws.ws)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+from starlette.websockets import WebSocket
+
+from carriers.base import CallControlFailed
+from gateway.call import SocketIO
+from gateway.logging import call_id
+from gateway.routes import _socket_io
+from gateway.sessions import Session, SessionStoreUnavailable
+from pipeline.audio import dtmf_tones
+from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, Persona,
+                                   TranscriptEvent, TurnLatency)
+from pipeline.frames import AudioFrame, Clear, Frame
+from pipeline.playout import Playout
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+__all__ = ["BrowserSession", "OUTPUT_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32", "parse_start", "ws"]
+
+logger = logging.getLogger(__name__)
+
+CARRIER = "browser"                   # the metrics label and the session's carrier
+OUTPUT_RATE = 16000
+FRAME_MS = 20
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+SUBPROTOCOL = "voxray"
+_ROLES = ("system", "user", "assistant")
+_ERROR_EVERY_S = 1.0                  # the same error event at most once a second (a bad stream is per frame)
+
+
+# ------------------------------------------------------------------------------------------ the route
+async def ws(websocket: WebSocket) -> None:
+    """``GET /ws``: authenticate, read ``start``, then run one :class:`BrowserSession`."""
+    services: Services = websocket.app.state.services
+    config = services.config
+    offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    authorised = _authorised(websocket, offered, config.server_api_key)
+    # a browser fails the connection when it offered subprotocols and none is selected
+    chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
+    await websocket.accept(subprotocol=chosen)
+    io = _socket_io(websocket)
+    if not authorised:
+        logger.warning("/ws refused: missing or wrong API key from %s",
+                       websocket.client.host if websocket.client else "-")
+        await io.close(1008, "missing or wrong API key")
+        return
+    start = await _read_start(io, config.media_start_timeout_secs)
+    if start is None:
+        return
+    if start.persona and start.persona not in services.personas.names() and start.persona != "default":
+        known = ", ".join(services.personas.names()) or "(none)"
+        await _refuse(io, f"unknown persona {start.persona!r}; known: {known}")
+        return
+    persona = services.personas.resolve(name=start.persona or None, to=start.number,
+                                        context=start.messages or None)
+    messages = list(start.messages)
+    if messages and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": persona.system})
+    try:
+        session = await services.sessions.create(Session.new(
+            carrier=CARRIER, to=start.number, persona=persona.name, context=tuple(messages),
+            parameters={"sample_rate": str(start.sample_rate)}, state="active", claimed_at=time.time()))
+    except SessionStoreUnavailable as exc:
+        logger.error("/ws refused: %s", exc)
+        await io.send(_json({"type": "error", "code": "unavailable", "message": "session store unavailable"}))
+        await io.close(1011, "session store unavailable")
+        return
+    await BrowserSession(services=services, session=session, persona=persona, socket=io,
+                         sample_rate=start.sample_rate).run()
+
+
+def _authorised(websocket: WebSocket, offered: list[str], key: str) -> bool:
+    """The key as ``?token=``, ``Authorization: Bearer`` or subprotocol ``bearer.<key>`` (constant time)."""
+    if not key:
+        return True
+    header = websocket.headers.get("authorization", "")
+    candidates = [header[7:] if header.lower().startswith("bearer ") else "",
+                  websocket.query_params.get("token", ""),
+                  *(p[7:] for p in offered if p.startswith("bearer."))]
+    ok = False
+    for supplied in candidates:    # no short cut: every candidate is compared
+        ok |= bool(supplied) and hmac.compare_digest(supplied.encode(), key.encode())
+    return ok
+
+
+# ------------------------------------------------------------------------------------------ start
+class StartRequest:
+    """A validated ``start`` message."""
+
+    __slots__ = ("messages", "sample_rate", "persona", "number")
+
+    def __init__(self, messages: list[dict[str, str]], sample_rate: int, persona: str, number: str) -> None:
+        self.messages, self.sample_rate, self.persona, self.number = messages, sample_rate, persona, number
+
+
+def parse_start(text: str | bytes) -> StartRequest:
+    """The first message as a :class:`StartRequest`; ValueError with the reason otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("the first message must be a JSON text message {\"type\": \"start\", ...}, not audio")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError("the first message is not valid JSON; send {\"type\": \"start\", ...}") from None
+    if not isinstance(data, dict) or data.get("type") != "start":
+        raise ValueError("the first message must be {\"type\": \"start\", ...}")
+    rate = data.get("sample_rate", OUTPUT_RATE)
+    if isinstance(rate, bool) or rate not in SAMPLE_RATES:
+        raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))} (got {rate!r})")
+    context = data.get("context")
+    context = {} if context is None else context
+    messages = context.get("messages", []) if isinstance(context, dict) else None
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in messages):
+        raise ValueError('context must be {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}')
+    persona, number = data.get("persona", ""), data.get("number", "")
+    if not isinstance(persona, str) or not isinstance(number, str):
+        raise ValueError("persona and number must be strings")
+    return StartRequest([{"role": m["role"], "content": m["content"]} for m in messages], int(rate), persona, number)
+
+
+async def _read_start(io: SocketIO, timeout_s: float) -> StartRequest | None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            message = await io.receive()
+    except TimeoutError:
+        await _refuse(io, f"no start message within {timeout_s:g} s")
+        return None
+    if message is None:
+        return None
+    try:
+        return parse_start(message)
+    except ValueError as exc:
+        await _refuse(io, str(exc))
+        return None
+
+
+async def _refuse(io: SocketIO, message: str) -> None:
+    logger.warning("/ws refused: %s", message)
+    await io.send(_json({"type": "error", "code": "bad_start", "message": message}))
+    await io.close(1008, "bad start message")
+
+
+# ------------------------------------------------------------------------------------------ audio checks
+def looks_like_float32(pcm: bytes) -> bool:
+    """True when ``pcm`` is far more plausible as float32 samples than as int16 ones.
+
+    Float32 audio in [-1, 1] has a high 16-bit half near 0x3Cxx/0xBCxx (±15000..17000 as int16)
+    and an unrelated low half, so its int16 view jumps by thousands between neighbours; real
+    int16 audio whose every second sample lands in that narrow band is vanishingly rare."""
+    if len(pcm) < 16 or len(pcm) % 4:
+        return False
+    with np.errstate(all="ignore"):
+        f = np.frombuffer(pcm, "<f4")
+        if not np.all(np.isfinite(f)) or float(np.max(np.abs(f))) > 1.5:
+            return False
+        if float(np.sqrt(np.mean(f.astype(np.float64) ** 2))) < 1e-3:
+            return False
+        i = np.frombuffer(pcm, "<i2").astype(np.int32)
+        return float(np.mean(np.abs(np.diff(i)))) > 8000.0
+
+
+# ------------------------------------------------------------------------------------------ the session
+class BrowserSession:
+    """One browser/app conversation: socket, conversation and playout in one TaskGroup.
+
+    Compatible with ``services.calls`` (``finish``, ``finalised``, ``session``), so
+    ``DELETE /sessions/{id}`` and shutdown end it like a carrier call."""
+
+    def __init__(self, *, services: Services, session: Session, persona: Persona, socket: SocketIO,
+                 sample_rate: int) -> None:
+        self.services = services
+        self.session = session
+        self.persona = persona
+        self.socket = socket
+        self.sample_rate = sample_rate
+        self.reason: str | None = None
+        self.conversation: Conversation | None = None
+        self.finalised = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._finalised = False
+        self._close_code, self._close_text = 1000, "session ended"
+        self._playout: Playout | None = None
+        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()
+        self._last_error: dict[str, float] = {}
+        self._started_at = time.monotonic()
+
+    def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
+        """Ask the session to end (idempotent; the first reason wins)."""
+        if self.reason is None:
+            self.reason = reason
+            self._close_code, self._close_text = code, text
+        self._ended.set()
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        token = call_id.set(self.session.id)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=CARRIER).inc()
+        metrics.calls_started.labels(carrier=CARRIER).inc()
+        self.services.calls[self.session.id] = self   # type: ignore[assignment]
+        try:
+            await self._send_text(_json({"type": "ready", "sample_rate": OUTPUT_RATE, "session_id": self.session.id,
+                                         "input_sample_rate": self.sample_rate, "persona": self.persona.name}))
+            await self._converse()
+        except asyncio.CancelledError:
+            self.finish("shutdown", code=1001, text="server shutting down")
+            raise
+        except Exception:
+            logger.exception("browser session failed unexpectedly; ending it")
+            self.finish("error", code=1011, text="internal error")
+        finally:
+            await self._finalise()
+            call_id.reset(token)
+
+    async def _converse(self) -> None:
+        services, config = self.services, self.services.config
+        logger.info("browser session started persona=%s input_rate=%d", self.persona.name, self.sample_rate)
+        async with asyncio.TaskGroup() as tg:
+            playout = Playout(sample_rate=OUTPUT_RATE, lead_ms=config.outbound_lead_ms,
+                              max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS,
+                              coalesce_ms=config.ws_write_coalesce_ms)
+            convo = Conversation(settings=services.conversation_settings, persona=self.persona,
+                                 providers=services.providers, playout=playout, spawn=tg.create_task,
+                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
+            playout._on_speaking = convo.on_speaking   # noqa: SLF001 - as gateway.call wires it
+            self._playout, self.conversation = playout, convo
+            tasks = [tg.create_task(playout.run(self._send_frame)), tg.create_task(self._write_events()),
+                     tg.create_task(self._read(convo)), tg.create_task(self._limit_duration())]
+            convo.start()
+            await self._ended.wait()
+            convo.close()
+            for task in tasks:
+                task.cancel()
+
+    async def _read(self, convo: Conversation) -> None:
+        limit = self.services.config.ws_max_message_bytes
+        while True:
+            message = await self.socket.receive()
+            if message is None:
+                self._socket_closed()
+                return
+            if len(message) > limit:
+                self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
+                logger.warning("/ws message of %d bytes exceeds ws_max_message_bytes=%d; closing", len(message), limit)
+                self.finish("message_too_big", code=1009, text=f"message exceeds {limit} bytes")
+                return
+            if isinstance(message, bytes):
+                self._audio(message, convo)
+            else:
+                self._control(message, convo)
+
+    def _audio(self, pcm: bytes, convo: Conversation) -> None:
+        if not pcm:
+            return
+        expected = f"16-bit little-endian mono PCM at {self.sample_rate} Hz"
+        if len(pcm) % 2:
+            self._reject_audio(f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
+                               f"expected {expected}")
+            return
+        if looks_like_float32(pcm):
+            self._reject_audio(f"audio frame looks like float32 samples; send 16-bit integer PCM ({expected})")
+            return
+        convo.on_audio(AudioFrame(pcm, self.sample_rate))
+
+    def _reject_audio(self, message: str) -> None:
+        self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
+        self._error("bad_audio", message)
+
+    def _control(self, text: str, convo: Conversation) -> None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            self._error("bad_message", "control messages must be JSON objects like {\"type\": \"interrupt\"}")
+            return
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "interrupt":
+            convo.interrupt()
+        elif kind == "end":
+            self.finish("ended_by_client")
+        elif kind == "start":
+            self._error("bad_message", "the session has already started")
+        else:
+            self._error("bad_message", f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
+
+    def _error(self, code: str, message: str) -> None:
+        """An ``error`` event (the same one at most once a second: a bad stream fails every frame)."""
+        now = time.monotonic()
+        key = code + message
+        if now - self._last_error.get(key, -_ERROR_EVERY_S) < _ERROR_EVERY_S:
+            return
+        self._last_error[key] = now
+        logger.warning("/ws %s: %s", code, message)
+        self._events.put_nowait(_json({"type": "error", "code": code, "message": message}))
+
+    def _socket_closed(self) -> None:
+        code = self.socket.peer_close_code()
+        if code == 1009:
+            self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
+            logger.warning("/ws frame exceeded ws_max_message_bytes=%d; the socket closed with 1009",
+                           self.services.config.ws_max_message_bytes)
+            self.finish("message_too_big", code=1009, text="message too big")
+        elif code in (1002, 1007):
+            self.finish("protocol_error", code=code, text="invalid frame")
+        else:
+            self.finish("client_disconnected")
+
+    # ------------------------------------------------------------------------------ output
+    async def _send_frame(self, frame: Frame) -> None:
+        """Playout output: audio as binary PCM16 at 16 kHz. A Clear has no wire form (the ``interrupted``
+        event tells the browser to flush); marks are not sent (the playout's timing tells what was heard)."""
+        if isinstance(frame, AudioFrame):
+            async with self._send_lock:
+                await self.socket.send(frame.pcm)
+        elif isinstance(frame, Clear):
+            return
+
+    async def _send_text(self, text: str) -> None:
+        async with self._send_lock:
+            await self.socket.send(text)
+
+    async def _write_events(self) -> None:
+        while True:
+            await self._send_text(await self._events.get())
+
+    def _observe(self, event: Event) -> None:
+        metrics = self.services.metrics
+        message: dict[str, Any]
+        if isinstance(event, TranscriptEvent):
+            message = {"type": "transcript", "role": event.role, "text": event.text, "final": event.final}
+        elif isinstance(event, BotSpeaking):
+            message = {"type": "bot_speaking", "state": "started" if event.started else "stopped"}
+        elif isinstance(event, TurnLatency):
+            for stage, ms in (("turn_wait", event.turn_wait_ms), ("stt", event.stt_ms),
+                              ("llm_first_token", event.llm_first_token_ms),
+                              ("tts_first_audio", event.tts_first_audio_ms),
+                              ("first_audio_out", event.first_audio_out_ms)):
+                metrics.turn_latency.labels(stage=stage).observe(ms / 1000.0)
+            message = {"type": "turn_latency", **{k: round(v, 1) for k, v in asdict(event).items()}}
+        elif isinstance(event, BargeIn):
+            metrics.barge_ins.labels(carrier=CARRIER).inc()
+            message = {"type": "interrupted", "heard": event.heard}
+        elif isinstance(event, ErrorEvent):
+            metrics.provider_errors.labels(code=event.code).inc()
+            message = {"type": "error", "code": event.code, "message": event.message}
+        else:
+            return
+        self._events.put_nowait(_json(message))
+
+    # ------------------------------------------------------------------------------ call control
+    async def transfer(self, target: str) -> None:
+        raise CallControlFailed("a browser session cannot be transferred")
+
+    async def send_dtmf(self, digits: str) -> str:
+        """Digits as in-band tones (there is no out-of-band channel to a browser)."""
+        if self._playout is None:
+            raise CallControlFailed("the session has not started yet")
+        await self._playout.write(dtmf_tones(digits, self._playout.sample_rate))
+        self._playout.end_of_audio()
+        return "in-band"
+
+    def machine_answered(self) -> None:
+        """Answering-machine detection does not apply to a browser."""
+
+    async def _limit_duration(self) -> None:
+        config = self.services.config
+        await asyncio.sleep(config.max_call_secs)
+        logger.info("max_call_secs reached; saying goodbye")
+        if self.conversation is not None:
+            self.conversation.end_with(config.goodbye_text, "max_duration")
+        await asyncio.sleep(config.goodbye_timeout_secs)
+        self.finish("max_duration")
+
+    # ------------------------------------------------------------------------------ the finaliser
+    async def _finalise(self) -> None:
+        if self._finalised:
+            return
+        self._finalised = True
+        reason = self.reason or "unknown"
+        try:
+            while not self._events.empty():        # events not yet written (the goodbye's transcript)
+                await self.socket.send(self._events.get_nowait())
+            if self._close_code in (1000, 1001):
+                await self.socket.send(_json({"type": "end", "reason": reason}))
+            await self.socket.close(self._close_code, self._close_text)
+        except Exception:  # noqa: BLE001 - the socket may already be gone
+            pass
+        try:
+            await self.services.sessions.end(self.session.id)
+        except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later
+            logger.error("could not remove the session: %s", exc)
+        self.services.calls.pop(self.session.id, None)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=CARRIER).dec()
+        metrics.calls_ended.labels(carrier=CARRIER, reason=reason).inc()
+        logger.info("browser session ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
+        self.finalised.set()
+
+
+def _json(message: Mapping[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
