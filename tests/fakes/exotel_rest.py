@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -30,15 +29,14 @@ import hmac
 import itertools
 import json
 import re
-import socket
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
-import uvicorn
 from starlette.applications import Starlette
+
+from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -59,12 +57,9 @@ class RecordedRequest:
     auth_ok: bool
 
 
-class _Server(uvicorn.Server):
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()  # leave Ctrl-C to pytest
 
 
-class FakeExotelREST:
+class FakeExotelREST(LocalServer):
     """Async context manager serving the fake on 127.0.0.1 (ephemeral port)."""
 
     def __init__(self, sid: str, api_key: str, api_token: str) -> None:
@@ -79,11 +74,9 @@ class FakeExotelREST:
         self.dtmf: list[tuple[str, str]] = []  # Exotel has no DTMF endpoint: stays empty
         self.accept_lowercase = False
         self.force_error: tuple[int, str] | None = None  # (HTTP status, message)
-        self.base_url = ""
         self._ids = itertools.count(1)
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__("fake exotel REST", self.app)
 
     @property
     def known_calls(self) -> set[str]:
@@ -168,38 +161,6 @@ class FakeExotelREST:
             self.ended_calls.append(leg)
         return JSONResponse({"request_id": "req" + leg[:8], "http_code": 202,
                              "response": {"data": {"leg_sid": leg}}}, status_code=202)
-
-    async def __aenter__(self) -> FakeExotelREST:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(self._serve(server, sock))
-        deadline = time.monotonic() + 5
-        while not server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                await self.__aexit__(None, None, None)
-                raise RuntimeError("fake Exotel REST server failed to start within 5 s")
-            await asyncio.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self
-
-    @staticmethod
-    async def _serve(server: _Server, sock: socket.socket) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-            self._task = None
 
 
 def _check_connect(fields: dict[str, str]) -> str:

@@ -19,20 +19,18 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import json
 import re
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, unquote
 
-import uvicorn
 from starlette.applications import Starlette
+
+from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -79,12 +77,9 @@ def _missing(field: str) -> JSONResponse:
     return _error(422, "10004", "Missing required parameter", f"The '{field}' parameter is required.", f"/{field}")
 
 
-class _Server(uvicorn.Server):
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()  # leave Ctrl-C to pytest
 
 
-class FakeTelnyxREST:
+class FakeTelnyxREST(LocalServer):
     """Async context manager serving the fake on 127.0.0.1 (ephemeral port)."""
 
     def __init__(self, api_key: str, *, connection_id: str = "1494404757140276705",
@@ -102,10 +97,8 @@ class FakeTelnyxREST:
         self.dialed: list[dict[str, Any]] = []
         self.dtmf: list[tuple[str, str]] = []
         self.force_error: tuple[int, str, str] | None = None     # (HTTP status, code, title)
-        self.base_url = ""
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__("fake telnyx REST", self.app)
 
     @property
     def known_calls(self) -> set[str]:
@@ -274,34 +267,3 @@ class FakeTelnyxREST:
                              "uri": f"/v2/texml/Accounts/{self.account_sid}/Calls/{call_id}.json"})
 
     # ------------------------------------------------------------------------------ lifecycle
-    async def __aenter__(self) -> FakeTelnyxREST:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(self._serve(server, sock))
-        deadline = time.monotonic() + 5
-        while not server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                await self.__aexit__(None, None, None)
-                raise RuntimeError("fake Telnyx REST server failed to start within 5 s")
-            await asyncio.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self
-
-    @staticmethod
-    async def _serve(server: _Server, sock: socket.socket) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-            self._task = None

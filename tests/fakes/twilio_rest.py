@@ -16,20 +16,17 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import hmac
 import re
-import socket
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 
-import uvicorn
 from starlette.applications import Starlette
+
+from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -61,12 +58,9 @@ def _error(status: int, code: int, message: str) -> JSONResponse:
     )
 
 
-class _Server(uvicorn.Server):
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()  # leave Ctrl-C to pytest
 
 
-class FakeTwilioREST:
+class FakeTwilioREST(LocalServer):
     """Async context manager serving the fake on 127.0.0.1 (ephemeral port)."""
 
     def __init__(self, account_sid: str, auth_token: str) -> None:
@@ -78,10 +72,8 @@ class FakeTwilioREST:
         self.updates: list[tuple[str, str]] = []     # (CallSid, Twiml) of live-call redirects (transfers)
         self.dialed: list[dict[str, str]] = []       # outbound calls created
         self.force_error: tuple[int, int, str] | None = None  # (HTTP status, Twilio code, message)
-        self.base_url = ""
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__("fake twilio REST", self.app)
 
     @property
     def known_calls(self) -> set[str]:
@@ -165,35 +157,3 @@ class FakeTwilioREST:
             "direction": "inbound",
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Calls/{call_sid}.json",
         }
-
-    async def __aenter__(self) -> FakeTwilioREST:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(self._serve(server, sock))
-        deadline = time.monotonic() + 5
-        while not server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                await self.__aexit__(None, None, None)
-                raise RuntimeError("fake Twilio REST server failed to start within 5 s")
-            await asyncio.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self
-
-    @staticmethod
-    async def _serve(server: _Server, sock: socket.socket) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-            self._task = None

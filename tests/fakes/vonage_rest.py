@@ -18,18 +18,16 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import jwt
-import uvicorn
 from starlette.applications import Starlette
+
+from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -66,12 +64,9 @@ def _bad(detail: str, name: str) -> JSONResponse:
                     invalid_parameters=[{"name": name, "reason": detail}])
 
 
-class _Server(uvicorn.Server):
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()  # leave Ctrl-C to pytest
 
 
-class FakeVonageREST:
+class FakeVonageREST(LocalServer):
     """Async context manager serving the fake on 127.0.0.1 (ephemeral port)."""
 
     def __init__(self, application_id: str, public_key_pem: str | bytes) -> None:
@@ -87,10 +82,8 @@ class FakeVonageREST:
         # how a PUT on a call that has ended is answered: Vonage's generic not-found by default
         self.ended_call_error: tuple[int, str, str, str] = (
             404, "not-found", "Not Found", "The requested resource does not exist, or you do not have access to it")
-        self.base_url = ""
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__("fake vonage REST", self.app)
 
     @property
     def known_calls(self) -> set[str]:
@@ -192,38 +185,6 @@ class FakeVonageREST:
         self.dialed.append(body)
         return JSONResponse({"uuid": call, "status": "started", "direction": "outbound",
                              "conversation_uuid": f"CON-{uuid.uuid4()}"}, status_code=201)
-
-    async def __aenter__(self) -> FakeVonageREST:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(self._serve(server, sock))
-        deadline = time.monotonic() + 5
-        while not server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                await self.__aexit__(None, None, None)
-                raise RuntimeError("fake Vonage REST server failed to start within 5 s")
-            await asyncio.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self
-
-    @staticmethod
-    async def _serve(server: _Server, sock: socket.socket) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-            self._task = None
 
 
 def _check_endpoint(endpoint: Any, *, websocket_ok: bool) -> str:
