@@ -364,24 +364,17 @@ class BrowserSession:
             await self._send_text(await self._events.get())
 
     def _observe(self, event: Event) -> None:
-        metrics = self.services.metrics
+        self.services.metrics.observe(event, carrier=CARRIER, debug=self.services.debug)
         message: dict[str, Any]
         if isinstance(event, TranscriptEvent):
             message = {"type": "transcript", "role": event.role, "text": event.text, "final": event.final}
         elif isinstance(event, BotSpeaking):
             message = {"type": "bot_speaking", "state": "started" if event.started else "stopped"}
         elif isinstance(event, TurnLatency):
-            for stage, ms in (("turn_wait", event.turn_wait_ms), ("stt", event.stt_ms),
-                              ("llm_first_token", event.llm_first_token_ms),
-                              ("tts_first_audio", event.tts_first_audio_ms),
-                              ("first_audio_out", event.first_audio_out_ms)):
-                metrics.turn_latency.labels(stage=stage).observe(ms / 1000.0)
             message = {"type": "turn_latency", **{k: round(v, 1) for k, v in asdict(event).items()}}
         elif isinstance(event, BargeIn):
-            metrics.barge_ins.labels(carrier=CARRIER).inc()
             message = {"type": "interrupted", "heard": event.heard}
         elif isinstance(event, ErrorEvent):
-            metrics.provider_errors.labels(code=event.code).inc()
             message = {"type": "error", "code": event.code, "message": event.message}
         else:
             return

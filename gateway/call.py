@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
 from gateway.logging import call_id
 from gateway.sessions import Session
-from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, Persona,
-                                   TranscriptEvent, TurnLatency)
+from pipeline.conversation import Conversation, Event, Persona
 from pipeline.frames import AudioFrame, Dtmf, Frame, MarkPlayed, StreamStarted, StreamStopped
 from pipeline.audio import dtmf_tones
 from pipeline.playout import Playout
@@ -266,24 +265,7 @@ class Call:
         self.finish("max_duration")
 
     def _observe(self, event: Event) -> None:
-        metrics = self.services.metrics
-        if isinstance(event, TurnLatency):
-            for stage, ms in (("turn_wait", event.turn_wait_ms), ("stt", event.stt_ms),
-                              ("llm_first_token", event.llm_first_token_ms), ("tts_first_audio", event.tts_first_audio_ms),
-                              ("first_audio_out", event.first_audio_out_ms)):
-                metrics.turn_latency.labels(stage=stage).observe(ms / 1000.0)
-            if self.services.debug:
-                logger.debug("turn timing: turn_wait=%.0fms stt=%.0fms llm_first_token=%.0fms "
-                             "tts_first_chunk=%.0fms first_audio_out=%.0fms", event.turn_wait_ms, event.stt_ms,
-                             event.llm_first_token_ms, event.tts_first_audio_ms, event.first_audio_out_ms)
-        elif isinstance(event, BargeIn):
-            metrics.barge_ins.labels(carrier=self.carrier.name).inc()
-        elif isinstance(event, ErrorEvent):
-            metrics.provider_errors.labels(code=event.code).inc()
-        elif isinstance(event, TranscriptEvent) and self.services.debug:
-            logger.debug("%s said %d characters", event.role, len(event.text))
-        elif isinstance(event, BotSpeaking) and self.services.debug:
-            logger.debug("agent %s speaking", "started" if event.started else "stopped")
+        self.services.metrics.observe(event, carrier=self.carrier.name, debug=self.services.debug)
 
     # ------------------------------------------------------------------------------ the finaliser
     async def _finalise(self) -> None:

@@ -9,10 +9,16 @@ Usage::
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -31,6 +37,27 @@ class Metrics:
                                          registry=r)
         self.media_rejected = Counter("voxray_media_messages_rejected", "Malformed media messages dropped",
                                       ["carrier"], registry=r)
+
+    def observe(self, event: Event, *, carrier: str, debug: bool = False) -> None:
+        """Count one conversation event (any transport); at debug level, log each turn's timing."""
+        if isinstance(event, TurnLatency):
+            for stage, ms in (("turn_wait", event.turn_wait_ms), ("stt", event.stt_ms),
+                              ("llm_first_token", event.llm_first_token_ms),
+                              ("tts_first_audio", event.tts_first_audio_ms),
+                              ("first_audio_out", event.first_audio_out_ms)):
+                self.turn_latency.labels(stage=stage).observe(ms / 1000.0)
+            if debug:
+                logger.debug("turn timing: turn_wait=%.0fms stt=%.0fms llm_first_token=%.0fms "
+                             "tts_first_chunk=%.0fms first_audio_out=%.0fms", event.turn_wait_ms, event.stt_ms,
+                             event.llm_first_token_ms, event.tts_first_audio_ms, event.first_audio_out_ms)
+        elif isinstance(event, BargeIn):
+            self.barge_ins.labels(carrier=carrier).inc()
+        elif isinstance(event, ErrorEvent):
+            self.provider_errors.labels(code=event.code).inc()
+        elif debug and isinstance(event, TranscriptEvent):
+            logger.debug("%s said %d characters", event.role, len(event.text))
+        elif debug and isinstance(event, BotSpeaking):
+            logger.debug("agent %s speaking", "started" if event.started else "stopped")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
