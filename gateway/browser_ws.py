@@ -263,7 +263,7 @@ class BrowserSession:
             convo = Conversation(settings=services.conversation_settings, persona=self.persona,
                                  providers=services.providers, playout=playout, spawn=tg.create_task,
                                  on_event=self._observe, end_call=self.finish, context=self.session.context)
-            playout._on_speaking = convo.on_speaking   # noqa: SLF001 - as gateway.call wires it
+            playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo
             tasks = [tg.create_task(playout.run(self._send_frame)), tg.create_task(self._write_events()),
                      tg.create_task(self._read(convo)), tg.create_task(self._limit_duration())]

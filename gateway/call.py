@@ -142,7 +142,7 @@ class Call:
                                  on_event=self._observe, end_call=self.finish, context=self.session.context,
                                  tools=_tools(persona), on_tool=self._run_tool)
             self._playout = playout
-            playout._on_speaking = convo.on_speaking
+            playout.on_speaking = convo.on_speaking
             self.conversation = convo
             tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo)),
                      tg.create_task(self._limit_duration())]

@@ -40,7 +40,7 @@ class Playout:
         self._max_bytes = int(max_buffer_ms * self._bytes_per_ms)
         self._coalesce = coalesce_ms / 1000.0
         self._clock = clock
-        self._on_speaking = on_speaking
+        self.on_speaking = on_speaking   # (speaking, at): the transport wires it to the conversation
         self._queue: collections.deque[bytes | Mark] = collections.deque()
         self._queued_bytes = 0
         self._partial = b""
@@ -203,8 +203,8 @@ class Playout:
     def _set_speaking(self, speaking: bool) -> None:
         if speaking != self._speaking:
             self._speaking = speaking
-            if self._on_speaking is not None:
-                self._on_speaking(speaking, self._clock())
+            if self.on_speaking is not None:
+                self.on_speaking(speaking, self._clock())
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
