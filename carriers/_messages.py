@@ -2,6 +2,9 @@
 the events whose shape the carriers share (``dtmf.digit``, ``mark.name``). Error texts start with the
 carrier's name, so a log line says whose message was wrong.
 
+A stream codec that names its carrier, its id keys and the attribute holding the started id
+inherits :class:`StreamChecks` for the "before start" and "wrong stream id" checks.
+
 Usage (inside a MediaStream.decode)::
 
     data, event = parse_event("twilio", message)        # raises CarrierProtocolError
@@ -12,7 +15,7 @@ Usage (inside a MediaStream.decode)::
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from carriers.base import CarrierProtocolError
 from pipeline.frames import Dtmf, MarkPlayed
@@ -63,3 +66,54 @@ def mark_frame(carrier: str, data: dict[str, Any]) -> MarkPlayed:
     if name is None:
         raise CarrierProtocolError(f"{carrier} mark event has no mark.name")
     return MarkPlayed(name)
+
+
+class StreamChecks:
+    """The checks every JSON stream codec makes on a message, parametrised by class attributes::
+
+        class TwilioMediaStream(StreamChecks):
+            carrier, id_keys, id_attr, open_hint = "twilio", ("streamSid",), "stream_sid", "no streamSid yet"
+    """
+
+    carrier: ClassVar[str]
+    id_keys: ClassVar[tuple[str, ...]]   # the message keys that may carry the stream id (first one names it)
+    id_attr: ClassVar[str]               # the attribute holding the started stream's id
+    open_hint: ClassVar[str]             # what is missing before start, for encode's error text
+    started: bool
+
+    def _require_started(self, event: str, data: dict[str, Any]) -> None:
+        if not self.started:
+            raise CarrierProtocolError(f"{self.carrier} {event} before start")
+        self._check_stream(data)
+
+    def _check_stream(self, data: dict[str, Any]) -> None:
+        """A stream id other than the started one is an error (an absent one is tolerated)."""
+        sid = next((data[k] for k in self.id_keys if data.get(k) is not None), None)
+        if sid is not None and self.started and sid != getattr(self, self.id_attr):
+            raise CarrierProtocolError(f"{self.carrier} {self.id_keys[0]} does not match the stream")
+
+    def _require_open(self) -> None:
+        if not self.started:
+            raise CarrierProtocolError(f"{self.carrier} stream has not started ({self.open_hint})")
+
+    def _start_fields(self, data: dict[str, Any], call_key: str) -> tuple[dict[str, Any], str, str, dict[str, Any]]:
+        """A Twilio-shaped ``start`` (Twilio, Plivo): ``(start, stream id, call id, mediaFormat)``."""
+        key = self.id_keys[0]
+        if self.started:
+            raise CarrierProtocolError(f"{self.carrier} sent a second start event")
+        start = data.get("start")
+        if not isinstance(start, dict):
+            raise CarrierProtocolError(f"{self.carrier} start event has no start object")
+        ids = []
+        for name in (key, call_key):
+            value = start.get(name)
+            if not isinstance(value, str) or not value:
+                raise CarrierProtocolError(f"{self.carrier} start event has no start.{name}")
+            ids.append(value)
+        outer = data.get(key)
+        if outer is not None and outer != ids[0]:
+            raise CarrierProtocolError(f"{self.carrier} {key} does not match start.{key}")
+        media_format = start.get("mediaFormat", {})
+        if not isinstance(media_format, dict):
+            raise CarrierProtocolError(f"{self.carrier} start.mediaFormat is not an object")
+        return start, ids[0], ids[1], media_format

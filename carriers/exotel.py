@@ -77,7 +77,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from carriers._messages import DTMF_DIGITS, field, mark_frame, parse_json
+from carriers._messages import DTMF_DIGITS, StreamChecks, field, mark_frame, parse_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -473,8 +473,9 @@ def _sample_rate(value: Any) -> int | None:
     return int(digits.group(1)) if digits else None
 
 
-class ExotelMediaStream:
+class ExotelMediaStream(StreamChecks):
     """Sans-I/O codec for one AgentStream WebSocket (PCM16 LE by default; µ-law/A-law when announced)."""
+    carrier, id_keys, id_attr, open_hint = "exotel", ("stream_sid", "streamSid"), "stream_sid", "no stream_sid yet"
 
     marks: bool = True
 
@@ -529,7 +530,7 @@ class ExotelMediaStream:
         if event == "connected":
             return []
         if event == "stop":
-            self._check_stream_sid(data)
+            self._check_stream(data)
             reason = field(data, "stop", "reason")
             return [StreamStopped(reason or "stop")]
         if event == "dtmf":
@@ -627,19 +628,6 @@ class ExotelMediaStream:
         raise CarrierProtocolError(f"exotel start.media_format.encoding {str(encoding)[:40]!r} is not supported "
                                    "(expected PCM16 audio/x-raw or audio/x-mulaw)")
 
-    def _require_started(self, event: str, data: dict[str, Any]) -> None:
-        if not self.started:
-            raise CarrierProtocolError(f"exotel {event} before start")
-        self._check_stream_sid(data)
-
-    def _check_stream_sid(self, data: dict[str, Any]) -> None:
-        """A stream id other than the started one is an error (an absent one is tolerated)."""
-        sid = data.get("stream_sid")
-        if sid is None:
-            sid = data.get("streamSid")
-        if sid is not None and self.started and sid != self.stream_sid:
-            raise CarrierProtocolError("exotel stream_sid does not match the stream")
-
     # -- us -> Exotel --------------------------------------------------------------------------
 
     def encode(self, frame: Frame) -> list[str | bytes]:
@@ -686,9 +674,6 @@ class ExotelMediaStream:
         return (f'{self._media_prefix}{self._chunk}","timestamp":"{timestamp}","sequenceNumber":"{self._chunk}",'
                 f'"payload":"{payload}"}}}}')
 
-    def _require_open(self) -> None:
-        if not self.started:
-            raise CarrierProtocolError("exotel stream has not started (no stream_sid yet)")
 
 
 def _first_str(data: dict[str, Any], *keys: str) -> str | None:

@@ -70,6 +70,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 
+from carriers._messages import StreamChecks
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -506,8 +507,9 @@ def _params(request: WebhookRequest) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------- media stream
 
-class PlivoMediaStream:
+class PlivoMediaStream(StreamChecks):
     """Sans-I/O codec for one Plivo Audio Streaming WebSocket (µ-law 8 kHz or L16 8/16 kHz <-> PCM16)."""
+    carrier, id_keys, id_attr, open_hint = "plivo", ("streamId",), "stream_id", "no streamId yet"
 
     frame_ms: int = 20
     marks: bool = True
@@ -560,14 +562,14 @@ class PlivoMediaStream:
             self._require_started(event, data)
             return []
         if event == "stop":  # undocumented; accepted defensively
-            self._check_stream_id(data)
+            self._check_stream(data)
             return [StreamStopped("stop")]
         return []  # Plivo may add events
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
         if not self.started:
             raise CarrierProtocolError("plivo media before start")
-        self._check_stream_id(data)
+        self._check_stream(data)
         media = data.get("media")
         if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
             raise CarrierProtocolError("plivo media event has no media.payload")
@@ -586,23 +588,7 @@ class PlivoMediaStream:
         return [AudioFrame(_swap16(raw) if self._swap else raw, self.sample_rate)]
 
     def _decode_start(self, data: dict[str, Any]) -> list[Frame]:
-        if self.started:
-            raise CarrierProtocolError("plivo sent a second start event")
-        start = data.get("start")
-        if not isinstance(start, dict):
-            raise CarrierProtocolError("plivo start event has no start object")
-        stream_id = start.get("streamId")
-        if not isinstance(stream_id, str) or not stream_id:
-            raise CarrierProtocolError("plivo start event has no start.streamId")
-        call_id = start.get("callId")
-        if not isinstance(call_id, str) or not call_id:
-            raise CarrierProtocolError("plivo start event has no start.callId")
-        outer = data.get("streamId")
-        if outer is not None and outer != stream_id:
-            raise CarrierProtocolError("plivo streamId does not match start.streamId")
-        media_format = start.get("mediaFormat", {})
-        if not isinstance(media_format, dict):
-            raise CarrierProtocolError("plivo start.mediaFormat is not an object")
+        start, stream_id, call_id, media_format = self._start_fields(data, "callId")
         encoding = str(media_format.get("encoding", self.encoding)).split(";", 1)[0].strip()
         rate = media_format.get("sampleRate", self.sample_rate)
         if encoding != self.encoding or str(rate) != str(self.sample_rate):
@@ -630,17 +616,6 @@ class PlivoMediaStream:
             )
         ]
 
-    def _require_started(self, event: str, data: dict[str, Any]) -> None:
-        if not self.started:
-            raise CarrierProtocolError(f"plivo {event} before start")
-        self._check_stream_id(data)
-
-    def _check_stream_id(self, data: dict[str, Any]) -> None:
-        """A ``streamId`` other than the started one is an error (an absent one is tolerated)."""
-        sid = data.get("streamId")
-        if sid is not None and self.started and sid != self.stream_id:
-            raise CarrierProtocolError("plivo streamId does not match the stream")
-
     # -- us -> Plivo ---------------------------------------------------------------------------
 
     def encode(self, frame: Frame) -> list[str | bytes]:
@@ -665,9 +640,6 @@ class PlivoMediaStream:
             return [json.dumps({"event": "clearAudio", "streamId": self.stream_id}, separators=(",", ":"))]
         raise ValueError(f"plivo cannot send {type(frame).__name__} frames")
 
-    def _require_open(self) -> None:
-        if not self.started:
-            raise CarrierProtocolError("plivo stream has not started (no streamId yet)")
 
 
 def _swap16(pcm: bytes) -> bytes:

@@ -80,7 +80,7 @@ from xml.sax.saxutils import escape
 import httpx
 import numpy as np
 
-from carriers._messages import dtmf_frame, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -611,7 +611,8 @@ def _swap16(data: bytes) -> bytes:
     return np.frombuffer(data, ">i2").astype("<i2").tobytes()
 
 
-class TelnyxMediaStream:
+class TelnyxMediaStream(StreamChecks):
+    carrier, id_keys, id_attr, open_hint = "telnyx", ("stream_id",), "stream_id", "no start event yet"
     """Sans-I/O codec for one Telnyx media WebSocket: PCMU/PCMA/L16 in (per ``start.media_format``),
     PCMU (or PCMA/L16) out, both as PCM16 at ``sample_rate``."""
 
@@ -651,7 +652,7 @@ class TelnyxMediaStream:
             self._check_token(data)
             return []
         if event == "stop":
-            self._check_stream_id(data)
+            self._check_stream(data)
             return [StreamStopped("stop")]
         if event == "dtmf":
             self._require_started(event, data)
@@ -736,17 +737,6 @@ class TelnyxMediaStream:
                               account_id=user_id if isinstance(user_id, str) else "",
                               custom_parameters=custom, sample_rate=self.sample_rate, encoding=encoding)]
 
-    def _require_started(self, event: str, data: dict[str, Any]) -> None:
-        if not self.started:
-            raise CarrierProtocolError(f"telnyx {event} before start")
-        self._check_stream_id(data)
-
-    def _check_stream_id(self, data: dict[str, Any]) -> None:
-        """A ``stream_id`` other than the started one is an error (an absent one is tolerated)."""
-        sid = data.get("stream_id")
-        if sid is not None and self.started and sid != self.stream_id:
-            raise CarrierProtocolError("telnyx stream_id does not match the stream")
-
     # -- us -> Telnyx --------------------------------------------------------------------------
 
     def encode(self, frame: Frame) -> list[str | bytes]:
@@ -771,9 +761,6 @@ class TelnyxMediaStream:
             return ['{"event":"clear"}']
         raise ValueError(f"telnyx cannot send {type(frame).__name__} frames")
 
-    def _require_open(self) -> None:
-        if not self.started:
-            raise CarrierProtocolError("telnyx stream has not started (no start event yet)")
 
 
 def _custom_parameters(value: Any) -> dict[str, str]:

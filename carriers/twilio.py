@@ -40,7 +40,7 @@ from xml.sax.saxutils import escape
 import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
-from carriers._messages import dtmf_frame, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -339,8 +339,9 @@ def _json_pairs(body: bytes) -> list[tuple[str, str]]:
     return [(k, v) for k, v in data.items() if isinstance(v, str)]
 
 
-class TwilioMediaStream:
+class TwilioMediaStream(StreamChecks):
     """Sans-I/O codec for one Twilio Media Streams WebSocket (µ-law 8 kHz <-> PCM16 8 kHz)."""
+    carrier, id_keys, id_attr, open_hint = "twilio", ("streamSid",), "stream_sid", "no streamSid yet"
 
     sample_rate: int = SAMPLE_RATE
     frame_ms: int = 20
@@ -363,7 +364,7 @@ class TwilioMediaStream:
         if event == "connected":
             return []
         if event == "stop":
-            self._check_stream_sid(data)
+            self._check_stream(data)
             return [StreamStopped("stop")]
         if event == "dtmf":
             self._require_started(event, data)
@@ -389,23 +390,7 @@ class TwilioMediaStream:
         return [AudioFrame(ulaw_decode(ulaw), SAMPLE_RATE)]
 
     def _decode_start(self, data: dict[str, Any]) -> list[Frame]:
-        if self.started:
-            raise CarrierProtocolError("twilio sent a second start event")
-        start = data.get("start")
-        if not isinstance(start, dict):
-            raise CarrierProtocolError("twilio start event has no start object")
-        stream_sid = start.get("streamSid")
-        if not isinstance(stream_sid, str) or not stream_sid:
-            raise CarrierProtocolError("twilio start event has no start.streamSid")
-        call_sid = start.get("callSid")
-        if not isinstance(call_sid, str) or not call_sid:
-            raise CarrierProtocolError("twilio start event has no start.callSid")
-        outer = data.get("streamSid")
-        if outer is not None and outer != stream_sid:
-            raise CarrierProtocolError("twilio streamSid does not match start.streamSid")
-        media_format = start.get("mediaFormat", {})
-        if not isinstance(media_format, dict):
-            raise CarrierProtocolError("twilio start.mediaFormat is not an object")
+        start, stream_sid, call_sid, media_format = self._start_fields(data, "callSid")
         encoding = media_format.get("encoding", ENCODING)
         rate = media_format.get("sampleRate", SAMPLE_RATE)
         channels = media_format.get("channels", 1)
@@ -433,17 +418,6 @@ class TwilioMediaStream:
             )
         ]
 
-    def _require_started(self, event: str, data: dict[str, Any]) -> None:
-        if not self.started:
-            raise CarrierProtocolError(f"twilio {event} before start")
-        self._check_stream_sid(data)
-
-    def _check_stream_sid(self, data: dict[str, Any]) -> None:
-        """A ``streamSid`` other than the started one is an error (an absent one is tolerated)."""
-        sid = data.get("streamSid")
-        if sid is not None and self.started and sid != self.stream_sid:
-            raise CarrierProtocolError("twilio streamSid does not match the stream")
-
     # -- us -> Twilio --------------------------------------------------------------------------
 
     def encode(self, frame: Frame) -> list[str | bytes]:
@@ -467,7 +441,4 @@ class TwilioMediaStream:
             return [json.dumps({"event": "clear", "streamSid": self.stream_sid}, separators=(",", ":"))]
         raise ValueError(f"twilio cannot send {type(frame).__name__} frames")
 
-    def _require_open(self) -> None:
-        if not self.started:
-            raise CarrierProtocolError("twilio stream has not started (no streamSid yet)")
 
