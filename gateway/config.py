@@ -42,14 +42,26 @@ class RecordingConfig:
     worker_count: int = 4
     queue_cap: int = 32
     max_retries: int = 3
+    channels: str = "stereo"             # "stereo" (caller left, agent right) or "mono" (mixed)
+    spool_dir: str = ""                  # recordings wait here until uploaded ("" = <tmp>/voxray-recordings)
+    endpoint_url: str = ""               # S3-compatible server; else AWS_ENDPOINT_URL, else AWS S3
+    region: str = ""                     # else AWS_REGION
+    retry_base_secs: float = 1.0         # backoff: base, 2x base, 4x base ... between upload attempts
+    respool_interval_secs: float = 60.0  # how often recordings left in the spool are tried again
+    multipart_threshold_bytes: int = 8 * 1024 * 1024   # larger files upload in parts of this size
 
 
 @dataclass(frozen=True, slots=True)
 class TranscriptsConfig:
     enable: bool = False
     driver: str = "postgres"
-    dsn: str = ""
+    dsn: str = ""                        # postgres://user:pass@host/db, or a file path for sqlite
     table_name: str = "call_transcripts"
+    batch_size: int = 100                # rows per INSERT
+    flush_interval_secs: float = 1.0     # a partial batch waits at most this long
+    retry_base_secs: float = 0.5         # backoff while the database is unreachable (capped at 30 s)
+    max_buffered_rows: int = 100000      # beyond this, rows spill to spool_dir and are replayed later
+    spool_dir: str = ""                  # "" = <tmp>/voxray-transcripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +148,12 @@ class Config:
     redis_timeout_secs: float = 0.5      # Redis connect/read deadline: an outage flips /ready within about this
     session_ttl_secs: int = 3600
     session_pending_ttl_secs: int = 120  # a /start session not claimed by a media socket within this expires
+    # shutdown
+    drain_timeout_secs: float = 30.0     # on SIGTERM, live calls may run this long before a goodbye ends them
+    # browser transports: limits
+    webrtc_connect_timeout_secs: float = 20.0   # a peer that has not connected by then is closed
+    webrtc_idle_timeout_secs: float = 30.0      # a connected peer sending no audio this long is closed
+    webrtc_max_sdp_bytes: int = 65536
     # storage (seed keys)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     transcripts: TranscriptsConfig = field(default_factory=TranscriptsConfig)
@@ -341,7 +359,8 @@ def _validate(c: Config) -> None:
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
-                "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs")
+                "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
+                "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
@@ -365,14 +384,43 @@ def _validate(c: Config) -> None:
     if c.redis_url and urlparse(c.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"'redis_url' must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0 "
                           f"(got {_mask_url(c.redis_url)!r})")
-    if c.recording.enable:
-        raise ConfigError("'recording.enable': call recording is not available in this version; set it to false")
-    if c.transcripts.enable:
-        raise ConfigError("'transcripts.enable': transcript logging is not available in this version; set it to false")
+    _validate_storage(c)
     for s in c.webrtc_ice_servers:
         if not isinstance(s, Mapping) or "urls" not in s:
             raise ConfigError("'webrtc_ice_servers' entries must be objects with 'urls' "
                               "(and 'username'/'credential' for TURN)")
+
+
+def _validate_storage(c: Config) -> None:
+    r, t = c.recording, c.transcripts
+    if r.format != "wav":
+        raise ConfigError(f"'recording.format' must be 'wav' (got {r.format!r})")
+    if r.channels not in ("stereo", "mono"):
+        raise ConfigError(f"'recording.channels' must be 'stereo' or 'mono' (got {r.channels!r})")
+    for key in ("worker_count", "queue_cap", "retry_base_secs", "respool_interval_secs"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"'recording.{key}' must be greater than 0 (got {getattr(r, key)})")
+    if r.max_retries < 0:
+        raise ConfigError(f"'recording.max_retries' must be 0 or more (got {r.max_retries})")
+    if r.multipart_threshold_bytes < 5 * 1024 * 1024:
+        raise ConfigError("'recording.multipart_threshold_bytes' must be at least 5242880 (S3's smallest part)")
+    if r.enable and not r.bucket:
+        raise ConfigError("'recording.bucket' is required when 'recording.enable' is true: set recording.bucket "
+                          "(or VOXRAY_RECORDING_BUCKET) to the S3 bucket name")
+    if t.driver not in ("postgres", "sqlite"):
+        raise ConfigError(f"'transcripts.driver' must be 'postgres' or 'sqlite' (got {t.driver!r})")
+    for key in ("batch_size", "flush_interval_secs", "retry_base_secs", "max_buffered_rows"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"'transcripts.{key}' must be greater than 0 (got {getattr(t, key)})")
+    if not t.table_name.isidentifier():
+        raise ConfigError(f"'transcripts.table_name' must be a plain SQL identifier such as call_transcripts "
+                          f"(got {t.table_name!r})")
+    if t.enable and t.driver == "postgres" and urlparse(t.dsn).scheme not in ("postgres", "postgresql"):
+        raise ConfigError("'transcripts.dsn' must be a postgres:// URL when 'transcripts.driver' is 'postgres', "
+                          "e.g. postgres://voxray:secret@db:5432/voxray (or set driver to 'sqlite')")
+    if t.enable and t.driver == "sqlite" and not t.dsn:
+        raise ConfigError("'transcripts.dsn' must be a file path when 'transcripts.driver' is 'sqlite', "
+                          "e.g. /var/lib/voxray/transcripts.db")
 
 
 # ---------------------------------------------------------------------------------------------- providers
