@@ -11,6 +11,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -27,10 +28,11 @@ from starlette.routing import Route, WebSocketRoute
 
 from carriers import CARRIERS
 from carriers.base import Carrier
+from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
-from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from gateway.sessions import MemorySessionStore, RedisSessionStore, Session, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
@@ -60,8 +62,14 @@ class Services:
     providers: ProviderChain
     conversation_settings: ConversationSettings
     metrics: Metrics
+    bus: ControlBus = field(default_factory=LocalControlBus)
     calls: dict[str, Call] = field(default_factory=dict)
+    draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     debug: bool = False
+
+    def live_sessions(self) -> list[Session]:
+        """Sessions of the calls running here and not ending (written back after a store outage)."""
+        return [call.session for call in self.calls.values() if call.reason is None]
 
 
 def conversation_settings(c: Config) -> ConversationSettings:
@@ -102,6 +110,14 @@ def build_session_store(c: Config) -> SessionStore:
     return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs)
 
 
+def build_bus(c: Config) -> ControlBus:
+    """Redis pub/sub between instances when sessions are shared; nobody to ask otherwise."""
+    if c.session_store == "redis":
+        return RedisControlBus(c.redis_url, timeout_s=c.cluster_request_timeout_secs,
+                               connect_timeout_s=c.redis_timeout_secs)
+    return LocalControlBus()
+
+
 def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
     stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
@@ -112,7 +128,6 @@ def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
 
 async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
     """Speak the apology once at startup, so a TTS outage later still has something to play."""
-    import asyncio
     import dataclasses
 
     for tts in chain.tts:
@@ -140,8 +155,13 @@ def create_app(config: Config) -> Starlette:
                 sessions=build_session_store(config),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
                 providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
-                debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
+                bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
+            services.metrics.bind(services)
+            await services.bus.start(lambda op, sid, args: control.act(services, op, sid, args))
+            sync = asyncio.create_task(keep_sessions(
+                services.sessions, services.live_sessions, interval_s=config.session_sync_secs,
+                on_state=lambda up: services.metrics.session_store_up.set(1 if up else 0)))
             for note in config.providers.notes:
                 logger.info(note)
             p = config.providers
@@ -155,8 +175,14 @@ def create_app(config: Config) -> Starlette:
             try:
                 yield
             finally:
-                for call in list(services.calls.values()):
+                sync.cancel()
+                calls = list(services.calls.values())
+                for call in calls:
                     call.finish("shutdown", code=1001, text="server shutting down")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(config.hangup_timeout_secs + 1.0):
+                        await asyncio.gather(*(call.finalised.wait() for call in calls))
+                await services.bus.close()
                 await services.sessions.close()
 
     middleware = []
@@ -170,7 +196,7 @@ def create_app(config: Config) -> Starlette:
         Route("/start", routes.start, methods=["GET", "POST"]),
         Route("/start/{carrier}", routes.start, methods=["GET", "POST"]),
         WebSocketRoute("/media/{carrier}/{session_id}", routes.media),
-        Route("/sessions/{session_id}", routes.session, methods=["GET", "DELETE"]),
+        Route("/sessions/{session_id}", control.session, methods=["GET", "DELETE"]),
         Route("/sessions/{session_id}/transfer", control.transfer, methods=["POST"]),
         Route("/sessions/{session_id}/dtmf", control.send_dtmf, methods=["POST"]),
         Route("/calls", control.place_call, methods=["POST"]),

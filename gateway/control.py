@@ -5,6 +5,7 @@ protected by the carrier's own signature, like the answer webhook.
 
 Usage::
 
+    GET|DELETE /sessions/{id}                                          -> 200 session / {"ended": id}
     POST /sessions/{id}/transfer  {"to": "+14155550123"}              -> 200 {"transferred": id}
     POST /sessions/{id}/dtmf      {"digits": "1234#"}                  -> 200 {"sent": "in-band"}
     POST /calls  {"carrier": "twilio", "to": "+1...", "from": "+1...", "persona": "concierge",
@@ -14,11 +15,12 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,12 +28,12 @@ from starlette.responses import JSONResponse, Response
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
 from gateway.personas import PersonaError, dialable
 from gateway.routes import _authorised, _error, _services, carrier_or_error, webhook_request
-from gateway.sessions import Session
+from gateway.sessions import Session, SessionStoreUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Services
 
-__all__ = ["carrier_event", "place_call", "send_dtmf", "transfer"]
+__all__ = ["act", "carrier_event", "control", "place_call", "send_dtmf", "session", "transfer"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,48 +48,99 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-async def _live_call(request: Request) -> tuple[Services, Any, Response | None]:
-    services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return services, None, _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
-    session_id = request.path_params["session_id"]
+async def act(services: Services, op: str, session_id: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Run ``op`` ("end", "transfer", "dtmf") on a call held by this instance: ``{"status", "body"}``,
+    or None when this instance does not hold it. The control bus calls this for other instances."""
     call = services.calls.get(session_id)
     if call is None:
+        return None
+    try:
+        if op == "end":
+            call.finish("ended_by_api")
+            try:   # answer once the call is really over: hung up, socket closed, session removed
+                async with asyncio.timeout(services.config.hangup_timeout_secs + 1.0):
+                    await call.finalised.wait()
+            except TimeoutError:
+                return {"status": 202, "body": {"ending": session_id}}
+            return {"status": 200, "body": {"ended": session_id}}
+        if op == "transfer":
+            await call.transfer(str(args["to"]))
+            return {"status": 200, "body": {"transferred": session_id}}
+        if op == "dtmf":
+            return {"status": 200, "body": {"sent": await call.send_dtmf(str(args["digits"]))}}
+    except CallControlFailed as exc:
+        logger.error("%s refused: %s", op, exc)
+        return {"status": 502, "body": {"error": str(exc)}}
+    return {"status": 400, "body": {"error": f"unknown operation {op!r}"}}
+
+
+async def control(services: Services, op: str, session_id: str, args: Mapping[str, Any]) -> Response:
+    """Act on the call wherever it runs: here, else on the instance the control bus finds."""
+    reply = await act(services, op, session_id, args)
+    if reply is None:
+        reply = await services.bus.request(op, session_id, args)
+    if reply is None:
+        found = await _stored(services, session_id)
+        if isinstance(found, Response):
+            return found
+        if found.state != "active":
+            if op == "end":                   # answered but its media never connected: just forget it
+                await services.sessions.end(session_id)
+                return JSONResponse({"ended": session_id})
+            return _error(409, "the call has not connected its media yet")
+        # active, but no instance answered: never drop the session of a call that may still run
+        logger.warning("%s: no instance answered for an active session (an outage?)", op)
+        return _error(503, "the instance holding the call did not answer; try again",
+                      retry_after_secs=services.config.session_sync_secs)
+    return JSONResponse(reply.get("body") or {}, status_code=int(reply.get("status", 200)))
+
+
+async def _stored(services: Services, session_id: str) -> Session | Response:
+    """The stored session, or the answer to give: 404 unknown, 503 store unreachable."""
+    try:
         found = await services.sessions.get(session_id)
-        return services, None, _error(409 if found else 404, "the call is not live on this instance" if found
-                                      else "no such session")
-    return services, call, None
+    except SessionStoreUnavailable:
+        return _error(503, "session store unavailable")
+    return _error(404, "no such session") if found is None else found
+
+
+async def session(request: Request) -> Response:
+    """``GET``/``DELETE /sessions/{id}``: inspect or end a session, on whichever instance holds it."""
+    services = _services(request)
+    if not _authorised(request, services.config.server_api_key):
+        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    session_id = request.path_params["session_id"]
+    if request.method == "DELETE":
+        return await control(services, "end", session_id, {})
+    found = await _stored(services, session_id)
+    if isinstance(found, Response):
+        return found
+    body = found.public()
+    body["live"] = session_id in services.calls or found.state == "active"   # running on some instance
+    body["here"] = session_id in services.calls                               # running on this one
+    return Response(json.dumps(body), media_type="application/json")
 
 
 async def transfer(request: Request) -> Response:
-    services, call, refused = await _live_call(request)
-    if refused is not None:
-        return refused
+    services = _services(request)
+    if not _authorised(request, services.config.server_api_key):
+        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
     body = await _json_body(request)
     target = body.get("to") if body else None
     if not isinstance(target, str) or not dialable(target):
         return _error(400, 'body must be {"to": "<E.164 number like +14155550123, or a sip: URI>"}')
-    try:
-        await call.transfer(target)
-    except CallControlFailed as exc:
-        logger.error("transfer refused: %s", exc)
-        return _error(502, str(exc))
-    return JSONResponse({"transferred": call.session.id})
+    return await control(services, "transfer", request.path_params["session_id"], {"to": target})
 
 
 async def send_dtmf(request: Request) -> Response:
-    services, call, refused = await _live_call(request)
-    if refused is not None:
-        return refused
+    services = _services(request)
+    if not _authorised(request, services.config.server_api_key):
+        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
     body = await _json_body(request)
     digits = body.get("digits") if body else None
     if not isinstance(digits, str) or not _DIGITS.fullmatch(digits):
         return _error(400, 'body must be {"digits": "<1-32 of 0-9 * # A-D>"}')
-    try:
-        how = await call.send_dtmf(digits)
-    except CallControlFailed as exc:
-        return _error(502, str(exc))
-    return JSONResponse({"sent": how})
+    return await control(services, "dtmf", request.path_params["session_id"], {"digits": digits})
 
 
 async def place_call(request: Request) -> Response:
@@ -96,6 +149,8 @@ async def place_call(request: Request) -> Response:
     config = services.config
     if not _authorised(request, config.server_api_key):
         return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if services.draining:
+        return _error(503, "draining: this instance is shutting down")
     body = await _json_body(request)
     if body is None:
         return _error(400, "body must be a JSON object")

@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -37,6 +38,30 @@ class Metrics:
                                          registry=r)
         self.media_rejected = Counter("voxray_media_messages_rejected", "Malformed media messages dropped",
                                       ["carrier"], registry=r)
+        self.sessions = Gauge("voxray_sessions", "Live sessions held by this instance, by session store",
+                              ["store"], registry=r)
+        self.session_store_up = Gauge("voxray_session_store_up", "1 when the session store answered the last "
+                                      "check, else 0", registry=r)
+        self.draining = Gauge("voxray_draining", "1 while this instance drains (SIGTERM received)", registry=r)
+        self.recording_backlog = Gauge("voxray_recording_backlog", "Recordings waiting on disk for upload",
+                                       registry=r)
+        self.recording_retries = Gauge("voxray_recording_upload_retries", "Recording upload attempts retried "
+                                       "since start", registry=r)
+        self.recording_uploaded = Gauge("voxray_recordings_uploaded", "Recordings uploaded since start", registry=r)
+        self.transcript_backlog = Gauge("voxray_transcript_backlog", "Transcript rows not yet written",
+                                        registry=r)
+        self.session_store_up.set(1)
+
+    def bind(self, services: Any) -> None:
+        """Gauges read from the running services at scrape time (nothing to keep in step)."""
+        store = services.config.session_store
+        self.sessions.labels(store=store).set_function(lambda: len(services.calls))
+        self.draining.set_function(lambda: 1 if services.draining else 0)
+        for gauge, name, attr in ((self.recording_backlog, "recordings", "backlog"),
+                                  (self.recording_retries, "recordings", "retries_total"),
+                                  (self.recording_uploaded, "recordings", "uploaded_total"),
+                                  (self.transcript_backlog, "transcripts", "backlog")):
+            gauge.set_function(lambda name=name, attr=attr: float(getattr(getattr(services, name, None), attr, 0)))
 
     def observe(self, event: Event, *, carrier: str, debug: bool = False) -> None:
         """Count one conversation event (any transport); at debug level, log each turn's timing."""

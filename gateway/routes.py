@@ -7,10 +7,8 @@ with a reason.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -45,6 +43,8 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     services = _services(request)
+    if services.draining:
+        return _error(503, "draining: this instance is shutting down", active_calls=len(services.calls))
     if not await services.sessions.ping():
         return _error(503, "session store unreachable")
     return JSONResponse({"status": "ready", "active_calls": len(services.calls)})
@@ -71,6 +71,9 @@ async def start(request: Request) -> Response:
     carrier, refused = carrier_or_error(services, name)
     if refused is not None:
         return refused
+    if services.draining and "session" not in request.query_params:   # (a call we placed may still answer)
+        logger.warning("webhook for %s refused: draining", name)
+        return _error(503, "draining: this instance is shutting down")
     if not config.public_url:
         logger.error("webhook for %s refused: public_url is not set", name)
         return _error(503, "public_url is not set: set it (or VOXRAY_PUBLIC_URL) to the https URL carriers reach")
@@ -242,30 +245,3 @@ def _socket_io(websocket: WebSocket) -> SocketIO:
             await send({"type": "websocket.close", "code": code, "reason": reason})
 
     return SocketIO(receive=recv, send=send_message, close=close, peer_close_code=lambda: peer_code)
-
-
-# ------------------------------------------------------------------------------------------ sessions
-async def session(request: Request) -> Response:
-    """``GET``/``DELETE /sessions/{id}``: inspect or end a live session (``server_api_key`` protected)."""
-    services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
-    session_id = request.path_params["session_id"]
-    found = await services.sessions.get(session_id)
-    if found is None:
-        return _error(404, "no such session")
-    if request.method == "DELETE":
-        call = services.calls.get(session_id)
-        if call is not None:
-            call.finish("ended_by_api")
-            try:   # answer once the call is really over: hung up, socket closed, session removed
-                async with asyncio.timeout(services.config.hangup_timeout_secs + 1.0):
-                    await call.finalised.wait()
-            except TimeoutError:
-                return JSONResponse({"ending": session_id}, status_code=202)
-        else:
-            await services.sessions.end(session_id)
-        return JSONResponse({"ended": session_id})
-    body = found.public()
-    body["live"] = session_id in services.calls
-    return Response(json.dumps(body), media_type="application/json")

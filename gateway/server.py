@@ -1,5 +1,8 @@
 """Build the uvicorn server for an app and config (used by ``voxray serve``, tests and benchmarks).
 
+The first SIGTERM (or SIGINT) drains before the server stops (``gateway.drain``): uvicorn's own
+shutdown would close every media socket at once. A second signal stops at once.
+
 Usage::
 
     server = build_server(create_app(config), config)
@@ -8,7 +11,11 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import signal
+from types import FrameType
 from typing import Iterator
 
 import uvicorn
@@ -18,13 +25,45 @@ from gateway.config import Config
 
 __all__ = ["build_server"]
 
+logger = logging.getLogger(__name__)
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server; embedded servers (tests, benchmarks) leave the process's signals alone."""
 
-    def __init__(self, config: uvicorn.Config, *, handle_signals: bool) -> None:
+    def __init__(self, config: uvicorn.Config, *, handle_signals: bool, app: Starlette) -> None:
         super().__init__(config)
         self._handle_signals = handle_signals
+        self._app = app
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First SIGTERM/SIGINT: drain, then exit. A second one: exit now (uvicorn's behaviour)."""
+        services = getattr(self._app.state, "services", None)
+        if self._drain_requested or services is None or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        self._captured_signals.append(sig)
+        logger.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain, services)
+
+    def _start_drain(self, services: object) -> None:
+        from gateway.drain import drain
+
+        async def drain_then_exit() -> None:
+            try:
+                await drain(services)  # type: ignore[arg-type]
+            finally:
+                self.should_exit = True
+
+        self._drain_task = asyncio.ensure_future(drain_then_exit())
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -43,4 +82,4 @@ def build_server(app: Starlette, config: Config, *, handle_signals: bool = True,
         ws_max_size=config.ws_max_message_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
         proxy_headers=True, forwarded_allow_ips="*", timeout_graceful_shutdown=5)
     options.update(overrides)
-    return _Server(uvicorn.Config(app, **options), handle_signals=handle_signals)  # type: ignore[arg-type]
+    return _Server(uvicorn.Config(app, **options), handle_signals=handle_signals, app=app)  # type: ignore[arg-type]

@@ -78,6 +78,11 @@ class SessionStore:
     async def ping(self) -> bool: raise NotImplementedError
     async def close(self) -> None: return None
 
+    async def resync(self, live: list[Session]) -> int:
+        """Write back what an outage lost: the live calls' sessions (if missing) and the removals
+        that failed. Returns how many sessions were written back."""
+        return 0
+
 
 class MemorySessionStore(SessionStore):
     """In-process store for one instance."""
@@ -198,6 +203,7 @@ class RedisSessionStore(SessionStore):
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
             health_check_interval=30)
         self._cas = self._redis.register_script(_CAS)
+        self._unremoved: set[str] = set()     # ends that failed during an outage, replayed by resync
 
     def _key(self, session_id: str) -> str:
         return self.PREFIX + session_id
@@ -262,8 +268,26 @@ class RedisSessionStore(SessionStore):
         raised (the key expires with its TTL anyway)."""
         try:
             await self._redis.delete(self._key(session_id))
+            self._unremoved.discard(session_id)
         except Exception as exc:  # noqa: BLE001
-            logger.warning("session store: could not remove session %s…: %s", session_id[:6], _describe(exc))
+            self._unremoved.add(session_id)
+            logger.warning("session store: could not remove session %s… (retried when Redis is back): %s",
+                           session_id[:6], _describe(exc))
+
+    async def resync(self, live: list[Session]) -> int:
+        """One round trip: ``SET NX`` each live session (a Redis restarted empty learns them again;
+        an existing key is left alone) and ``DEL`` the sessions whose removal failed."""
+        if not live and not self._unremoved:
+            return 0
+        removals = list(self._unremoved)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session in live:
+                pipe.set(self._key(session.id), session_to_json(session), nx=True, ex=self._ttl)
+            for session_id in removals:
+                pipe.delete(self._key(session_id))
+            results = await pipe.execute()
+        self._unremoved.difference_update(removals)
+        return sum(1 for r in results[:len(live)] if r)
 
     async def ping(self) -> bool:
         try:

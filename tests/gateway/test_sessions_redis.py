@@ -256,8 +256,8 @@ async def test_webhook_on_one_gateway_media_on_another(raw: redis.asyncio.Redis)
             async with httpx.AsyncClient() as http:
                 on_a = (await http.get(f"{a}/sessions/{call.session_id}")).json()
                 on_b = (await http.get(f"{b}/sessions/{call.session_id}")).json()
-            assert on_a["state"] == "active" and on_a["live"] is False         # visible on A, runs on B
-            assert on_b["state"] == "active" and on_b["live"] is True
+            assert on_a["state"] == "active" and (on_a["live"], on_a["here"]) == (True, False)  # runs on B
+            assert on_b["state"] == "active" and (on_b["live"], on_b["here"]) == (True, True)
             # the media socket cannot claim the session a second time, on either gateway
             again = new_call(a, twilio)
             again.adopt(answer.text, call.call_sid)
