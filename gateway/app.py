@@ -32,6 +32,8 @@ from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_s
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
+from gateway.recording import RecordingUploader
+from gateway.transcripts import TranscriptWriter
 from gateway.sessions import MemorySessionStore, RedisSessionStore, Session, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
@@ -63,6 +65,8 @@ class Services:
     conversation_settings: ConversationSettings
     metrics: Metrics
     bus: ControlBus = field(default_factory=LocalControlBus)
+    recordings: RecordingUploader | None = None      # recording.enable
+    transcripts: TranscriptWriter | None = None      # transcripts.enable
     calls: dict[str, Call] = field(default_factory=dict)
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     debug: bool = False
@@ -118,6 +122,13 @@ def build_bus(c: Config) -> ControlBus:
     return LocalControlBus()
 
 
+def build_storage(c: Config) -> tuple[RecordingUploader | None, TranscriptWriter | None]:
+    """The recording uploader and transcript writer, each when enabled (neither needs its server up)."""
+    recordings = RecordingUploader.from_config(c.recording, {}) if c.recording.enable else None
+    transcripts = TranscriptWriter.from_config(c.transcripts) if c.transcripts.enable else None
+    return recordings, transcripts
+
+
 def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
     stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
@@ -157,6 +168,10 @@ def create_app(config: Config) -> Starlette:
                 providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
                 bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
+            services.recordings, services.transcripts = build_storage(config)
+            for store in (services.recordings, services.transcripts):
+                if store is not None:
+                    await store.start()
             services.metrics.bind(services)
             await services.bus.start(lambda op, sid, args: control.act(services, op, sid, args))
             sync = asyncio.create_task(keep_sessions(
@@ -183,6 +198,9 @@ def create_app(config: Config) -> Starlette:
                     async with asyncio.timeout(config.hangup_timeout_secs + 1.0):
                         await asyncio.gather(*(call.finalised.wait() for call in calls))
                 await services.bus.close()
+                for store in (services.transcripts, services.recordings):   # what is not done stays spooled
+                    if store is not None:
+                        await store.close(config.storage_flush_secs)
                 await services.sessions.close()
 
     middleware = []

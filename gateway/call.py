@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
+from gateway.call_log import CallLog
 from gateway.logging import call_id
 from gateway.sessions import Session
 from pipeline.conversation import Conversation, Event, Persona
@@ -63,6 +64,7 @@ class Call:
         self._close_code, self._close_text = 1000, "call ended"
         self._stream: MediaStream = carrier.open_stream()
         self._bad_messages = 0
+        self._log: CallLog | None = None
         self._started_at = time.monotonic()
         self._call_info = CallInfo(carrier=carrier.name, call_id=session.call_id, from_=session.from_,
                                    to=session.to, account_id=session.account_id)
@@ -133,6 +135,7 @@ class Call:
                                             context=self.session.context or None)
         logger.info("media started carrier=%s stream=%s persona=%s", self.carrier.name, started.stream_id,
                     persona.name)
+        self._log = log = CallLog.for_session(services, self.session, persona=persona.name, carrier=self.carrier.name)
         async with asyncio.TaskGroup() as tg:
             playout = Playout(sample_rate=self._stream.sample_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=self._stream.frame_ms,
@@ -144,7 +147,7 @@ class Call:
             self._playout = playout
             playout.on_speaking = convo.on_speaking
             self.conversation = convo
-            tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo)),
+            tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo, log)),
                      tg.create_task(self._limit_duration())]
             convo.start()
             await self._ended.wait()
@@ -152,14 +155,14 @@ class Call:
             for task in tasks:
                 task.cancel()
 
-    async def _read(self, convo: Conversation) -> None:
+    async def _read(self, convo: Conversation, log: CallLog) -> None:
         while True:
             message = await self.socket.receive()
             if message is None:
                 self._socket_closed()
                 return
             for frame in self._decode(message):
-                self._dispatch(frame, convo)
+                self._dispatch(frame, convo, log)
 
     def _socket_closed(self) -> None:
         """The socket went away: a protocol-level refusal (oversized or invalid frame) is our close,
@@ -196,8 +199,9 @@ class Call:
                 self.finish("protocol_error", code=1007, text=str(exc)[:120])
             return []
 
-    def _dispatch(self, frame: Frame, convo: Conversation) -> None:
+    def _dispatch(self, frame: Frame, convo: Conversation, log: CallLog) -> None:
         if isinstance(frame, AudioFrame):
+            log.caller(frame)
             convo.on_audio(frame)
         elif isinstance(frame, MarkPlayed):
             convo.on_mark_played(frame.name)
@@ -209,6 +213,8 @@ class Call:
             self.finish("caller_hangup")
 
     async def _send(self, frame: Frame) -> None:
+        if isinstance(frame, AudioFrame) and self._log is not None:
+            self._log.agent(frame)
         for message in self._stream.encode(frame):
             await self.socket.send(message)
 
@@ -266,6 +272,8 @@ class Call:
 
     def _observe(self, event: Event) -> None:
         self.services.metrics.observe(event, carrier=self.carrier.name, debug=self.services.debug)
+        if self._log is not None:
+            self._log.observe(event)
 
     # ------------------------------------------------------------------------------ the finaliser
     async def _finalise(self) -> None:
@@ -284,6 +292,8 @@ class Call:
             await self.socket.close(self._close_code, self._close_text)
         except Exception:  # noqa: BLE001 - the socket may already be gone
             pass
+        if self._log is not None:
+            await self._log.close()            # recording handed to the uploader; rows already queued
         await self.services.sessions.end(self.session.id)
         self.services.calls.pop(self.session.id, None)
         metrics = self.services.metrics

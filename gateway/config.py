@@ -152,6 +152,7 @@ class Config:
     cluster_request_timeout_secs: float = 2.0   # wait for the instance holding a call to answer (DELETE, transfer)
     # shutdown
     drain_timeout_secs: float = 30.0     # on SIGTERM, live calls may run this long before a goodbye ends them
+    storage_flush_secs: float = 10.0     # at shutdown, uploads and transcript writes get this long (the rest is spooled)
     # browser transports: limits
     webrtc_connect_timeout_secs: float = 20.0   # a peer that has not connected by then is closed
     webrtc_idle_timeout_secs: float = 30.0      # a connected peer sending no audio this long is closed
@@ -193,6 +194,7 @@ class Config:
             raise ConfigError(str(exc)) from None
         config = dataclasses.replace(_build(cls, raw, ""), carriers=carriers)
         config = _with_public_url(config, environ)
+        config = _with_aws_defaults(config, environ)
         _validate(config)
         return dataclasses.replace(config, providers=_resolve_providers(config, environ))
 
@@ -317,6 +319,15 @@ def _with_public_url(config: Config, environ: Mapping[str, str]) -> Config:
     return dataclasses.replace(config, public_url=public_url.rstrip("/"))
 
 
+def _with_aws_defaults(config: Config, environ: Mapping[str, str]) -> Config:
+    """``recording.endpoint_url`` / ``region`` default to the standard AWS variables (credentials are
+    left to aioboto3, which reads ``AWS_ACCESS_KEY_ID`` and the rest itself)."""
+    r = config.recording
+    endpoint = r.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3", "") or environ.get("AWS_ENDPOINT_URL", "")
+    region = r.region or environ.get("AWS_REGION", "") or environ.get("AWS_DEFAULT_REGION", "")
+    return dataclasses.replace(config, recording=dataclasses.replace(r, endpoint_url=endpoint, region=region))
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, CarriersConfig):
         return value.plain()
@@ -362,7 +373,7 @@ def _validate(c: Config) -> None:
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
-                "session_sync_secs", "cluster_request_timeout_secs",
+                "storage_flush_secs", "session_sync_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes")
     for key in positive:
         if getattr(c, key) <= 0:

@@ -88,9 +88,14 @@ class ProviderChain:
 # ----------------------------------------------------------------------------------------- events
 @dataclass(frozen=True, slots=True)
 class TranscriptEvent:
+    """What was said. For the caller's words: ``spoken_s`` is how long the utterance lasted and
+    ``ended_s_ago`` how long before this event its speech ended (STT and the turn wait)."""
+
     role: str
     text: str
     final: bool = True
+    spoken_s: float = field(default=0.0, compare=False)       # timing metadata: not part of what was said
+    ended_s_ago: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +308,8 @@ class Conversation:
             self._turn_task = None
         if not text.strip():
             return
-        self._emit(TranscriptEvent("user", text))
+        self._emit(TranscriptEvent("user", text, spoken_s=len(pcm) / 2 / PIPELINE_RATE,
+                                   ended_s_ago=max(0.0, t0 - speech_end + stt_ms / 1000.0)))
         self.messages.append({"role": "user", "content": text})
         response = self._begin_response(self._answer(), speech_end=speech_end)
         response.turn_wait_ms = (stopped_at - speech_end) * 1000.0
