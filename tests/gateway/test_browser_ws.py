@@ -315,3 +315,97 @@ async def test_oversized_frame_closes_1009() -> None:
                     await asyncio.sleep(0.05)
             metrics = (await http.get(f"{url}/metrics")).text
             assert 'voxray_calls_ended_total{carrier="browser",reason="message_too_big"} 1.0' in metrics
+
+
+# ------------------------------------------------------------------------------ phone codec, Origin, bad-message limit
+async def test_phone_codec_is_mulaw_8k_both_ways() -> None:
+    from pipeline.audio import ulaw_decode, ulaw_encode
+
+    async with FakeOpenAI(transcripts=[TRANSCRIPT], replies=[REPLY], tts_ms_per_char=15) as fake:
+        async with running_gateway(config(fake)) as url, httpx.AsyncClient() as http:
+            client = await open_session(url, rate=8000, codec="pcmu")
+            ready = await client.event("ready")
+            assert (ready["codec"], ready["sample_rate"], ready["input_sample_rate"]) == ("pcmu", 8000, 8000)
+            sid = ready["session_id"]
+            assert (await http.get(f"{url}/sessions/{sid}")).json()["parameters"]["codec"] == "pcmu"
+
+            # the greeting: one µ-law byte per sample at 8 kHz, in 20 ms (160-byte) frames
+            greeting = await client.event("transcript", role="assistant")
+            await client.quiet(400)
+            assert {len(chunk) for _, chunk in client.audio} == {160}
+            ulaw = client.pcm()
+            assert abs(len(ulaw) / 8000 - len(greeting["text"]) * 0.015) < 0.15
+            assert rms(ulaw_decode(ulaw)) > 0.05
+
+            # µ-law speech in; the STT still gets 16 kHz PCM of the same loudness
+            pcm = tone(1000, 8000) + b"\x00\x00" * (8000 * 700 // 1000)
+            mark = time.monotonic()
+            for i, offset in enumerate(range(0, len(pcm), 320)):
+                await client.ws.send(ulaw_encode(pcm[offset:offset + 320]))
+                await asyncio.sleep(max(0.0, mark + (i + 1) * 0.02 - time.monotonic()))
+            assert (await client.event("transcript", role="user", after=mark))["text"] == TRANSCRIPT
+            await client.event("transcript", role="assistant", text=REPLY, after=mark)
+            [stt] = fake.state.stt_requests
+            assert stt["sample_rate"] == 16000 and stt["rms"] > 0.1 and 1000 <= stt["duration_ms"] <= 1900
+            await client.audio_after(mark)
+            await client.ws.send(json.dumps({"type": "end"}))
+            assert await client.closed_with() == (1000, "session ended")
+
+    # the default stays PCM16; pcmu is 8 kHz only; unknown codecs are refused
+    assert parse_start(json.dumps({"type": "start"})).codec == "pcm16"
+    assert parse_start(json.dumps({"type": "start", "codec": "pcmu"})).sample_rate == 8000
+    for bad in ({"codec": "pcmu", "sample_rate": 16000}, {"codec": "opus"}, {"codec": None}):
+        with pytest.raises(ValueError, match="codec"):
+            parse_start(json.dumps({"type": "start", **bad}))
+
+
+async def test_cross_origin_websocket_is_refused() -> None:
+    from gateway.browser_ws import origin_allowed
+
+    allowed = ("https://app.example.test",)
+    assert origin_allowed(None, "gw:8000", allowed) and origin_allowed("https://app.example.test/", "gw", allowed)
+    assert origin_allowed("http://gw:8000", "gw:8000", allowed)          # the gateway's own page
+    assert not origin_allowed("https://evil.example.test", "gw:8000", allowed)
+    assert not origin_allowed("null", "gw:8000", allowed)
+    assert origin_allowed("https://evil.example.test", "gw", ()) and origin_allowed("https://x", "gw", ("*",))
+
+    async with FakeOpenAI() as fake:
+        async with running_gateway(config(fake, cors_allowed_origins=list(allowed))) as url:
+            own = url.removeprefix("http://")
+            async with websockets.connect(ws_url(url), origin="https://evil.example.test") as ws:  # type: ignore[arg-type]
+                assert await Client(ws).closed_with() == (1008, "origin not allowed")
+            for origin in ("https://app.example.test", f"http://{own}", None):   # listed, same origin, not a browser
+                async with websockets.connect(ws_url(url), origin=origin) as ws:  # type: ignore[arg-type]
+                    await ws.send(json.dumps({"type": "start"}))
+                    client = Client(ws)
+                    await client.event("ready")
+                    await ws.send(json.dumps({"type": "end"}))
+                    assert await client.closed_with() == (1000, "session ended")
+        async with running_gateway(config(fake)) as url:                   # no list: any origin
+            async with websockets.connect(ws_url(url), origin="https://evil.example.test") as ws:  # type: ignore[arg-type]
+                await ws.send(json.dumps({"type": "start"}))
+                client = Client(ws)
+                await client.event("ready")
+                await ws.close()
+
+
+async def test_too_many_bad_messages_close_the_session() -> None:
+    async with FakeOpenAI() as fake:
+        async with running_gateway(config(fake, media_max_bad_messages=3)) as url, httpx.AsyncClient() as http:
+            client = await open_session(url)
+            sid = (await client.event("ready"))["session_id"]
+            for bad in (b"\x01\x02\x03", "{not json", json.dumps({"type": "dance"})):   # 3: tolerated
+                await client.ws.send(bad)
+            await client.until(lambda: len(client.of("error")) == 3)
+            await asyncio.sleep(0.2)
+            assert client.closed is None
+            await client.ws.send(json.dumps({"type": "start"}))                        # the 4th: too many
+            error = await client.event("error", code="too_many_bad_messages")
+            assert "more than 3 bad messages" in error["message"]
+            assert await client.closed_with() == (1008, "too many bad messages")
+            assert not client.of("end")
+            async with asyncio.timeout(5):
+                while (await http.get(f"{url}/sessions/{sid}")).status_code != 404:
+                    await asyncio.sleep(0.05)
+            metrics = (await http.get(f"{url}/metrics")).text
+            assert 'voxray_calls_ended_total{carrier="browser",reason="too_many_bad_messages"} 1.0' in metrics

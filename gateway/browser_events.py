@@ -1,0 +1,44 @@
+"""The JSON events a browser or app receives, shared by ``/ws`` and the WebRTC data channel (design §3.1).
+
+One function maps a conversation event to the message the client sees; transports add only their own
+framing (a WebSocket text frame, a data-channel string). Events with no client form give None.
+
+Usage::
+
+    message = event_message(TranscriptEvent("user", "hello"))
+    # {"type": "transcript", "role": "user", "text": "hello", "final": True}
+    channel.send(encode(message))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, Mapping
+
+from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
+
+__all__ = ["encode", "event_message"]
+
+
+def event_message(event: Event) -> dict[str, Any] | None:
+    """The client's JSON message for ``event``: ``transcript`` (``role``, ``text``, ``final``),
+    ``bot_speaking`` (``state``: ``started``/``stopped``), ``turn_latency`` (per-stage milliseconds,
+    rounded to 0.1), ``interrupted`` (``heard``: what the listener heard of the answer) or ``error``
+    (``code``, ``message``); None for an event clients do not see."""
+    if isinstance(event, TranscriptEvent):
+        return {"type": "transcript", "role": event.role, "text": event.text, "final": event.final}
+    if isinstance(event, BotSpeaking):
+        return {"type": "bot_speaking", "state": "started" if event.started else "stopped"}
+    if isinstance(event, TurnLatency):
+        return {"type": "turn_latency", **{k: round(v, 1) for k, v in asdict(event).items()}}
+    if isinstance(event, BargeIn):
+        return {"type": "interrupted", "heard": event.heard}
+    if isinstance(event, ErrorEvent):
+        return {"type": "error", "code": event.code, "message": event.message}
+    return None
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """Compact JSON text, as both transports send it."""
+    return json.dumps(message, separators=(",", ":"))

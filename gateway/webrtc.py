@@ -1,0 +1,841 @@
+"""WebRTC: the browser/app transport over aiortc (ICE, DTLS, SRTP, Opus/G.711), mirroring ``/ws``.
+
+Signaling is one HTTP round trip (no trickle ICE: the answer carries the server's candidates)::
+
+    POST /webrtc/offer          {"sdp": "...", "type": "offer", "context": {"messages": [...]},
+                                 "persona": "concierge", "number": "+14155550100", "codec": "opus"|"pcmu"}
+      -> 200 {"sdp": "...", "type": "answer", "session_id": "...", "persona": "...", "codec": "opus"}
+    POST /start                 {"context": {...}, "persona": "...", "number": "..."}   (Content-Type: application/json)
+      -> 200 {"session_id": "...", "persona": "...", "offer_url": "/sessions/<id>/offer", "expires_in_secs": 120}
+    POST /sessions/{id}/offer   {"sdp": "...", "type": "offer", "codec"?}      (claims that session once)
+      -> 200 {"sdp": "...", "type": "answer", "session_id": "...", "persona": "...", "codec": "..."}
+
+Errors are JSON ``{"error": "..."}``: 401 (``server_api_key`` set and no ``Authorization: Bearer <key>`` /
+``?token=<key>``), 415 (not ``application/json``), 400 (not JSON, no ``sdp``, ``type`` not ``"offer"``,
+an SDP aiortc cannot parse, no audio m-line, no audio codec in common, a bad context/persona/number/codec),
+413 (SDP over ``webrtc_max_sdp_bytes``), 404 (``/sessions/{id}/offer``: unknown, used or expired session),
+503 (session store down, or the instance is draining). A refused offer never touches another session.
+Requiring ``application/json`` makes a cross-site page's request need a CORS preflight, which only the
+``cors_allowed_origins`` pass. ``POST /start`` takes the JSON branch only for an empty object or one with
+``context``/``persona``/``number`` keys; any other body (a carrier's form or JSON webhook) is the
+carrier's, exactly as before.
+
+Media: the peer's first audio m-line. Its audio (Opus at 48 kHz, or PCMU at 8 kHz when the browser
+prefers it or the offer says ``"codec": "pcmu"``, the softphone's "phone codec" mode) is decoded by
+aiortc, downmixed to 16-bit mono and fed to the conversation at the decoded rate. The agent's audio goes
+out through :class:`OutboundAudioTrack` (16 kHz for Opus, 8 kHz for G.711, so the phone mode is band-limited
+by our own anti-aliased resampler exactly as on a phone leg), paced in real time; a barge-in flushes it.
+
+Events: over the first data channel the browser creates (label ``"events"`` recommended), the same JSON
+as ``/ws`` (see :mod:`gateway.browser_events`): ``ready`` (``session_id``, ``persona``, ``codec``,
+``sample_rate``), ``transcript``, ``bot_speaking``, ``turn_latency``, ``interrupted``, ``error``, ``end``
+(``reason``). Events before the channel opens are queued. The browser sends ``{"type": "interrupt"}`` and
+``{"type": "end"}``.
+
+Lifetime: the session runs in the offer's request task after the answer is sent (no stray task), is
+registered in ``services.calls`` (``DELETE /sessions/{id}``, drain and shutdown end it; metrics carry the
+carrier label ``webrtc``; the store's carrier is ``browser``) and ends through one idempotent finaliser
+(``end`` on the channel, peer connection closed, session removed). Limits: ``webrtc_connect_timeout_secs`` (the peer never
+connects: ``connect_timeout``), ``webrtc_idle_timeout_secs`` (a connected peer sends no audio:
+``idle_timeout``), ``max_call_secs`` (goodbye, then ``max_duration``); the connection failing or closing
+ends it too. ICE servers come from ``webrtc_ice_servers`` (none by default: host candidates only, right for
+a server with a public address; add STUN/TURN behind NAT).
+
+Usage (``gateway.app`` mounts it when ``transport`` is ``smallwebrtc`` or ``both``)::
+
+    Route("/webrtc/offer", webrtc.offer, methods=["POST"])
+    Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Mapping, Sequence
+
+import av
+import numpy as np
+from aiortc import (MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
+                    RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription, sdp)
+from aiortc.mediastreams import MediaStreamError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from carriers.base import CallControlFailed
+from gateway.browser_events import encode, event_message
+from gateway.browser_ws import StartRequest, parse_start
+from gateway.logging import call_id
+from gateway.personas import PersonaError
+from gateway.routes import _authorised, _error, _services
+from gateway.sessions import Session, SessionStoreUnavailable
+from pipeline.audio import dtmf_tones
+from pipeline.conversation import Conversation, Event, Persona
+from pipeline.frames import AudioFrame, Clear, Frame
+from pipeline.playout import Playout
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+__all__ = ["OfferRefused", "OfferRequest", "OutboundAudioTrack", "WebRTCSession", "frame_to_pcm", "ice_configuration",
+           "offer", "parse_offer", "pcm_to_frame", "session_offer", "start_session"]
+
+logger = logging.getLogger(__name__)
+
+# aiortc logs whole SDPs (ICE passwords, DTLS fingerprints) and per-packet detail at DEBUG, aioice every
+# candidate-pair check at INFO: keep both at WARNING, even when the gateway runs at debug (this module logs
+# the connection's states itself), unless an operator set these loggers' levels deliberately.
+for _name in ("aiortc", "aioice"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
+
+CARRIER = "browser"            # the session's carrier in the store (a /start JSON session is claimed as this)
+METRICS_LABEL = "webrtc"       # the carrier label of this transport's metrics
+FRAME_MS = 20
+CODECS = {"opus": "audio/opus", "pcmu": "audio/PCMU"}     # what an offer's "codec" may ask for
+PHONE_CODECS = ("pcmu", "pcma")
+OPUS_OUTPUT_RATE = 16000       # the pipeline's rate; aiortc's encoder resamples it to Opus's 48 kHz
+PHONE_RATE = 8000
+START_KEYS = frozenset({"context", "persona", "number"})
+_ERROR_EVERY_S = 1.0
+_MAX_PENDING_EVENTS = 256      # events queued before the data channel opens (older ones are dropped)
+_CLOSE_TIMEOUT_S = 5.0
+_DRAIN_TIMEOUT_S = 0.5
+
+
+# ------------------------------------------------------------------------------------------ audio frames
+def frame_to_pcm(frame: av.AudioFrame) -> bytes:
+    """A decoded frame as 16-bit little-endian mono PCM at ``frame.sample_rate`` (channels averaged).
+
+    Handles packed and planar layouts of s16, s32 and float samples (aiortc's decoders give packed s16:
+    Opus stereo at 48 kHz, G.711 mono at 8 kHz)."""
+    channels = len(frame.layout.channels)
+    data = frame.to_ndarray()
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T            # interleaved L R L R -> one row per channel
+    if data.dtype.kind == "f":
+        data = np.clip(np.rint(data.astype(np.float64) * 32768.0), -32768, 32767)
+    elif data.dtype == np.int32:
+        data = data >> 16
+    elif data.dtype == np.uint8:
+        data = (data.astype(np.int32) - 128) << 8
+    if channels > 1:
+        data = np.rint(data.astype(np.float64).mean(axis=0))
+    else:
+        data = data[0]
+    return data.astype("<i2").tobytes()
+
+
+def pcm_to_frame(pcm: bytes, sample_rate: int, pts: int) -> av.AudioFrame:
+    """16-bit mono PCM as an ``av.AudioFrame`` (s16, mono) with ``pts`` in samples (time base 1/rate)."""
+    frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2").reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = sample_rate
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, sample_rate)
+    return frame
+
+
+class OutboundAudioTrack(MediaStreamTrack):
+    """The agent's audio as an aiortc track: 20 ms frames paced in real time, silence when nothing is queued.
+
+    aiortc pulls ``recv()``; frame *n* is due at ``start + n * 20 ms`` on the monotonic clock, so the pace
+    never drifts however long each call takes. After a stall longer than ``max_late_ms`` the schedule is
+    re-anchored rather than sending a burst. ``feed`` appends PCM (the playout's frames); ``flush``
+    drops what is buffered (barge-in). More than ``max_buffer_ms`` buffered (nobody pulling) drops the
+    oldest audio."""
+
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = OPUS_OUTPUT_RATE, *, frame_ms: int = FRAME_MS,
+                 max_buffer_ms: float = 2000.0, max_late_ms: float = 200.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        super().__init__()
+        self._frame_ms = frame_ms
+        self._max_buffer_ms = max_buffer_ms
+        self._max_late = max_late_ms / 1000.0
+        self._clock = clock
+        self._sleep = sleep
+        self._buffer = bytearray()
+        self._start: float | None = None
+        self.frames = 0             # frames handed out (the next frame's pts is frames * samples_per_frame)
+        self.dropped_ms = 0.0       # audio dropped because the buffer overflowed
+        self.set_sample_rate(sample_rate)
+
+    def set_sample_rate(self, sample_rate: int) -> None:
+        """Choose the output rate (once the codec is negotiated); only before the first frame."""
+        if self.frames:
+            raise RuntimeError("the output rate cannot change once frames were sent")
+        self.sample_rate = sample_rate
+        self._samples = sample_rate * self._frame_ms // 1000
+        self._frame_bytes = self._samples * 2
+        self._max_bytes = int(self._max_buffer_ms * sample_rate / 1000) * 2
+        self._time_base = fractions.Fraction(1, sample_rate)
+
+    def feed(self, pcm: bytes) -> None:
+        """Queue 16-bit mono PCM at ``sample_rate``."""
+        self._buffer += pcm
+        over = len(self._buffer) - self._max_bytes
+        if over > 0:
+            over += over % 2
+            del self._buffer[:over]
+            self.dropped_ms += over / 2 / self.sample_rate * 1000.0
+
+    def flush(self) -> None:
+        """Drop everything queued (barge-in); silence follows at once."""
+        self._buffer.clear()
+
+    @property
+    def buffered_ms(self) -> float:
+        return len(self._buffer) / 2 / self.sample_rate * 1000.0
+
+    def next_frame(self) -> av.AudioFrame:
+        """The next 20 ms (queued audio, padded with silence), without waiting."""
+        chunk = bytes(self._buffer[:self._frame_bytes])
+        del self._buffer[:self._frame_bytes]
+        if len(chunk) < self._frame_bytes:
+            chunk += bytes(self._frame_bytes - len(chunk))
+        frame = pcm_to_frame(chunk, self.sample_rate, self.frames * self._samples)
+        self.frames += 1
+        return frame
+
+    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        else:
+            due = self._start + self.frames * self._frame_ms / 1000.0
+            if due > now:
+                await self._sleep(due - now)
+                if self.readyState != "live":
+                    raise MediaStreamError
+            elif now - due > self._max_late:
+                self._start = now - self.frames * self._frame_ms / 1000.0
+        return self.next_frame()
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def ice_configuration(servers: Sequence[Mapping[str, Any]]) -> RTCConfiguration:
+    """``webrtc_ice_servers`` (``[{"urls": "stun:..."}, {"urls": ["turn:..."], "username", "credential"}]``)
+    as aiortc's configuration. An empty list means host candidates only (aiortc's default public STUN
+    server is never used implicitly)."""
+    return RTCConfiguration(iceServers=[
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential")) for s in servers])
+
+
+# ------------------------------------------------------------------------------------------ requests
+class OfferRefused(Exception):
+    """A signaling request answered with a 4xx/5xx JSON error (``status``; the text says what to fix)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OfferRequest:
+    """A validated offer body."""
+
+    __slots__ = ("codec", "sdp")
+
+    def __init__(self, sdp_text: str, codec: str) -> None:
+        self.sdp, self.codec = sdp_text, codec
+
+
+def parse_offer(data: Any, max_sdp_bytes: int) -> OfferRequest:
+    """``{"sdp": "...", "type": "offer", "codec"?}``; raises OfferRefused naming what is wrong."""
+    if not isinstance(data, dict):
+        raise OfferRefused(400, 'the body must be a JSON object {"sdp": "...", "type": "offer"}')
+    text = data.get("sdp")
+    if not isinstance(text, str) or not text.strip():
+        raise OfferRefused(400, 'missing "sdp": send the browser\'s offer as {"sdp": pc.localDescription.sdp, '
+                            '"type": "offer"}')
+    if data.get("type") != "offer":
+        raise OfferRefused(400, f'"type" must be "offer" (got {data.get("type")!r})')
+    size = len(text.encode())
+    if size > max_sdp_bytes:
+        raise OfferRefused(413, f"the SDP is {size} bytes, over webrtc_max_sdp_bytes={max_sdp_bytes}")
+    codec = data.get("codec", "")
+    if codec not in ("", *CODECS):
+        raise OfferRefused(400, f'"codec" must be "opus" or "pcmu" (got {codec!r})')
+    return OfferRequest(text, codec)
+
+
+def parse_session_fields(data: Mapping[str, Any]) -> StartRequest:
+    """``context``, ``persona`` and ``number`` validated exactly as ``/ws`` validates its ``start``."""
+    fields = {k: data[k] for k in START_KEYS if k in data}
+    try:
+        return parse_start(json.dumps({"type": "start", **fields}))
+    except ValueError as exc:
+        raise OfferRefused(400, str(exc)) from None
+
+
+def _resolve_persona(services: Services, *, name: str, number: str,
+                     messages: Sequence[Mapping[str, str]]) -> Persona:
+    """As ``/ws`` resolves it: a context's system message > the persona name > the dialed number > default."""
+    if name and name not in services.personas.names() and name != "default":
+        known = ", ".join(services.personas.names()) or "(none)"
+        raise OfferRefused(400, f"unknown persona {name!r}; known: {known}")
+    try:
+        return services.personas.resolve(name=name or None, to=number, context=list(messages) or None)
+    except PersonaError as exc:
+        logger.error("persona lookup failed, using the default: %s", exc)
+        return services.personas.resolve()
+
+
+def _with_system(messages: Sequence[Mapping[str, str]], persona: Persona) -> tuple[dict[str, str], ...]:
+    """The context, with the persona's system message first when the client sent none."""
+    out = [dict(m) for m in messages]
+    if out and not any(m["role"] == "system" for m in out):
+        out.insert(0, {"role": "system", "content": persona.system})
+    return tuple(out)
+
+
+async def _read_json(request: Request, limit: int, what: str) -> Any:
+    """The JSON body, at most ``limit`` bytes (413), of type application/json (415)."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/json":
+        raise OfferRefused(415, f"Content-Type must be application/json (got {content_type or 'none'!r})")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OfferRefused(413, f"the request body is {declared} bytes, over {limit} ({what})")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise OfferRefused(413, f"the request body is over {limit} bytes ({what})")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise OfferRefused(400, "the body is not valid JSON") from None
+
+
+def _unauthorised() -> Response:
+    return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key> (or ?token=)")
+
+
+def _draining(services: Services) -> Response | None:
+    """503 while the instance drains (SIGTERM): new sessions go to another instance."""
+    if getattr(services, "draining", False):
+        logger.warning("browser session refused: draining")
+        return _error(503, "draining: this instance is shutting down")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ POST /start (JSON)
+async def start_session(request: Request) -> Response | None:
+    """``POST /start`` with a JSON body ``{"context"?, "persona"?, "number"?}`` and no carrier path: mint a
+    pending browser session for ``POST /sessions/{id}/offer``. None when the body is not such a request
+    (a carrier's JSON webhook), so the carrier path answers it as before."""
+    if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+        return None
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or (data and not START_KEYS & data.keys()):
+        return None          # a carrier's JSON webhook (CallSid, data, uuid, ...): never ours
+    services = _services(request)
+    config = services.config
+    if not _authorised(request, config.server_api_key):
+        return _unauthorised()
+    if (refused := _draining(services)) is not None:
+        return refused
+    size = len(await request.body())
+    if size > config.ws_max_message_bytes:
+        return _error(413, f"the request body is {size} bytes, over ws_max_message_bytes={config.ws_max_message_bytes}")
+    try:
+        start = parse_session_fields(data)
+        persona = _resolve_persona(services, name=start.persona, number=start.number, messages=start.messages)
+    except OfferRefused as exc:
+        return _error(exc.status, str(exc))
+    try:
+        session = await services.sessions.create(Session.new(
+            carrier=CARRIER, to=start.number, persona=persona.name, context=_with_system(start.messages, persona),
+            parameters={"transport": "webrtc", **({"persona": start.persona} if start.persona else {})}))
+    except SessionStoreUnavailable as exc:
+        logger.error("browser session refused: %s", exc)
+        return _error(503, "session store unavailable")
+    logger.info("browser session minted session=%s… persona=%s", session.id[:6], persona.name)
+    return JSONResponse({"session_id": session.id, "persona": persona.name,
+                         "offer_url": f"/sessions/{session.id}/offer",
+                         "expires_in_secs": config.session_pending_ttl_secs})
+
+
+# ------------------------------------------------------------------------------------------ the offer routes
+async def offer(request: Request) -> Response:
+    """``POST /webrtc/offer``: a new session from the offer, its context and persona."""
+    services = _services(request)
+    config = services.config
+    if not _authorised(request, config.server_api_key):
+        return _unauthorised()
+    if (refused := _draining(services)) is not None:
+        return refused
+    try:
+        data = await _read_json(request, 2 * config.webrtc_max_sdp_bytes + config.ws_max_message_bytes,
+                                "2 x webrtc_max_sdp_bytes for the JSON-escaped SDP plus ws_max_message_bytes "
+                                "for the context")
+        request_offer = parse_offer(data, config.webrtc_max_sdp_bytes)
+        start = parse_session_fields(data)
+        persona = _resolve_persona(services, name=start.persona, number=start.number, messages=start.messages)
+        peer = await _Peer.negotiate(config.webrtc_ice_servers, request_offer)
+    except OfferRefused as exc:
+        return _refuse(exc)
+    try:
+        session = await services.sessions.create(Session.new(
+            carrier=CARRIER, to=start.number, persona=persona.name, context=_with_system(start.messages, persona),
+            parameters={"transport": "webrtc", "codec": peer.codec,
+                        **({"persona": start.persona} if start.persona else {})},
+            state="active", claimed_at=time.time()))
+    except SessionStoreUnavailable as exc:
+        await peer.close()
+        logger.error("webrtc offer refused: %s", exc)
+        return _error(503, "session store unavailable")
+    return await _answer(services, session, persona, peer)
+
+
+async def session_offer(request: Request) -> Response:
+    """``POST /sessions/{id}/offer``: claim a session minted by ``POST /start`` (JSON) with an offer."""
+    services = _services(request)
+    config = services.config
+    if not _authorised(request, config.server_api_key):
+        return _unauthorised()
+    if (refused := _draining(services)) is not None:
+        return refused
+    session_id = request.path_params["session_id"]
+    try:
+        data = await _read_json(request, 2 * config.webrtc_max_sdp_bytes + 1024,
+                                "2 x webrtc_max_sdp_bytes for the JSON-escaped SDP")
+        request_offer = parse_offer(data, config.webrtc_max_sdp_bytes)
+        found = await services.sessions.get(session_id)
+        if found is None or found.carrier != CARRIER or found.state != "pending":
+            raise OfferRefused(404, "unknown, used or expired session")
+        peer = await _Peer.negotiate(config.webrtc_ice_servers, request_offer)
+    except OfferRefused as exc:
+        return _refuse(exc)
+    except SessionStoreUnavailable as exc:
+        logger.error("webrtc offer refused: %s", exc)
+        return _error(503, "session store unavailable")
+    try:
+        session = await services.sessions.claim(session_id, carrier=CARRIER)
+    except SessionStoreUnavailable as exc:
+        await peer.close()
+        logger.error("webrtc offer refused: %s", exc)
+        return _error(503, "session store unavailable")
+    if session is None:      # claimed by a concurrent offer, or expired meanwhile
+        await peer.close()
+        return _refuse(OfferRefused(404, "unknown, used or expired session"))
+    try:
+        persona = services.personas.resolve(to=session.to, parameters=session.parameters,
+                                            context=session.context or None)
+    except PersonaError as exc:
+        logger.error("persona lookup failed, using the default: %s", exc)
+        persona = services.personas.resolve()
+    return await _answer(services, session, persona, peer)
+
+
+def _refuse(exc: OfferRefused) -> Response:
+    logger.warning("webrtc offer refused (%d): %s", exc.status, exc)
+    return _error(exc.status, str(exc))
+
+
+async def _answer(services: Services, session: Session, persona: Persona, peer: _Peer) -> Response:
+    """Finish the negotiation (gathers our ICE candidates) and answer; the session then runs after the
+    response in the same request task (:class:`_AnswerThenRun`)."""
+    token = call_id.set(session.id)
+    try:
+        rtc = WebRTCSession(services=services, session=session, persona=persona, peer=peer)
+        try:
+            answer_sdp = await peer.answer()
+        except Exception as exc:  # noqa: BLE001 - ICE gathering (a bad STUN/TURN URL) or DTLS setup failed
+            logger.error("could not complete the WebRTC answer: %s", exc)
+            rtc.finish("negotiation_failed")
+            await rtc.run()
+            return _error(500, f"could not complete the WebRTC answer: {exc}")
+        logger.info("webrtc offer answered codec=%s persona=%s", peer.codec, persona.name)
+        return _AnswerThenRun({"sdp": answer_sdp, "type": "answer", "session_id": session.id,
+                               "persona": persona.name, "codec": peer.codec}, session=rtc)
+    finally:
+        call_id.reset(token)
+
+
+class _AnswerThenRun(JSONResponse):
+    """Send the answer, then run the session in this request's task until it ends (it is not a
+    fire-and-forget task: uvicorn waits for it at shutdown, and the lifespan's shutdown ends it)."""
+
+    def __init__(self, content: Any, *, session: WebRTCSession) -> None:
+        super().__init__(content)
+        self._session = session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            self._session.finish("signaling_failed")     # the client never got its answer
+            raise
+        finally:
+            await self._session.run()
+
+
+# ------------------------------------------------------------------------------------------ the peer
+class _Peer:
+    """An RTCPeerConnection with the offer applied and our audio track attached, before its answer."""
+
+    def __init__(self, pc: RTCPeerConnection, transceiver: RTCRtpTransceiver, track: OutboundAudioTrack,
+                 answer: RTCSessionDescription, codec: str) -> None:
+        self.pc, self.transceiver, self.track, self._answer, self.codec = pc, transceiver, track, answer, codec
+
+    @classmethod
+    async def negotiate(cls, ice_servers: Sequence[Mapping[str, Any]], request: OfferRequest) -> _Peer:
+        """Apply the offer (nothing is bound yet: no sockets until :meth:`answer`); OfferRefused (400) when
+        aiortc cannot use it."""
+        try:
+            parsed = sdp.SessionDescription.parse(request.sdp)
+        except Exception as exc:  # noqa: BLE001 - the SDP parser fails with assorted errors on garbage
+            raise OfferRefused(400, f"the SDP offer cannot be parsed ({type(exc).__name__}: {exc})"
+                           if str(exc) else "the SDP offer cannot be parsed") from None
+        if not any(m.kind == "audio" for m in parsed.media):
+            raise OfferRefused(400, "the SDP offer has no audio m-line: add a microphone track or "
+                                "pc.addTransceiver('audio') before createOffer()")
+        pc = RTCPeerConnection(ice_configuration(ice_servers))
+        try:
+            track = OutboundAudioTrack()
+            transceiver = pc.addTransceiver(track, direction="sendrecv")
+            if request.codec:
+                transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                                 if c.mimeType.lower() == CODECS[request.codec].lower()])
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=request.sdp, type="offer"))
+            answer = await pc.createAnswer()
+            codec = _answer_codec(answer.sdp, transceiver)
+        except Exception as exc:  # noqa: BLE001 - aiortc refuses an unusable offer with assorted errors
+            await pc.close()
+            raise OfferRefused(400, _offer_problem(exc, request.codec)) from None
+        track.set_sample_rate(PHONE_RATE if codec in PHONE_CODECS else OPUS_OUTPUT_RATE)
+        return cls(pc, transceiver, track, answer, codec)
+
+    async def answer(self) -> str:
+        """Set the answer (gathers our candidates, starts ICE) and return its SDP."""
+        await self.pc.setLocalDescription(self._answer)
+        return self.pc.localDescription.sdp  # type: ignore[no-any-return]
+
+    @property
+    def remote_track(self) -> MediaStreamTrack | None:
+        return self.transceiver.receiver.track
+
+    async def close(self) -> None:
+        self.track.stop()
+        await self.pc.close()
+
+
+def _answer_codec(answer_sdp: str, transceiver: RTCRtpTransceiver) -> str:
+    """The codec the answer settled on for our audio m-line ("opus", "pcmu", "pcma", "g722")."""
+    for media in sdp.SessionDescription.parse(answer_sdp).media:
+        if media.kind == "audio" and media.rtp.muxId == transceiver.mid and media.rtp.codecs:
+            return str(media.rtp.codecs[0].mimeType.split("/", 1)[-1].lower())
+    raise ValueError("the answer has no audio codec")
+
+
+def _offer_problem(exc: Exception, codec: str) -> str:
+    text = str(exc) or type(exc).__name__
+    if "audio description send parameters" in text:     # aiortc: no audio codec in common
+        if codec:
+            return f'the offer has no {codec} audio codec ("codec": "{codec}" asks for it)'
+        return "the offer has no audio codec in common with the server (opus, PCMU, PCMA, G722)"
+    return f"the SDP offer was refused: {text}"
+
+
+# ------------------------------------------------------------------------------------------ the session
+class WebRTCSession:
+    """One WebRTC conversation: peer connection, conversation and playout in one TaskGroup.
+
+    Shaped like :class:`gateway.browser_ws.BrowserSession` (``finish``, ``finalised``, ``session``,
+    ``transfer``, ``send_dtmf``, ``machine_answered``), so ``services.calls`` ends it like any call."""
+
+    def __init__(self, *, services: Services, session: Session, persona: Persona, peer: _Peer) -> None:
+        self.services = services
+        self.session = session
+        self.persona = persona
+        self.peer = peer
+        self.track = peer.track
+        self.codec = peer.codec
+        self.reason: str | None = None
+        self.conversation: Conversation | None = None
+        self.finalised = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._finalised = False
+        self._playout: Playout | None = None
+        self._channel: RTCDataChannel | None = None
+        self._pending: list[str] = []
+        self._last_error: dict[str, float] = {}
+        self._last_audio_at = time.monotonic()
+        self._started_at = time.monotonic()
+        peer.pc.on("connectionstatechange", self._on_state)
+        peer.pc.on("datachannel", self._on_datachannel)
+        self._emit({"type": "ready", "session_id": session.id, "persona": persona.name, "codec": self.codec,
+                    "sample_rate": self.track.sample_rate})
+
+    def finish(self, reason: str, *, code: int = 1000, text: str = "") -> None:
+        """Ask the session to end (idempotent; the first reason wins). ``code``/``text`` are accepted
+        for the shape every call shares (they have no WebRTC meaning)."""
+        if self.reason is None:
+            self.reason = reason
+        self._ended.set()
+        self._changed.set()
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        token = call_id.set(self.session.id)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=METRICS_LABEL).inc()
+        metrics.calls_started.labels(carrier=METRICS_LABEL).inc()
+        self.services.calls[self.session.id] = self   # type: ignore[assignment]
+        try:
+            if not self._ended.is_set() and await self._wait_connected():
+                await self._converse()
+        except asyncio.CancelledError:
+            self.finish("shutdown")
+            raise
+        except Exception:
+            logger.exception("webrtc session failed unexpectedly; ending it")
+            self.finish("error")
+        finally:
+            await self._finalise()
+            call_id.reset(token)
+
+    async def _wait_connected(self) -> bool:
+        timeout = self.services.config.webrtc_connect_timeout_secs
+        try:
+            async with asyncio.timeout(timeout):
+                while not (self._connected.is_set() or self._ended.is_set()):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            logger.warning("peer did not connect within webrtc_connect_timeout_secs=%g; closing", timeout)
+            self.finish("connect_timeout")
+            return False
+        return not self._ended.is_set()
+
+    async def _converse(self) -> None:
+        services, config = self.services, self.services.config
+        logger.info("webrtc session started persona=%s codec=%s", self.persona.name, self.codec)
+        async with asyncio.TaskGroup() as tg:
+            playout = Playout(sample_rate=self.track.sample_rate, lead_ms=config.outbound_lead_ms,
+                              max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS)
+            convo = Conversation(settings=services.conversation_settings, persona=self.persona,
+                                 providers=services.providers, playout=playout, spawn=tg.create_task,
+                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
+            playout.on_speaking = convo.on_speaking
+            self._playout, self.conversation = playout, convo
+            tasks = [tg.create_task(playout.run(self._send_frame)), tg.create_task(self._limit_duration()),
+                     tg.create_task(self._watch_idle())]
+            remote = self.peer.remote_track
+            if remote is not None:
+                tasks.append(tg.create_task(self._read(remote, convo)))
+            convo.start()
+            await self._ended.wait()
+            convo.close()
+            for task in tasks:
+                task.cancel()
+
+    async def _read(self, track: MediaStreamTrack, convo: Conversation) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return          # the peer stopped sending; the idle timeout or the connection state ends us
+            self._last_audio_at = time.monotonic()
+            assert isinstance(frame, av.AudioFrame)
+            pcm = frame_to_pcm(frame)
+            if pcm:
+                convo.on_audio(AudioFrame(pcm, frame.sample_rate))
+
+    async def _watch_idle(self) -> None:
+        idle = self.services.config.webrtc_idle_timeout_secs
+        if idle <= 0:
+            return
+        self._last_audio_at = time.monotonic()
+        while True:
+            remaining = self._last_audio_at + idle - time.monotonic()
+            if remaining <= 0:
+                logger.warning("no audio from the peer for webrtc_idle_timeout_secs=%g; closing", idle)
+                self.finish("idle_timeout")
+                return
+            await asyncio.sleep(remaining)
+
+    async def _limit_duration(self) -> None:
+        config = self.services.config
+        await asyncio.sleep(config.max_call_secs)
+        logger.info("max_call_secs reached; saying goodbye")
+        if self.conversation is not None:
+            self.conversation.end_with(config.goodbye_text, "max_duration")
+        await asyncio.sleep(config.goodbye_timeout_secs)
+        self.finish("max_duration")
+
+    # ------------------------------------------------------------------------------ peer events
+    @contextlib.contextmanager
+    def _as_session(self) -> Iterator[None]:
+        """aiortc calls back from its own tasks: log those lines with this session's id too."""
+        token = call_id.set(self.session.id)
+        try:
+            yield
+        finally:
+            call_id.reset(token)
+
+    def _on_state(self) -> None:
+        with self._as_session():
+            state = self.peer.pc.connectionState
+            logger.info("peer connection %s", state)
+            if state == "connected":
+                self._connected.set()
+                self._changed.set()
+            elif state == "failed":
+                self.finish("connection_failed")
+            elif state == "closed":
+                self.finish("peer_closed")
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        with self._as_session():
+            channel.on("message", self._on_message)
+            if self._channel is not None:
+                logger.info("data channel %r: control messages accepted, events go to %r", channel.label,
+                            self._channel.label)
+                return
+            logger.info("data channel %r is the events channel", channel.label)
+            self._channel = channel
+            channel.on("open", self._flush_events)
+            channel.on("close", self._on_channel_closed)
+            self._flush_events()
+
+    def _on_channel_closed(self) -> None:
+        with self._as_session():
+            self.finish("client_disconnected")
+
+    def _on_message(self, message: str | bytes) -> None:
+        with self._as_session():
+            if isinstance(message, bytes):
+                self._bad_message("data channel messages must be JSON text; audio travels on the media track")
+                return
+            if len(message) > self.services.config.ws_max_message_bytes:
+                self._bad_message(f"control message over ws_max_message_bytes="
+                                  f"{self.services.config.ws_max_message_bytes}")
+                return
+            try:
+                data = json.loads(message)
+            except ValueError:
+                self._bad_message("control messages must be JSON objects like {\"type\": \"interrupt\"}")
+                return
+            kind = data.get("type") if isinstance(data, dict) else None
+            if kind == "interrupt":
+                if self.conversation is not None:
+                    self.conversation.interrupt()
+            elif kind == "end":
+                self.finish("ended_by_client")
+            else:
+                self._bad_message(f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
+
+    def _bad_message(self, message: str) -> None:
+        self.services.metrics.media_rejected.labels(carrier=METRICS_LABEL).inc()
+        self._error("bad_message", message)
+
+    def _error(self, code: str, message: str) -> None:
+        """An ``error`` event (the same one at most once a second)."""
+        now = time.monotonic()
+        key = code + message
+        if now - self._last_error.get(key, -_ERROR_EVERY_S) < _ERROR_EVERY_S:
+            return
+        self._last_error[key] = now
+        logger.warning("webrtc %s: %s", code, message)
+        self._emit({"type": "error", "code": code, "message": message})
+
+    # ------------------------------------------------------------------------------ output
+    def _emit(self, message: Mapping[str, Any]) -> None:
+        """Send an event on the data channel, or queue it until the channel opens."""
+        self._pending.append(encode(message))
+        if len(self._pending) > _MAX_PENDING_EVENTS:
+            del self._pending[0]
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        while self._pending:
+            text = self._pending.pop(0)
+            try:
+                channel.send(text)
+            except Exception as exc:  # noqa: BLE001 - the channel closed under us, or the peer's size limit
+                logger.warning("event not delivered on the data channel: %s", exc)
+                return
+
+    def _observe(self, event: Event) -> None:
+        self.services.metrics.observe(event, carrier=METRICS_LABEL, debug=self.services.debug)
+        message = event_message(event)
+        if message is not None:
+            self._emit(message)
+
+    async def _send_frame(self, frame: Frame) -> None:
+        """Playout output: audio into the track's buffer; a Clear (barge-in) flushes it. Marks need no
+        acknowledgement here: the playout's timing tells what was heard."""
+        if isinstance(frame, AudioFrame):
+            self.track.feed(frame.pcm)
+        elif isinstance(frame, Clear):
+            self.track.flush()
+
+    # ------------------------------------------------------------------------------ call control
+    async def transfer(self, target: str) -> None:
+        raise CallControlFailed("a WebRTC session cannot be transferred")
+
+    async def send_dtmf(self, digits: str) -> str:
+        """Digits as in-band tones (a browser has no out-of-band DTMF channel to us)."""
+        if self._playout is None:
+            raise CallControlFailed("the session has not connected yet")
+        await self._playout.write(dtmf_tones(digits, self._playout.sample_rate))
+        self._playout.end_of_audio()
+        return "in-band"
+
+    def machine_answered(self) -> None:
+        """Answering-machine detection does not apply to a browser."""
+
+    # ------------------------------------------------------------------------------ the finaliser
+    async def _finalise(self) -> None:
+        if self._finalised:
+            return
+        self._finalised = True
+        reason = self.reason or "unknown"
+        try:
+            self._emit({"type": "end", "reason": reason})
+            await self._drain_channel()
+        except Exception:  # noqa: BLE001 - the channel may already be gone
+            pass
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self.peer.close()
+        except Exception as exc:  # noqa: BLE001 - closing is best effort; the sockets close with the process
+            logger.error("could not close the peer connection cleanly: %s", exc or type(exc).__name__)
+        try:
+            await self.services.sessions.end(self.session.id)
+        except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later
+            logger.error("could not remove the session: %s", exc)
+        if self.services.calls.get(self.session.id) is self:
+            self.services.calls.pop(self.session.id, None)
+        metrics = self.services.metrics
+        metrics.active_calls.labels(carrier=METRICS_LABEL).dec()
+        metrics.calls_ended.labels(carrier=METRICS_LABEL, reason=reason).inc()
+        logger.info("webrtc session ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
+        self.finalised.set()
+
+    async def _drain_channel(self) -> None:
+        """Give queued events (the last transcript, ``end``) a moment to leave before the close."""
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+        while channel.bufferedAmount > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
