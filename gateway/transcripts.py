@@ -34,7 +34,8 @@ The spool directory is ``<spool_dir>/<table>-<hash of driver, DSN without passwo
 instances writing to different databases never replay each other's rows. Metrics: ``backlog``,
 ``written_total``, ``failures_total``, ``connected``, ``batches_total``, ``spilled_total``,
 ``rejected_total``. Logs never carry the DSN's password nor transcript text (debug lines give lengths).
-Call ``add()`` from the event loop's thread only.
+Call ``add()`` from the event loop's thread only. The database backends are in ``gateway.transcript_stores``,
+the spool files in ``gateway.transcript_spool``.
 """
 
 from __future__ import annotations
@@ -46,20 +47,24 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
-import secrets
-import sqlite3
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import asyncpg
+from gateway.transcript_spool import read_jsonl, scan_spool, set_aside, write_jsonl
+from gateway.transcript_stores import (
+    Backend,
+    PostgresBackend,
+    SqliteBackend,
+    describe_error,
+    in_thread,
+    mask_dsn,
+    secrets_of,
+)
 
 if TYPE_CHECKING:
     from gateway.config import TranscriptsConfig
@@ -73,10 +78,6 @@ MAX_RETRY_S = 30.0              # the reconnect backoff never waits longer than 
 
 _INT4_MAX = 2**31 - 1
 _TEXT_FIELDS = ("session_id", "carrier", "call_id", "from_number", "to_number", "persona", "text")
-_COLUMNS = ("session_id, seq, carrier, call_id, from_number, to_number, persona, role, text, "
-            "started_at, ended_at, latency")
-_PROCESS_STARTED = time.time()
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------- the row
@@ -143,329 +144,6 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# ------------------------------------------------------------------------------------------------ backends
-
-class _Backend(Protocol):
-    async def connect(self) -> None: ...            # open, and create the table if absent
-    async def insert(self, rows: Sequence[TranscriptRow]) -> int: ...   # one statement; rows newly stored
-    def is_data_error(self, exc: BaseException) -> bool: ...            # the rows, not the database, are at fault
-    def drop(self) -> None: ...                      # forget the connection after a failure, at once
-    async def close(self, timeout_s: float) -> None: ...
-
-
-def _clean(value: str) -> str:
-    """Text both databases accept: no NUL characters, valid UTF-8 (lone surrogates become U+FFFD)."""
-    if "\x00" in value:
-        value = value.replace("\x00", "")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value
-
-
-def _latency_json(row: TranscriptRow) -> str | None:
-    return None if row.latency is None else json.dumps(row.latency, separators=(",", ":"))
-
-
-_PG_DDL = """
-SELECT pg_advisory_xact_lock(hashtext('voxray.transcripts.{name}'));
-CREATE TABLE IF NOT EXISTS {table} (
-    id          bigserial PRIMARY KEY,
-    session_id  text NOT NULL,
-    seq         integer NOT NULL,
-    carrier     text NOT NULL,
-    call_id     text NOT NULL,
-    from_number text NOT NULL,
-    to_number   text NOT NULL,
-    persona     text NOT NULL,
-    role        text NOT NULL,
-    text        text NOT NULL,
-    started_at  timestamptz NOT NULL,
-    ended_at    timestamptz NOT NULL,
-    latency     jsonb,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (session_id, seq)
-);
-"""
-# The UNIQUE index leads with session_id, so it also serves "all utterances of this session" lookups.
-
-_PG_INSERT = f"""
-INSERT INTO {{table}} ({_COLUMNS})
-SELECT s, q, c, ci, fn, tn, p, r, x, to_timestamp(sa), to_timestamp(ea), l::jsonb
-FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-            $9::text[], $10::float8[], $11::float8[], $12::text[]) AS u(s, q, c, ci, fn, tn, p, r, x, sa, ea, l)
-ON CONFLICT (session_id, seq) DO NOTHING
-"""
-
-
-class _PostgresBackend:
-    def __init__(self, dsn: str, table: str, connect_timeout_s: float, command_timeout_s: float) -> None:
-        self._dsn = dsn
-        self._table = f'"{table}"'
-        self._ddl = _PG_DDL.format(name=table, table=self._table)
-        self._insert = _PG_INSERT.format(table=f'"{table}"')
-        self._connect_timeout_s = connect_timeout_s
-        self._command_timeout_s = command_timeout_s
-        self._pool: asyncpg.Pool | None = None
-
-    async def connect(self) -> None:
-        self.drop()
-        # min_size=0: no background "restore the connection floor" task logging every attempt of an outage;
-        # the writer reconnects with its own backoff and logs once.
-        pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=1, timeout=self._connect_timeout_s,
-                                         command_timeout=self._command_timeout_s)
-        try:
-            async with pool.acquire() as con:
-                # Only when absent: a role with INSERT but no CREATE on the schema gets "permission denied"
-                # from CREATE TABLE IF NOT EXISTS even when the table exists.
-                if not await con.fetchval("SELECT to_regclass($1) IS NOT NULL", self._table):
-                    async with con.transaction():
-                        await con.execute(self._ddl)   # the advisory lock: instances starting together don't race
-        except BaseException:
-            pool.terminate()
-            raise
-        self._pool = pool
-
-    async def insert(self, rows: Sequence[TranscriptRow]) -> int:
-        if self._pool is None:
-            raise ConnectionError("not connected")
-        columns: tuple[list[Any], ...] = tuple([] for _ in range(12))
-        for row in rows:
-            for column, value in zip(columns, (
-                    _clean(row.session_id), row.seq, _clean(row.carrier), _clean(row.call_id),
-                    _clean(row.from_number), _clean(row.to_number), _clean(row.persona), row.role,
-                    _clean(row.text), float(row.started_at), float(row.ended_at), _latency_json(row)), strict=True):
-                column.append(value)
-        status: str = await self._pool.execute(self._insert, *columns)     # "INSERT 0 <rows stored>"
-        return int(status.rsplit(" ", 1)[-1])
-
-    def is_data_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
-                                ValueError, TypeError))
-
-    def drop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
-
-    async def close(self, timeout_s: float) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            async with asyncio.timeout(timeout_s):
-                await pool.close()
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pool.terminate()
-
-
-_SQLITE_DDL = """
-CREATE TABLE IF NOT EXISTS {table} (
-    id          INTEGER PRIMARY KEY,
-    session_id  TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    carrier     TEXT NOT NULL,
-    call_id     TEXT NOT NULL,
-    from_number TEXT NOT NULL,
-    to_number   TEXT NOT NULL,
-    persona     TEXT NOT NULL,
-    role        TEXT NOT NULL,
-    text        TEXT NOT NULL,
-    started_at  REAL NOT NULL,
-    ended_at    REAL NOT NULL,
-    latency     TEXT,
-    created_at  REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
-    UNIQUE (session_id, seq)
-);
-"""
-
-
-class _SqliteBackend:
-    """sqlite3 in worker threads; epoch seconds in REAL columns, latency as JSON text."""
-
-    def __init__(self, path: str, table: str) -> None:
-        self._path = Path(path)
-        self._ddl = _SQLITE_DDL.format(table=f'"{table}"')
-        self._insert = (f'INSERT INTO "{table}" ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) '
-                        "ON CONFLICT (session_id, seq) DO NOTHING")
-        self._conn: sqlite3.Connection | None = None
-
-    async def connect(self) -> None:
-        self.drop()
-        await _in_thread(self._open)
-
-    def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(self._ddl)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn          # set here, so that even a cancelled connect() leaves it for close()
-
-    async def insert(self, rows: Sequence[TranscriptRow]) -> int:
-        if self._conn is None:
-            raise ConnectionError("not connected")
-        params = [(_clean(r.session_id), r.seq, _clean(r.carrier), _clean(r.call_id), _clean(r.from_number),
-                   _clean(r.to_number), _clean(r.persona), r.role, _clean(r.text), float(r.started_at),
-                   float(r.ended_at), _latency_json(r)) for r in rows]
-        return await _in_thread(self._insert_many, self._conn, params)
-
-    def _insert_many(self, conn: sqlite3.Connection, params: list[tuple[Any, ...]]) -> int:
-        before = conn.total_changes
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(self._insert, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return conn.total_changes - before
-
-    def is_data_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
-                                ValueError, TypeError))
-
-    def drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    async def close(self, timeout_s: float) -> None:
-        self.drop()
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``asyncio.to_thread``, but a cancelled caller still waits for the thread (it may hold a connection)."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()                        # retrieved: the caller is cancelled either way
-        raise
-
-
-# --------------------------------------------------------------------------------------------------- spool
-
-def _write_jsonl(directory: Path, prefix: str, lines: Sequence[str]) -> Path:
-    """Write lines to a new ``<prefix>-<time>-<pid>-<random>.jsonl``: fsync'd, then renamed into place."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    name = f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
-    part, final = directory / f"{name}.part", directory / f"{name}.jsonl"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
-    _fsync_dir(directory)
-    return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _scan_spool(directory: Path) -> list[tuple[Path, int]]:
-    """Spool files left by earlier processes, oldest first, with their row counts.
-
-    A ``.part`` file whose process is gone (it died while spilling) is taken as it is: its complete lines
-    are replayed like any other. (Our own pid on a file older than this process: a container restart.)
-    """
-    if not directory.is_dir():
-        return []
-    for part in directory.glob("spool-*.part"):
-        stale = False
-        fields = part.stem.split("-")
-        pid = int(fields[2]) if len(fields) == 4 and fields[2].isdigit() else 0
-        with contextlib.suppress(OSError):
-            stale = not _alive(pid) or (pid == os.getpid() and part.stat().st_mtime < _PROCESS_STARTED)
-        if stale:
-            with contextlib.suppress(OSError):
-                os.replace(part, part.with_suffix(".jsonl"))
-    found = []
-    for path in sorted(directory.glob("spool-*.jsonl")):
-        with contextlib.suppress(FileNotFoundError):
-            data = path.read_bytes()
-            found.append((path, len([line for line in data.splitlines() if line.strip()])))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_spool(path: Path) -> tuple[list[TranscriptRow], list[str]]:
-    """The rows of a spool file, and the lines that are not rows (a torn last line, say)."""
-    rows, bad = [], []
-    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(TranscriptRow.from_json(line))
-        except (ValueError, TypeError):
-            bad.append(line)
-    return rows, bad
-
-
-def _set_aside(path: Path, bad: list[str]) -> Path:
-    """Keep a spool file's unreadable lines next to it (``.bad``) and delete the file."""
-    keep = path.with_suffix(".bad")
-    with open(keep, "a", encoding="utf-8", errors="surrogateescape") as f:
-        f.writelines(line + "\n" for line in bad)
-        f.flush()
-        os.fsync(f.fileno())
-    path.unlink(missing_ok=True)
-    return keep
-
-
-def _mask_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***`` (safe to log)."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable DSN>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _secrets_of(dsn: str) -> list[str]:
-    found = re.findall(r"(?i)(?:^|&)password=([^&]+)", urlsplit(dsn).query) if "://" in dsn else []
-    with contextlib.suppress(ValueError):
-        if password := urlsplit(dsn).password:
-            found.append(password)
-    return [s for s in found if s]
-
-
 # -------------------------------------------------------------------------------------------------- writer
 
 class _Entry(NamedTuple):
@@ -504,17 +182,17 @@ class TranscriptWriter:
                              f"(got {table_name!r})")
         if min(batch_size, max_buffered_rows) < 1 or min(flush_interval_s, retry_base_s) <= 0:
             raise ValueError("batch_size, max_buffered_rows, flush_interval_s and retry_base_s must be > 0")
-        self._backend: _Backend
+        self._backend: Backend
         if driver == "postgres":
-            self._backend = _PostgresBackend(dsn, table_name, connect_timeout_s, command_timeout_s)
-            self._target = _mask_dsn(dsn)
+            self._backend = PostgresBackend(dsn, table_name, connect_timeout_s, command_timeout_s)
+            self._target = mask_dsn(dsn)
         elif driver == "sqlite":
-            self._backend = _SqliteBackend(dsn, table_name)
+            self._backend = SqliteBackend(dsn, table_name)
             self._target = f"sqlite:{dsn}"
         else:
             raise ValueError(f"driver must be 'postgres' or 'sqlite' (got {driver!r})")
-        self._secrets = _secrets_of(dsn)
-        key = hashlib.sha256(f"{driver}\n{_mask_dsn(dsn)}\n{table_name}".encode()).hexdigest()[:16]
+        self._secrets = secrets_of(dsn)
+        key = hashlib.sha256(f"{driver}\n{mask_dsn(dsn)}\n{table_name}".encode()).hexdigest()[:16]
         self._spool_dir = Path(spool_dir) / f"{table_name}-{key}"
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
@@ -609,7 +287,7 @@ class TranscriptWriter:
         if self._writer_task is not None:
             return
         try:
-            leftover = await _in_thread(_scan_spool, self._spool_dir)
+            leftover = await in_thread(scan_spool, self._spool_dir)
         except OSError as exc:
             logger.error("transcripts: cannot read the spool directory %s (%s)", self._spool_dir, exc)
             leftover = []
@@ -682,7 +360,7 @@ class TranscriptWriter:
         if self._buffer:
             entries = list(self._buffer)
             try:
-                path = await _in_thread(_write_jsonl, self._spool_dir, "spool", [e.row.to_json() for e in entries])
+                path = await in_thread(write_jsonl, self._spool_dir, "spool", [e.row.to_json() for e in entries])
             except OSError as exc:
                 logger.critical("transcripts: %d rows could neither be written to %s nor spooled to %s (%s); "
                                 "they are lost", len(entries), self._target, self._spool_dir, exc)
@@ -772,17 +450,17 @@ class TranscriptWriter:
                 self._batches_total += 1
                 self._written_total += 1
         if rejected:
-            path = await _in_thread(_write_jsonl, self._spool_dir, "rejected", [r.to_json() for r in rejected])
+            path = await in_thread(write_jsonl, self._spool_dir, "rejected", [r.to_json() for r in rejected])
             self._rejected_total += len(rejected)
             logger.error("transcripts: %s refused %d rows as invalid (%s); kept in %s", self._target,
-                         len(rejected), self._describe(first, rows_at_fault=True), path)
+                         len(rejected), describe_error(first, self._secrets, rows_at_fault=True), path)
 
     async def _replay_next(self) -> None:
         """Write the oldest spool file, batch by batch, then delete it."""
         path, spooled = next(iter(self._spool.items()))
         if self._replay_cache is None or self._replay_cache[0] != path:
             try:
-                rows, bad = await _in_thread(_read_spool, path)
+                rows, bad = await in_thread(read_jsonl, path, TranscriptRow.from_json)
             except FileNotFoundError:           # another process sharing the spool replayed it
                 self._forget(path)
                 return
@@ -804,11 +482,11 @@ class TranscriptWriter:
             self._recovered()
         try:
             if bad:
-                kept = await _in_thread(_set_aside, path, bad)
+                kept = await in_thread(set_aside, path, bad)
                 logger.error("transcripts: %d unreadable lines in spool file %s; kept in %s", len(bad), path.name,
                              kept)
             else:
-                await _in_thread(path.unlink, True)
+                await in_thread(path.unlink, True)
         except OSError as exc:                  # written already; replaying it again later stores nothing twice
             logger.error("transcripts: wrote spool file %s but cannot delete it (%s)", path, exc)
         logger.debug("transcripts: replayed %d spooled rows from %s", len(rows), path.name)
@@ -838,10 +516,11 @@ class TranscriptWriter:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             logger.error("transcripts: cannot write to %s (%s); keeping %d rows and retrying with backoff "
-                         "(%g s doubling, at most %g s)", self._target, self._describe(exc), self.backlog,
-                         self._retry_base_s, MAX_RETRY_S)
+                         "(%g s doubling, at most %g s)", self._target, describe_error(exc, self._secrets),
+                         self.backlog, self._retry_base_s, MAX_RETRY_S)
         else:
-            logger.debug("transcripts: still failing (%s); next attempt in %g s", self._describe(exc), self._delay)
+            logger.debug("transcripts: still failing (%s); next attempt in %g s",
+                         describe_error(exc, self._secrets), self._delay)
 
     def _recovered(self) -> None:
         self._delay = self._retry_base_s
@@ -857,22 +536,6 @@ class TranscriptWriter:
             async with asyncio.timeout(delay):
                 await self._retry_now.wait()
         self._retry_now.clear()
-
-    def _describe(self, exc: BaseException, *, rows_at_fault: bool = False) -> str:
-        """The error, fit for the log: no password, no row contents (PostgreSQL's DETAIL quotes the row)."""
-        if isinstance(exc, asyncpg.PostgresError):
-            text = f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"
-            if rows_at_fault:
-                constraint = getattr(exc, "constraint_name", None)
-                text += f" on constraint {constraint}" if constraint else ""
-            else:
-                text += f": {exc.message}"
-        else:
-            lines = str(exc).splitlines()
-            text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     def _min_pending(self) -> int:
         firsts = [self._next_ordinal]
@@ -896,7 +559,7 @@ class TranscriptWriter:
             self._spilling = [self._buffer.popleft() for _ in range(len(self._buffer) - keep)]
             entries = self._spilling
             try:
-                path = await _in_thread(_write_jsonl, self._spool_dir, "spool", [e.row.to_json() for e in entries])
+                path = await in_thread(write_jsonl, self._spool_dir, "spool", [e.row.to_json() for e in entries])
             except asyncio.CancelledError:
                 self._unspill(entries)
                 raise
@@ -930,7 +593,7 @@ class TranscriptWriter:
 
     def _spool_after_close(self, row: TranscriptRow) -> None:
         try:
-            path = _write_jsonl(self._spool_dir, "spool", [row.to_json()])
+            path = write_jsonl(self._spool_dir, "spool", [row.to_json()])
         except OSError as exc:
             logger.critical("transcripts: a row added after close() could not be spooled (%s); it is lost", exc)
         else:

@@ -1,5 +1,6 @@
 """Tests for gateway.transcripts: a private PostgreSQL (tests/pg_server.py) that the tests stop, crash and
-restart while rows arrive, and sqlite in a temporary file."""
+restart while rows arrive, and sqlite in a temporary file. They drive gateway.transcript_stores and
+gateway.transcript_spool through the writer."""
 
 from __future__ import annotations
 
