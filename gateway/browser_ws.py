@@ -54,6 +54,7 @@ from starlette.websockets import WebSocket
 from carriers.base import CallControlFailed
 from gateway.browser_events import event_message
 from gateway.call import SocketIO
+from gateway.call_log import CallLog
 from gateway.logging import call_id
 from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -92,6 +93,10 @@ async def ws(websocket: WebSocket) -> None:
     chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
     await websocket.accept(subprotocol=chosen)
     io = _socket_io(websocket)
+    if services.draining:
+        await io.send(_json({"type": "error", "code": "draining", "message": "this instance is shutting down"}))
+        await io.close(1013, "draining: try again")
+        return
     origin = websocket.headers.get("origin")
     if not origin_allowed(origin, websocket.headers.get("host", ""), config.cors_allowed_origins):
         logger.warning("/ws refused: origin %r is not in cors_allowed_origins (from %s)", origin,
@@ -265,6 +270,7 @@ class BrowserSession:
         self._finalised = False
         self._close_code, self._close_text = 1000, "session ended"
         self._playout: Playout | None = None
+        self._log: CallLog | None = None
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
         self._last_error: dict[str, float] = {}
@@ -303,6 +309,7 @@ class BrowserSession:
         services, config = self.services, self.services.config
         logger.info("browser session started persona=%s input_rate=%d codec=%s", self.persona.name, self.sample_rate,
                     self.codec)
+        self._log = CallLog.for_session(services, self.session, persona=self.persona.name, carrier=CARRIER)
         async with asyncio.TaskGroup() as tg:
             playout = Playout(sample_rate=self.output_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS,
@@ -341,7 +348,7 @@ class BrowserSession:
         if not pcm:
             return
         if self.codec == "pcmu":             # one µ-law byte per sample: every frame is well formed
-            convo.on_audio(AudioFrame(ulaw_decode(pcm), PHONE_RATE))
+            self._hear(AudioFrame(ulaw_decode(pcm), PHONE_RATE), convo)
             return
         expected = f"16-bit little-endian mono PCM at {self.sample_rate} Hz"
         if len(pcm) % 2:
@@ -351,7 +358,12 @@ class BrowserSession:
         if looks_like_float32(pcm):
             self._reject_audio(f"audio frame looks like float32 samples; send 16-bit integer PCM ({expected})")
             return
-        convo.on_audio(AudioFrame(pcm, self.sample_rate))
+        self._hear(AudioFrame(pcm, self.sample_rate), convo)
+
+    def _hear(self, frame: AudioFrame, convo: Conversation) -> None:
+        if self._log is not None:
+            self._log.caller(frame)
+        convo.on_audio(frame)
 
     def _reject_audio(self, message: str) -> None:
         self._bad_message("bad_audio", message)
@@ -416,6 +428,8 @@ class BrowserSession:
         no wire form (the ``interrupted`` event tells the browser to flush); marks are not sent (the
         playout's timing tells what was heard)."""
         if isinstance(frame, AudioFrame):
+            if self._log is not None:
+                self._log.agent(frame)
             data = ulaw_encode(frame.pcm) if self.codec == "pcmu" else frame.pcm
             async with self._send_lock:
                 await self.socket.send(data)
@@ -432,6 +446,8 @@ class BrowserSession:
 
     def _observe(self, event: Event) -> None:
         self.services.metrics.observe(event, carrier=CARRIER, debug=self.services.debug)
+        if self._log is not None:
+            self._log.observe(event)
         message = event_message(event)
         if message is not None:
             self._events.put_nowait(_json(message))
@@ -474,6 +490,8 @@ class BrowserSession:
             await self.socket.close(self._close_code, self._close_text)
         except Exception:  # noqa: BLE001 - the socket may already be gone
             pass
+        if self._log is not None:
+            await self._log.close()
         try:
             await self.services.sessions.end(self.session.id)
         except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later

@@ -69,6 +69,7 @@ from starlette.types import Receive, Scope, Send
 from carriers.base import CallControlFailed
 from gateway.browser_events import encode, event_message
 from gateway.browser_ws import StartRequest, parse_start
+from gateway.call_log import CallLog
 from gateway.logging import call_id
 from gateway.personas import PersonaError
 from gateway.routes import _authorised, _error, _services
@@ -571,6 +572,7 @@ class WebRTCSession:
         self._changed = asyncio.Event()
         self._finalised = False
         self._playout: Playout | None = None
+        self._log: CallLog | None = None
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
         self._last_error: dict[str, float] = {}
@@ -625,6 +627,7 @@ class WebRTCSession:
     async def _converse(self) -> None:
         services, config = self.services, self.services.config
         logger.info("webrtc session started persona=%s codec=%s", self.persona.name, self.codec)
+        self._log = CallLog.for_session(services, self.session, persona=self.persona.name, carrier=METRICS_LABEL)
         async with asyncio.TaskGroup() as tg:
             playout = Playout(sample_rate=self.track.sample_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS)
@@ -654,7 +657,10 @@ class WebRTCSession:
             assert isinstance(frame, av.AudioFrame)
             pcm = frame_to_pcm(frame)
             if pcm:
-                convo.on_audio(AudioFrame(pcm, frame.sample_rate))
+                audio = AudioFrame(pcm, frame.sample_rate)
+                if self._log is not None:
+                    self._log.caller(audio)
+                convo.on_audio(audio)
 
     async def _watch_idle(self) -> None:
         idle = self.services.config.webrtc_idle_timeout_secs
@@ -776,6 +782,8 @@ class WebRTCSession:
 
     def _observe(self, event: Event) -> None:
         self.services.metrics.observe(event, carrier=METRICS_LABEL, debug=self.services.debug)
+        if self._log is not None:
+            self._log.observe(event)
         message = event_message(event)
         if message is not None:
             self._emit(message)
@@ -784,6 +792,8 @@ class WebRTCSession:
         """Playout output: audio into the track's buffer; a Clear (barge-in) flushes it. Marks need no
         acknowledgement here: the playout's timing tells what was heard."""
         if isinstance(frame, AudioFrame):
+            if self._log is not None:
+                self._log.agent(frame)
             self.track.feed(frame.pcm)
         elif isinstance(frame, Clear):
             self.track.flush()
@@ -819,6 +829,8 @@ class WebRTCSession:
                 await self.peer.close()
         except Exception as exc:  # noqa: BLE001 - closing is best effort; the sockets close with the process
             logger.error("could not close the peer connection cleanly: %s", exc or type(exc).__name__)
+        if self._log is not None:
+            await self._log.close()
         try:
             await self.services.sessions.end(self.session.id)
         except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later

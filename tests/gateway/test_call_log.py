@@ -232,3 +232,52 @@ async def test_postgresql_stopped_mid_call_loses_no_row_and_duplicates_none(tmp_
             (7, "assistant", "Third answer.")]
     finally:
         pg.destroy()
+
+
+# ------------------------------------------------------------------------------------------ browsers
+@pytest.mark.asyncio
+async def test_browser_sessions_are_recorded_and_transcribed_too(tmp_path: Path, aws: WeedS3,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import aioice.ice
+    import httpx
+
+    from tests.gateway.test_browser_ws import open_session
+    from tests.gateway.test_webrtc import MIC_RATE, Browser
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    db = tmp_path / "transcripts.db"
+    async with FakeOpenAI(transcripts=["a table for two"], replies=["Sure. For what time?"],
+                          tts_ms_per_char=15) as fake:
+        config = phone_config(fake.base_url, "http://127.0.0.1:9",
+                              **storage(tmp_path, aws, {"driver": "sqlite", "dsn": str(db)}))
+        async with running_gateway(config) as url, httpx.AsyncClient(timeout=10) as http:
+            # /ws
+            client = await open_session(url)
+            ws_id = (await client.event("ready"))["session_id"]
+            await client.quiet()
+            end = await client.speak(1000)
+            await client.event("transcript", role="assistant", after=end, text="Sure. For what time?", timeout=8)
+            await client.ws.send(json.dumps({"type": "end"}))
+            await client.closed_with()
+            # WebRTC
+            peer = Browser()
+            try:
+                answer = await peer.connect(http, f"{url}/webrtc/offer")
+                rtc_id = answer["session_id"]
+                await peer.event("transcript", role="assistant")                # the greeting
+                await peer.quiet()
+                said = await peer.mic.say(speech_pcm("I would like a table for two.", MIC_RATE))
+                await peer.event("transcript", role="assistant", after=said - 3, text="Sure. For what time?",
+                                 timeout=8)
+                assert (await http.delete(f"{url}/sessions/{rtc_id}")).status_code == 200
+            finally:
+                await peer.close()
+            for sid in (ws_id, rtc_id):
+                rate, audio = channels(await recording(aws, sid))
+                assert rate == 16000 and np.sqrt(np.mean(audio[:, 0] ** 2)) > 0.005     # the caller's side
+                assert np.sqrt(np.mean(audio[:, 1] ** 2)) > 0.005                      # the agent's side
+    for sid, carrier in ((ws_id, "browser"), (rtc_id, "webrtc")):
+        rows = sqlite_rows(db, sid)
+        assert [(r["role"], r["text"], r["carrier"]) for r in rows] == [
+            ("assistant", Persona().greeting, carrier), ("user", "a table for two", carrier),
+            ("assistant", "Sure. For what time?", carrier)]
