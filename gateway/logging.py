@@ -48,3 +48,7 @@ def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # aiortc logs whole SDPs (ICE passwords, DTLS fingerprints) at debug, aioice every candidate check at
+    # info: secrets and noise, even when the gateway runs at debug (gateway.webrtc logs the states itself)
+    for noisy in ("aiortc", "aioice"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -31,7 +31,6 @@ from carriers.telnyx import TelnyxCarrier, TelnyxMediaStream
 from gateway.dialects import dialect_for
 from gateway.dialects.base import Inbound
 from gateway.dialects.telnyx import TelnyxDialect
-from pipeline.audio import alaw_decode, ulaw_decode
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
 from tests.fakes.telnyx_rest import FakeTelnyxREST
 

@@ -12,6 +12,7 @@ import wave
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import numpy as np
 import pytest
 
@@ -149,6 +150,14 @@ async def test_a_call_is_recorded_in_stereo_to_s3_and_transcribed_to_sqlite(tmp_
             await call.hang_up()
             wav = await recording(aws, call.session_id)
             await call.close()
+            async with httpx.AsyncClient() as http:
+                deadline = time.monotonic() + 5
+                while "voxray_recordings_uploaded 1.0" not in (metrics := (await http.get(f"{url}/metrics")).text):
+                    assert time.monotonic() < deadline, metrics
+                    await asyncio.sleep(0.05)
+    for line in ("voxray_recording_backlog 0.0", "voxray_recording_upload_retries 0.0",
+                 "voxray_transcript_backlog 0.0", 'voxray_sessions{store="memory"} 0.0', "voxray_draining 0.0"):
+        assert line in metrics
     rate, audio = channels(wav)
     assert rate == 16000 and 2.0 < len(audio) / rate < 60
     caller, agent = audio[:, 0], audio[:, 1]
@@ -239,7 +248,6 @@ async def test_postgresql_stopped_mid_call_loses_no_row_and_duplicates_none(tmp_
 async def test_browser_sessions_are_recorded_and_transcribed_too(tmp_path: Path, aws: WeedS3,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import aioice.ice
-    import httpx
 
     from tests.gateway.test_browser_ws import open_session
     from tests.gateway.test_webrtc import MIC_RATE, Browser
