@@ -32,6 +32,7 @@ __all__ = [
     "alaw_encode",
     "dtmf_tones",
     "duration_ms",
+    "looks_like_stereo",
     "pcm_to_wav",
     "rms",
     "silence",
@@ -205,6 +206,35 @@ def rms(pcm: bytes) -> float:
         return 0.0
     x = np.frombuffer(pcm, "<i2", len(pcm) // 2).astype(np.float32)
     return float(np.sqrt(np.dot(x, x) / x.size)) / 32768.0   # float32 dot: exact enough, ~3x cheaper
+
+
+def looks_like_stereo(pcm: bytes) -> bool:
+    """True when 16-bit PCM declared mono looks like interleaved stereo (L, R, L, R ...).
+
+    Give it a second or so of sound: two channels carrying the same signal make every sample equal
+    its neighbour; two different signals make samples two apart (one channel, adjacent in time)
+    far more alike than neighbours (two channels). Mono audio's likeness falls with distance.
+    A client that doubles every sample to upsample also matches: use the result to warn, not to
+    refuse.
+
+    >>> mono = np.sin(np.arange(16000) / 7.0) * 8000
+    >>> looks_like_stereo(mono.astype("<i2").tobytes())
+    False
+    >>> looks_like_stereo(np.repeat(mono, 2).astype("<i2").tobytes())
+    True
+    """
+    x = np.frombuffer(pcm, "<i2", len(pcm) // 4 * 2).astype(np.float64)
+    if x.size < 640 or float(np.sqrt(np.mean(x * x))) < 100.0:       # too short or too quiet to tell
+        return False
+    if float(np.mean(np.abs(x[0::2] - x[1::2]))) <= 0.01 * float(np.mean(np.abs(x))):
+        return True
+
+    def likeness(lag: int) -> float:
+        a, b = x[:-lag] - x.mean(), x[lag:] - x.mean()
+        return float(np.dot(a, b) / (np.sqrt(np.dot(a, a) * np.dot(b, b)) + 1e-9))
+
+    near, far = likeness(1), likeness(2)
+    return far > 0.6 and far - near > 0.3
 
 
 def silence(duration_ms: float, sample_rate: int) -> bytes:

@@ -371,3 +371,22 @@ def test_dtmf_tones_hold_the_two_q23_frequencies() -> None:
     assert not np.any(x[800:1200])                      # the gap is silent
     with pytest.raises(ValueError, match="not DTMF digits"):
         dtmf_tones("5x", 8000)
+
+
+# ------------------------------------------------------------------------------------------ stereo detection
+def test_interleaved_stereo_is_told_from_mono_speech() -> None:
+    from pipeline.audio import looks_like_stereo
+    from tests.speech import speech_pcm
+
+    for rate in (16000, 48000):
+        speech = np.frombuffer(speech_pcm("Hello, I would like to book a table for two tonight.", rate), "<i2")
+        assert not looks_like_stereo(speech.tobytes())                                   # mono speech
+        assert looks_like_stereo(np.repeat(speech, 2).tobytes())                         # L = R
+        other = np.roll(speech, rate // 3)                                               # a different right side
+        stereo = np.empty(2 * speech.size, "<i2")
+        stereo[0::2], stereo[1::2] = speech, other
+        assert looks_like_stereo(stereo.tobytes())
+    rng = np.random.default_rng(1)
+    assert not looks_like_stereo((rng.standard_normal(16000) * 3000).astype("<i2").tobytes())   # noise
+    assert not looks_like_stereo(b"\x00" * 32000)                                            # silence
+    assert not looks_like_stereo(np.repeat(np.int16(9000), 100).tobytes())                   # too short
