@@ -46,22 +46,20 @@ import hmac
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.websockets import WebSocket
 
-from carriers.base import CallControlFailed
-from gateway.browser_events import event_message
+from gateway.browser_events import encode
+from gateway.browser_session import BrowserCall
 from gateway.call import SocketIO
-from gateway.call_log import CallLog
-from gateway.logging import call_id
 from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
-from pipeline.audio import dtmf_tones, ulaw_decode, ulaw_encode
-from pipeline.conversation import Conversation, Event, Persona
-from pipeline.frames import AudioFrame, Clear, Frame
-from pipeline.playout import Playout
+from pipeline.audio import ulaw_decode, ulaw_encode
+from pipeline.conversation import Conversation, Persona
+from pipeline.frames import AudioFrame
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -75,11 +73,9 @@ CARRIER = "browser"                   # the metrics label and the session's carr
 OUTPUT_RATE = 16000
 PHONE_RATE = 8000                     # "codec": "pcmu": G.711 µ-law at 8 kHz both ways, as a caller hears it
 CODECS = ("pcm16", "pcmu")
-FRAME_MS = 20
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 SUBPROTOCOL = "voxray"
 _ROLES = ("system", "user", "assistant")
-_ERROR_EVERY_S = 1.0                  # the same error event at most once a second (a bad stream is per frame)
 
 
 # ------------------------------------------------------------------------------------------ the route
@@ -94,7 +90,7 @@ async def ws(websocket: WebSocket) -> None:
     await websocket.accept(subprotocol=chosen)
     io = _socket_io(websocket)
     if services.draining:
-        await io.send(_json({"type": "error", "code": "draining", "message": "this instance is shutting down"}))
+        await io.send(encode({"type": "error", "code": "draining", "message": "this instance is shutting down"}))
         await io.close(1013, "draining: try again")
         return
     origin = websocket.headers.get("origin")
@@ -127,7 +123,7 @@ async def ws(websocket: WebSocket) -> None:
             claimed_at=time.time()))
     except SessionStoreUnavailable as exc:
         logger.error("/ws refused: %s", exc)
-        await io.send(_json({"type": "error", "code": "unavailable", "message": "session store unavailable"}))
+        await io.send(encode({"type": "error", "code": "unavailable", "message": "session store unavailable"}))
         await io.close(1011, "session store unavailable")
         return
     await BrowserSession(services=services, session=session, persona=persona, socket=io,
@@ -223,7 +219,7 @@ async def _read_start(io: SocketIO, timeout_s: float) -> StartRequest | None:
 
 async def _refuse(io: SocketIO, message: str) -> None:
     logger.warning("/ws refused: %s", message)
-    await io.send(_json({"type": "error", "code": "bad_start", "message": message}))
+    await io.send(encode({"type": "error", "code": "bad_start", "message": message}))
     await io.close(1008, "bad start message")
 
 
@@ -247,86 +243,46 @@ def looks_like_float32(pcm: bytes) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the session
-class BrowserSession:
-    """One browser/app conversation: socket, conversation and playout in one TaskGroup.
+class BrowserSession(BrowserCall):
+    """One ``/ws`` conversation: the socket's reader and event writer beside the shared conversation.
 
-    Compatible with ``services.calls`` (``finish``, ``finalised``, ``session``), so
+    Usage (the route does this once the ``start`` message is valid and the session is stored)::
+
+        await BrowserSession(services=services, session=session, persona=persona, socket=io,
+                             sample_rate=16000, codec="pcm16").run()
+
+    Compatible with ``services.calls`` (see :class:`gateway.browser_session.BrowserCall`), so
     ``DELETE /sessions/{id}`` and shutdown end it like a carrier call."""
+
+    label = CARRIER
+    noun = "a browser session"
+    log_prefix = "/ws"
+    not_started = "the session has not started yet"
 
     def __init__(self, *, services: Services, session: Session, persona: Persona, socket: SocketIO,
                  sample_rate: int, codec: str = "pcm16") -> None:
-        self.services = services
-        self.session = session
-        self.persona = persona
+        super().__init__(services=services, session=session, persona=persona, codec=codec,
+                         output_rate=PHONE_RATE if codec == "pcmu" else OUTPUT_RATE)
         self.socket = socket
         self.sample_rate = sample_rate
-        self.codec = codec
-        self.output_rate = PHONE_RATE if codec == "pcmu" else OUTPUT_RATE
         self._bad_messages = 0
-        self.reason: str | None = None
-        self.conversation: Conversation | None = None
-        self.finalised = asyncio.Event()
-        self._ended = asyncio.Event()
-        self._finalised = False
-        self._close_code, self._close_text = 1000, "session ended"
-        self._playout: Playout | None = None
-        self._log: CallLog | None = None
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
-        self._last_error: dict[str, float] = {}
-        self._started_at = time.monotonic()
-
-    def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
-        """Ask the session to end (idempotent; the first reason wins)."""
-        if self.reason is None:
-            self.reason = reason
-            self._close_code, self._close_text = code, text
-        self._ended.set()
 
     # ------------------------------------------------------------------------------ lifecycle
-    async def run(self) -> None:
-        token = call_id.set(self.session.id)
-        metrics = self.services.metrics
-        metrics.active_calls.labels(carrier=CARRIER).inc()
-        metrics.calls_started.labels(carrier=CARRIER).inc()
-        self.services.calls[self.session.id] = self   # type: ignore[assignment]
-        try:
-            await self._send_text(_json({"type": "ready", "sample_rate": self.output_rate, "codec": self.codec,
-                                         "session_id": self.session.id, "input_sample_rate": self.sample_rate,
-                                         "persona": self.persona.name}))
-            await self._converse()
-        except asyncio.CancelledError:
-            self.finish("shutdown", code=1001, text="server shutting down")
-            raise
-        except Exception:
-            logger.exception("browser session failed unexpectedly; ending it")
-            self.finish("error", code=1011, text="internal error")
-        finally:
-            await self._finalise()
-            call_id.reset(token)
-
-    async def _converse(self) -> None:
-        services, config = self.services, self.services.config
+    async def _serve(self) -> None:
+        await self._send_text(encode({**self._ready(), "input_sample_rate": self.sample_rate}))
         logger.info("browser session started persona=%s input_rate=%d codec=%s", self.persona.name, self.sample_rate,
                     self.codec)
-        self._log = CallLog.for_session(services, self.session, persona=self.persona.name, carrier=CARRIER)
-        async with asyncio.TaskGroup() as tg:
-            playout = Playout(sample_rate=self.output_rate, lead_ms=config.outbound_lead_ms,
-                              max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS,
-                              coalesce_ms=config.ws_write_coalesce_ms)
-            convo = Conversation(settings=services.conversation_settings, persona=self.persona,
-                                 providers=services.providers, playout=playout, spawn=tg.create_task,
-                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
-            playout.on_speaking = convo.on_speaking
-            self._playout, self.conversation = playout, convo
-            tasks = [tg.create_task(playout.run(self._send_frame)), tg.create_task(self._write_events()),
-                     tg.create_task(self._read(convo)), tg.create_task(self._limit_duration())]
-            convo.start()
-            await self._ended.wait()
-            convo.close()
-            for task in tasks:
-                task.cancel()
+        await self._converse()
 
+    def _tasks(self, tg: asyncio.TaskGroup, convo: Conversation) -> list[asyncio.Task[None]]:
+        return [tg.create_task(self._write_events()), tg.create_task(self._read(convo))]
+
+    def _coalesce_ms(self) -> float:
+        return self.services.config.ws_write_coalesce_ms
+
+    # ------------------------------------------------------------------------------ input
     async def _read(self, convo: Conversation) -> None:
         limit = self.services.config.ws_max_message_bytes
         while True:
@@ -342,7 +298,7 @@ class BrowserSession:
             if isinstance(message, bytes):
                 self._audio(message, convo)
             else:
-                self._control(message, convo)
+                self._control(message)
 
     def _audio(self, pcm: bytes, convo: Conversation) -> None:
         if not pcm:
@@ -352,63 +308,35 @@ class BrowserSession:
             return
         expected = f"16-bit little-endian mono PCM at {self.sample_rate} Hz"
         if len(pcm) % 2:
-            self._reject_audio(f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
-                               f"expected {expected}")
+            self._bad_message("bad_audio", f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
+                                           f"expected {expected}")
             return
         if looks_like_float32(pcm):
-            self._reject_audio(f"audio frame looks like float32 samples; send 16-bit integer PCM ({expected})")
+            self._bad_message("bad_audio", f"audio frame looks like float32 samples; send 16-bit integer PCM "
+                                           f"({expected})")
             return
         self._hear(AudioFrame(pcm, self.sample_rate), convo)
-
-    def _hear(self, frame: AudioFrame, convo: Conversation) -> None:
-        if self._log is not None:
-            self._log.caller(frame)
-        convo.on_audio(frame)
-
-    def _reject_audio(self, message: str) -> None:
-        self._bad_message("bad_audio", message)
 
     def _bad_message(self, code: str, message: str) -> None:
         """A dropped frame or control message: reported, counted, and past ``media_max_bad_messages``
         the session ends (1008) rather than reading garbage for its whole lifetime."""
-        self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
         self._bad_messages += 1
         limit = self.services.config.media_max_bad_messages
         if self._bad_messages <= limit:
-            self._error(code, message)
+            super()._bad_message(code, message)
             return
+        self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
         if self.reason is None:
             logger.warning("/ws %d bad messages exceed media_max_bad_messages=%d; closing (last: %s)",
                            self._bad_messages, limit, message)
-            self._events.put_nowait(_json({"type": "error", "code": "too_many_bad_messages",
-                                           "message": f"more than {limit} bad messages ({code}: {message})"}))
+            self._emit({"type": "error", "code": "too_many_bad_messages",
+                        "message": f"more than {limit} bad messages ({code}: {message})"})
         self.finish("too_many_bad_messages", code=1008, text="too many bad messages")
 
-    def _control(self, text: str, convo: Conversation) -> None:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            self._bad_message("bad_message", "control messages must be JSON objects like {\"type\": \"interrupt\"}")
-            return
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind == "interrupt":
-            convo.interrupt()
-        elif kind == "end":
-            self.finish("ended_by_client")
-        elif kind == "start":
-            self._bad_message("bad_message", "the session has already started")
-        else:
-            self._bad_message("bad_message", f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
-
-    def _error(self, code: str, message: str) -> None:
-        """An ``error`` event (the same one at most once a second: a bad stream fails every frame)."""
-        now = time.monotonic()
-        key = code + message
-        if now - self._last_error.get(key, -_ERROR_EVERY_S) < _ERROR_EVERY_S:
-            return
-        self._last_error[key] = now
-        logger.warning("/ws %s: %s", code, message)
-        self._events.put_nowait(_json({"type": "error", "code": code, "message": message}))
+    def _unexpected(self, kind: object) -> str:
+        if kind == "start":
+            return "the session has already started"
+        return super()._unexpected(kind)
 
     def _socket_closed(self) -> None:
         code = self.socket.peer_close_code()
@@ -423,86 +351,30 @@ class BrowserSession:
             self.finish("client_disconnected")
 
     # ------------------------------------------------------------------------------ output
-    async def _send_frame(self, frame: Frame) -> None:
-        """Playout output: audio as binary PCM16 at 16 kHz (µ-law at 8 kHz with ``codec: pcmu``). A Clear has
-        no wire form (the ``interrupted`` event tells the browser to flush); marks are not sent (the
-        playout's timing tells what was heard)."""
-        if isinstance(frame, AudioFrame):
-            if self._log is not None:
-                self._log.agent(frame)
-            data = ulaw_encode(frame.pcm) if self.codec == "pcmu" else frame.pcm
-            async with self._send_lock:
-                await self.socket.send(data)
-        elif isinstance(frame, Clear):
-            return
+    async def _play(self, pcm: bytes) -> None:
+        """Binary PCM16 at 16 kHz (µ-law at 8 kHz with ``codec: pcmu``). A Clear has no wire form (the
+        ``interrupted`` event tells the browser to flush its playback)."""
+        data = ulaw_encode(pcm) if self.codec == "pcmu" else pcm
+        async with self._send_lock:
+            await self.socket.send(data)
 
     async def _send_text(self, text: str) -> None:
         async with self._send_lock:
             await self.socket.send(text)
 
+    def _emit(self, message: Mapping[str, Any]) -> None:
+        self._events.put_nowait(encode(message))
+
     async def _write_events(self) -> None:
         while True:
             await self._send_text(await self._events.get())
 
-    def _observe(self, event: Event) -> None:
-        self.services.metrics.observe(event, carrier=CARRIER, debug=self.services.debug)
-        if self._log is not None:
-            self._log.observe(event)
-        message = event_message(event)
-        if message is not None:
-            self._events.put_nowait(_json(message))
-
-    # ------------------------------------------------------------------------------ call control
-    async def transfer(self, target: str) -> None:
-        raise CallControlFailed("a browser session cannot be transferred")
-
-    async def send_dtmf(self, digits: str) -> str:
-        """Digits as in-band tones (there is no out-of-band channel to a browser)."""
-        if self._playout is None:
-            raise CallControlFailed("the session has not started yet")
-        await self._playout.write(dtmf_tones(digits, self._playout.sample_rate))
-        self._playout.end_of_audio()
-        return "in-band"
-
-    def machine_answered(self) -> None:
-        """Answering-machine detection does not apply to a browser."""
-
-    async def _limit_duration(self) -> None:
-        config = self.services.config
-        await asyncio.sleep(config.max_call_secs)
-        logger.info("max_call_secs reached; saying goodbye")
-        if self.conversation is not None:
-            self.conversation.end_with(config.goodbye_text, "max_duration")
-        await asyncio.sleep(config.goodbye_timeout_secs)
-        self.finish("max_duration")
-
-    # ------------------------------------------------------------------------------ the finaliser
-    async def _finalise(self) -> None:
-        if self._finalised:
-            return
-        self._finalised = True
-        reason = self.reason or "unknown"
+    async def _close_transport(self, reason: str) -> None:
         try:
             while not self._events.empty():        # events not yet written (the goodbye's transcript)
                 await self.socket.send(self._events.get_nowait())
             if self._close_code in (1000, 1001):
-                await self.socket.send(_json({"type": "end", "reason": reason}))
+                await self.socket.send(encode({"type": "end", "reason": reason}))
             await self.socket.close(self._close_code, self._close_text)
-        except Exception:  # noqa: BLE001 - the socket may already be gone
+        except Exception:  # noqa: BLE001, S110 - the socket may already be gone
             pass
-        if self._log is not None:
-            await self._log.close()
-        try:
-            await self.services.sessions.end(self.session.id)
-        except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later
-            logger.error("could not remove the session: %s", exc)
-        self.services.calls.pop(self.session.id, None)
-        metrics = self.services.metrics
-        metrics.active_calls.labels(carrier=CARRIER).dec()
-        metrics.calls_ended.labels(carrier=CARRIER, reason=reason).inc()
-        logger.info("browser session ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
-        self.finalised.set()
-
-
-def _json(message: Mapping[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))

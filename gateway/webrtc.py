@@ -23,8 +23,9 @@ carrier's, exactly as before.
 Media: the peer's first audio m-line. Its audio (Opus at 48 kHz, or PCMU at 8 kHz when the browser
 prefers it or the offer says ``"codec": "pcmu"``, the softphone's "phone codec" mode) is decoded by
 aiortc, downmixed to 16-bit mono and fed to the conversation at the decoded rate. The agent's audio goes
-out through :class:`OutboundAudioTrack` (16 kHz for Opus, 8 kHz for G.711, so the phone mode is band-limited
-by our own anti-aliased resampler exactly as on a phone leg), paced in real time; a barge-in flushes it.
+out through :class:`gateway.webrtc_audio.OutboundAudioTrack` (16 kHz for Opus, 8 kHz for G.711, so the
+phone mode is band-limited by our own anti-aliased resampler exactly as on a phone leg), paced in real
+time; a barge-in flushes it.
 
 Events: over the first data channel the browser creates (label ``"events"`` recommended), the same JSON
 as ``/ws`` (see :mod:`gateway.browser_events`): ``ready`` (``session_id``, ``persona``, ``codec``,
@@ -32,14 +33,15 @@ as ``/ws`` (see :mod:`gateway.browser_events`): ``ready`` (``session_id``, ``per
 (``reason``). Events before the channel opens are queued. The browser sends ``{"type": "interrupt"}`` and
 ``{"type": "end"}``.
 
-Lifetime: the session runs in the offer's request task after the answer is sent (no stray task), is
-registered in ``services.calls`` (``DELETE /sessions/{id}``, drain and shutdown end it; metrics carry the
-carrier label ``webrtc``; the store's carrier is ``browser``) and ends through one idempotent finaliser
-(``end`` on the channel, peer connection closed, session removed). Limits: ``webrtc_connect_timeout_secs`` (the peer never
-connects: ``connect_timeout``), ``webrtc_idle_timeout_secs`` (a connected peer sends no audio:
-``idle_timeout``), ``max_call_secs`` (goodbye, then ``max_duration``); the connection failing or closing
-ends it too. ICE servers come from ``webrtc_ice_servers`` (none by default: host candidates only, right for
-a server with a public address; add STUN/TURN behind NAT).
+Lifetime (shared with ``/ws``: :class:`gateway.browser_session.BrowserCall`): the session runs in the
+offer's request task after the answer is sent (no stray task), is registered in ``services.calls``
+(``DELETE /sessions/{id}``, drain and shutdown end it; metrics carry the carrier label ``webrtc``; the
+store's carrier is ``browser``) and ends through one idempotent finaliser (``end`` on the channel, peer
+connection closed, session removed). Limits: ``webrtc_connect_timeout_secs`` (the peer never connects:
+``connect_timeout``), ``webrtc_idle_timeout_secs`` (a connected peer sends no audio: ``idle_timeout``),
+``max_call_secs`` (goodbye, then ``max_duration``); the connection failing or closing ends it too. ICE
+servers come from ``webrtc_ice_servers`` (none by default: host candidates only, right for a server with
+a public address; add STUN/TURN behind NAT).
 
 Usage (``gateway.app`` mounts it when ``transport`` is ``smallwebrtc`` or ``both``)::
 
@@ -51,14 +53,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import av
-import numpy as np
 from aiortc import (MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
                     RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription, sdp)
 from aiortc.mediastreams import MediaStreamError
@@ -66,24 +67,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from carriers.base import CallControlFailed
-from gateway.browser_events import encode, event_message
+from gateway.browser_events import encode
+from gateway.browser_session import BrowserCall
 from gateway.browser_ws import StartRequest, parse_start
-from gateway.call_log import CallLog
 from gateway.logging import call_id
 from gateway.personas import PersonaError
 from gateway.routes import _authorised, _error, _services
 from gateway.sessions import Session, SessionStoreUnavailable
-from pipeline.audio import dtmf_tones
-from pipeline.conversation import Conversation, Event, Persona
-from pipeline.frames import AudioFrame, Clear, Frame
-from pipeline.playout import Playout
+from gateway.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
+from pipeline.conversation import Conversation, Persona
+from pipeline.frames import AudioFrame
 
 if TYPE_CHECKING:
     from gateway.app import Services
 
-__all__ = ["OfferRefused", "OfferRequest", "OutboundAudioTrack", "WebRTCSession", "frame_to_pcm", "ice_configuration",
-           "offer", "parse_offer", "pcm_to_frame", "session_offer", "start_session"]
+__all__ = ["OfferRefused", "OfferRequest", "WebRTCSession", "ice_configuration", "offer", "parse_offer", "session_offer",
+           "start_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,129 +95,12 @@ for _name in ("aiortc", "aioice"):
 
 CARRIER = "browser"            # the session's carrier in the store (a /start JSON session is claimed as this)
 METRICS_LABEL = "webrtc"       # the carrier label of this transport's metrics
-FRAME_MS = 20
 CODECS = {"opus": "audio/opus", "pcmu": "audio/PCMU"}     # what an offer's "codec" may ask for
 PHONE_CODECS = ("pcmu", "pcma")
-OPUS_OUTPUT_RATE = 16000       # the pipeline's rate; aiortc's encoder resamples it to Opus's 48 kHz
-PHONE_RATE = 8000
 START_KEYS = frozenset({"context", "persona", "number"})
-_ERROR_EVERY_S = 1.0
 _MAX_PENDING_EVENTS = 256      # events queued before the data channel opens (older ones are dropped)
 _CLOSE_TIMEOUT_S = 5.0
 _DRAIN_TIMEOUT_S = 0.5
-
-
-# ------------------------------------------------------------------------------------------ audio frames
-def frame_to_pcm(frame: av.AudioFrame) -> bytes:
-    """A decoded frame as 16-bit little-endian mono PCM at ``frame.sample_rate`` (channels averaged).
-
-    Handles packed and planar layouts of s16, s32 and float samples (aiortc's decoders give packed s16:
-    Opus stereo at 48 kHz, G.711 mono at 8 kHz)."""
-    channels = len(frame.layout.channels)
-    data = frame.to_ndarray()
-    if not frame.format.is_planar:
-        data = data.reshape(-1, channels).T            # interleaved L R L R -> one row per channel
-    if data.dtype.kind == "f":
-        data = np.clip(np.rint(data.astype(np.float64) * 32768.0), -32768, 32767)
-    elif data.dtype == np.int32:
-        data = data >> 16
-    elif data.dtype == np.uint8:
-        data = (data.astype(np.int32) - 128) << 8
-    if channels > 1:
-        data = np.rint(data.astype(np.float64).mean(axis=0))
-    else:
-        data = data[0]
-    return data.astype("<i2").tobytes()
-
-
-def pcm_to_frame(pcm: bytes, sample_rate: int, pts: int) -> av.AudioFrame:
-    """16-bit mono PCM as an ``av.AudioFrame`` (s16, mono) with ``pts`` in samples (time base 1/rate)."""
-    frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2").reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = sample_rate
-    frame.pts = pts
-    frame.time_base = fractions.Fraction(1, sample_rate)
-    return frame
-
-
-class OutboundAudioTrack(MediaStreamTrack):
-    """The agent's audio as an aiortc track: 20 ms frames paced in real time, silence when nothing is queued.
-
-    aiortc pulls ``recv()``; frame *n* is due at ``start + n * 20 ms`` on the monotonic clock, so the pace
-    never drifts however long each call takes. After a stall longer than ``max_late_ms`` the schedule is
-    re-anchored rather than sending a burst. ``feed`` appends PCM (the playout's frames); ``flush``
-    drops what is buffered (barge-in). More than ``max_buffer_ms`` buffered (nobody pulling) drops the
-    oldest audio."""
-
-    kind = "audio"
-
-    def __init__(self, sample_rate: int = OPUS_OUTPUT_RATE, *, frame_ms: int = FRAME_MS,
-                 max_buffer_ms: float = 2000.0, max_late_ms: float = 200.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        super().__init__()
-        self._frame_ms = frame_ms
-        self._max_buffer_ms = max_buffer_ms
-        self._max_late = max_late_ms / 1000.0
-        self._clock = clock
-        self._sleep = sleep
-        self._buffer = bytearray()
-        self._start: float | None = None
-        self.frames = 0             # frames handed out (the next frame's pts is frames * samples_per_frame)
-        self.dropped_ms = 0.0       # audio dropped because the buffer overflowed
-        self.set_sample_rate(sample_rate)
-
-    def set_sample_rate(self, sample_rate: int) -> None:
-        """Choose the output rate (once the codec is negotiated); only before the first frame."""
-        if self.frames:
-            raise RuntimeError("the output rate cannot change once frames were sent")
-        self.sample_rate = sample_rate
-        self._samples = sample_rate * self._frame_ms // 1000
-        self._frame_bytes = self._samples * 2
-        self._max_bytes = int(self._max_buffer_ms * sample_rate / 1000) * 2
-        self._time_base = fractions.Fraction(1, sample_rate)
-
-    def feed(self, pcm: bytes) -> None:
-        """Queue 16-bit mono PCM at ``sample_rate``."""
-        self._buffer += pcm
-        over = len(self._buffer) - self._max_bytes
-        if over > 0:
-            over += over % 2
-            del self._buffer[:over]
-            self.dropped_ms += over / 2 / self.sample_rate * 1000.0
-
-    def flush(self) -> None:
-        """Drop everything queued (barge-in); silence follows at once."""
-        self._buffer.clear()
-
-    @property
-    def buffered_ms(self) -> float:
-        return len(self._buffer) / 2 / self.sample_rate * 1000.0
-
-    def next_frame(self) -> av.AudioFrame:
-        """The next 20 ms (queued audio, padded with silence), without waiting."""
-        chunk = bytes(self._buffer[:self._frame_bytes])
-        del self._buffer[:self._frame_bytes]
-        if len(chunk) < self._frame_bytes:
-            chunk += bytes(self._frame_bytes - len(chunk))
-        frame = pcm_to_frame(chunk, self.sample_rate, self.frames * self._samples)
-        self.frames += 1
-        return frame
-
-    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = self._clock()
-        if self._start is None:
-            self._start = now
-        else:
-            due = self._start + self.frames * self._frame_ms / 1000.0
-            if due > now:
-                await self._sleep(due - now)
-                if self.readyState != "live":
-                    raise MediaStreamError
-            elif now - due > self._max_late:
-                self._start = now - self.frames * self._frame_ms / 1000.0
-        return self.next_frame()
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -316,16 +198,23 @@ async def _read_json(request: Request, limit: int, what: str) -> Any:
         raise OfferRefused(400, "the body is not valid JSON") from None
 
 
-def _unauthorised() -> Response:
-    return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key> (or ?token=)")
-
-
-def _draining(services: Services) -> Response | None:
-    """503 while the instance drains (SIGTERM): new sessions go to another instance."""
+def _admit(request: Request, services: Services) -> Response | None:
+    """401 without the API key (when ``server_api_key`` is set); 503 while the instance drains (SIGTERM:
+    new sessions go to another instance); None when the request may go on."""
+    if not _authorised(request, services.config.server_api_key):
+        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key> (or ?token=)")
     if getattr(services, "draining", False):
         logger.warning("browser session refused: draining")
         return _error(503, "draining: this instance is shutting down")
     return None
+
+
+async def _store_down(exc: SessionStoreUnavailable, peer: _Peer | None = None) -> Response:
+    """503 for an offer the session store could not take (the negotiated peer, if any, is closed)."""
+    if peer is not None:
+        await peer.close()
+    logger.error("webrtc offer refused: %s", exc)
+    return _error(503, "session store unavailable")
 
 
 # ------------------------------------------------------------------------------------------ POST /start (JSON)
@@ -342,11 +231,9 @@ async def start_session(request: Request) -> Response | None:
     if not isinstance(data, dict) or (data and not START_KEYS & data.keys()):
         return None          # a carrier's JSON webhook (CallSid, data, uuid, ...): never ours
     services = _services(request)
-    config = services.config
-    if not _authorised(request, config.server_api_key):
-        return _unauthorised()
-    if (refused := _draining(services)) is not None:
+    if (refused := _admit(request, services)) is not None:
         return refused
+    config = services.config
     size = len(await request.body())
     if size > config.ws_max_message_bytes:
         return _error(413, f"the request body is {size} bytes, over ws_max_message_bytes={config.ws_max_message_bytes}")
@@ -372,11 +259,9 @@ async def start_session(request: Request) -> Response | None:
 async def offer(request: Request) -> Response:
     """``POST /webrtc/offer``: a new session from the offer, its context and persona."""
     services = _services(request)
-    config = services.config
-    if not _authorised(request, config.server_api_key):
-        return _unauthorised()
-    if (refused := _draining(services)) is not None:
+    if (refused := _admit(request, services)) is not None:
         return refused
+    config = services.config
     try:
         data = await _read_json(request, 2 * config.webrtc_max_sdp_bytes + config.ws_max_message_bytes,
                                 "2 x webrtc_max_sdp_bytes for the JSON-escaped SDP plus ws_max_message_bytes "
@@ -394,20 +279,16 @@ async def offer(request: Request) -> Response:
                         **({"persona": start.persona} if start.persona else {})},
             state="active", claimed_at=time.time()))
     except SessionStoreUnavailable as exc:
-        await peer.close()
-        logger.error("webrtc offer refused: %s", exc)
-        return _error(503, "session store unavailable")
+        return await _store_down(exc, peer)
     return await _answer(services, session, persona, peer)
 
 
 async def session_offer(request: Request) -> Response:
     """``POST /sessions/{id}/offer``: claim a session minted by ``POST /start`` (JSON) with an offer."""
     services = _services(request)
-    config = services.config
-    if not _authorised(request, config.server_api_key):
-        return _unauthorised()
-    if (refused := _draining(services)) is not None:
+    if (refused := _admit(request, services)) is not None:
         return refused
+    config = services.config
     session_id = request.path_params["session_id"]
     try:
         data = await _read_json(request, 2 * config.webrtc_max_sdp_bytes + 1024,
@@ -420,14 +301,11 @@ async def session_offer(request: Request) -> Response:
     except OfferRefused as exc:
         return _refuse(exc)
     except SessionStoreUnavailable as exc:
-        logger.error("webrtc offer refused: %s", exc)
-        return _error(503, "session store unavailable")
+        return await _store_down(exc)
     try:
         session = await services.sessions.claim(session_id, carrier=CARRIER)
     except SessionStoreUnavailable as exc:
-        await peer.close()
-        logger.error("webrtc offer refused: %s", exc)
-        return _error(503, "session store unavailable")
+        return await _store_down(exc, peer)
     if session is None:      # claimed by a concurrent offer, or expired meanwhile
         await peer.close()
         return _refuse(OfferRefused(404, "unknown, used or expired session"))
@@ -551,65 +429,48 @@ def _offer_problem(exc: Exception, codec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the session
-class WebRTCSession:
-    """One WebRTC conversation: peer connection, conversation and playout in one TaskGroup.
+class WebRTCSession(BrowserCall):
+    """One WebRTC conversation: the peer connection's audio and data channel beside the shared conversation.
 
-    Shaped like :class:`gateway.browser_ws.BrowserSession` (``finish``, ``finalised``, ``session``,
-    ``transfer``, ``send_dtmf``, ``machine_answered``), so ``services.calls`` ends it like any call."""
+    Usage (:func:`_answer` does this once the offer is negotiated and the session stored)::
+
+        rtc = WebRTCSession(services=services, session=session, persona=persona, peer=peer)
+        answer_sdp = await peer.answer()
+        await rtc.run()        # waits for the peer to connect, converses, finalises
+
+    Shaped like :class:`gateway.browser_ws.BrowserSession` (see :class:`gateway.browser_session.BrowserCall`),
+    so ``services.calls`` ends it like any call."""
+
+    label = METRICS_LABEL
+    noun = "a WebRTC session"
+    log_prefix = "webrtc"
+    not_started = "the session has not connected yet"
 
     def __init__(self, *, services: Services, session: Session, persona: Persona, peer: _Peer) -> None:
-        self.services = services
-        self.session = session
-        self.persona = persona
+        super().__init__(services=services, session=session, persona=persona, codec=peer.codec,
+                         output_rate=peer.track.sample_rate)
         self.peer = peer
         self.track = peer.track
-        self.codec = peer.codec
-        self.reason: str | None = None
-        self.conversation: Conversation | None = None
-        self.finalised = asyncio.Event()
-        self._ended = asyncio.Event()
         self._connected = asyncio.Event()
         self._changed = asyncio.Event()
-        self._finalised = False
-        self._playout: Playout | None = None
-        self._log: CallLog | None = None
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
-        self._last_error: dict[str, float] = {}
         self._last_audio_at = time.monotonic()
-        self._started_at = time.monotonic()
         peer.pc.on("connectionstatechange", self._on_state)
         peer.pc.on("datachannel", self._on_datachannel)
-        self._emit({"type": "ready", "session_id": session.id, "persona": persona.name, "codec": self.codec,
-                    "sample_rate": self.track.sample_rate})
+        self._emit(self._ready())
 
-    def finish(self, reason: str, *, code: int = 1000, text: str = "") -> None:
-        """Ask the session to end (idempotent; the first reason wins). ``code``/``text`` are accepted
-        for the shape every call shares (they have no WebRTC meaning)."""
-        if self.reason is None:
-            self.reason = reason
-        self._ended.set()
+    def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
+        """Ask the session to end (idempotent; the first reason wins). ``code``/``text`` have no WebRTC
+        meaning."""
+        super().finish(reason, code=code, text=text)
         self._changed.set()
 
     # ------------------------------------------------------------------------------ lifecycle
-    async def run(self) -> None:
-        token = call_id.set(self.session.id)
-        metrics = self.services.metrics
-        metrics.active_calls.labels(carrier=METRICS_LABEL).inc()
-        metrics.calls_started.labels(carrier=METRICS_LABEL).inc()
-        self.services.calls[self.session.id] = self   # type: ignore[assignment]
-        try:
-            if not self._ended.is_set() and await self._wait_connected():
-                await self._converse()
-        except asyncio.CancelledError:
-            self.finish("shutdown")
-            raise
-        except Exception:
-            logger.exception("webrtc session failed unexpectedly; ending it")
-            self.finish("error")
-        finally:
-            await self._finalise()
-            call_id.reset(token)
+    async def _serve(self) -> None:
+        if not self._ended.is_set() and await self._wait_connected():
+            logger.info("webrtc session started persona=%s codec=%s", self.persona.name, self.codec)
+            await self._converse()
 
     async def _wait_connected(self) -> bool:
         timeout = self.services.config.webrtc_connect_timeout_secs
@@ -624,28 +485,12 @@ class WebRTCSession:
             return False
         return not self._ended.is_set()
 
-    async def _converse(self) -> None:
-        services, config = self.services, self.services.config
-        logger.info("webrtc session started persona=%s codec=%s", self.persona.name, self.codec)
-        self._log = CallLog.for_session(services, self.session, persona=self.persona.name, carrier=METRICS_LABEL)
-        async with asyncio.TaskGroup() as tg:
-            playout = Playout(sample_rate=self.track.sample_rate, lead_ms=config.outbound_lead_ms,
-                              max_buffer_ms=config.playout_max_buffer_ms, frame_ms=FRAME_MS)
-            convo = Conversation(settings=services.conversation_settings, persona=self.persona,
-                                 providers=services.providers, playout=playout, spawn=tg.create_task,
-                                 on_event=self._observe, end_call=self.finish, context=self.session.context)
-            playout.on_speaking = convo.on_speaking
-            self._playout, self.conversation = playout, convo
-            tasks = [tg.create_task(playout.run(self._send_frame)), tg.create_task(self._limit_duration()),
-                     tg.create_task(self._watch_idle())]
-            remote = self.peer.remote_track
-            if remote is not None:
-                tasks.append(tg.create_task(self._read(remote, convo)))
-            convo.start()
-            await self._ended.wait()
-            convo.close()
-            for task in tasks:
-                task.cancel()
+    def _tasks(self, tg: asyncio.TaskGroup, convo: Conversation) -> list[asyncio.Task[None]]:
+        tasks = [tg.create_task(self._watch_idle())]
+        remote = self.peer.remote_track
+        if remote is not None:
+            tasks.append(tg.create_task(self._read(remote, convo)))
+        return tasks
 
     async def _read(self, track: MediaStreamTrack, convo: Conversation) -> None:
         while True:
@@ -657,10 +502,7 @@ class WebRTCSession:
             assert isinstance(frame, av.AudioFrame)
             pcm = frame_to_pcm(frame)
             if pcm:
-                audio = AudioFrame(pcm, frame.sample_rate)
-                if self._log is not None:
-                    self._log.caller(audio)
-                convo.on_audio(audio)
+                self._hear(AudioFrame(pcm, frame.sample_rate), convo)
 
     async def _watch_idle(self) -> None:
         idle = self.services.config.webrtc_idle_timeout_secs
@@ -674,15 +516,6 @@ class WebRTCSession:
                 self.finish("idle_timeout")
                 return
             await asyncio.sleep(remaining)
-
-    async def _limit_duration(self) -> None:
-        config = self.services.config
-        await asyncio.sleep(config.max_call_secs)
-        logger.info("max_call_secs reached; saying goodbye")
-        if self.conversation is not None:
-            self.conversation.end_with(config.goodbye_text, "max_duration")
-        await asyncio.sleep(config.goodbye_timeout_secs)
-        self.finish("max_duration")
 
     # ------------------------------------------------------------------------------ peer events
     @contextlib.contextmanager
@@ -725,40 +558,14 @@ class WebRTCSession:
 
     def _on_message(self, message: str | bytes) -> None:
         with self._as_session():
+            limit = self.services.config.ws_max_message_bytes
             if isinstance(message, bytes):
-                self._bad_message("data channel messages must be JSON text; audio travels on the media track")
-                return
-            if len(message) > self.services.config.ws_max_message_bytes:
-                self._bad_message(f"control message over ws_max_message_bytes="
-                                  f"{self.services.config.ws_max_message_bytes}")
-                return
-            try:
-                data = json.loads(message)
-            except ValueError:
-                self._bad_message("control messages must be JSON objects like {\"type\": \"interrupt\"}")
-                return
-            kind = data.get("type") if isinstance(data, dict) else None
-            if kind == "interrupt":
-                if self.conversation is not None:
-                    self.conversation.interrupt()
-            elif kind == "end":
-                self.finish("ended_by_client")
+                self._bad_message("bad_message", "data channel messages must be JSON text; audio travels on the "
+                                                 "media track")
+            elif len(message) > limit:
+                self._bad_message("bad_message", f"control message over ws_max_message_bytes={limit}")
             else:
-                self._bad_message(f"unknown message type {kind!r}; expected \"interrupt\" or \"end\"")
-
-    def _bad_message(self, message: str) -> None:
-        self.services.metrics.media_rejected.labels(carrier=METRICS_LABEL).inc()
-        self._error("bad_message", message)
-
-    def _error(self, code: str, message: str) -> None:
-        """An ``error`` event (the same one at most once a second)."""
-        now = time.monotonic()
-        key = code + message
-        if now - self._last_error.get(key, -_ERROR_EVERY_S) < _ERROR_EVERY_S:
-            return
-        self._last_error[key] = now
-        logger.warning("webrtc %s: %s", code, message)
-        self._emit({"type": "error", "code": code, "message": message})
+                self._control(message)
 
     # ------------------------------------------------------------------------------ output
     def _emit(self, message: Mapping[str, Any]) -> None:
@@ -780,68 +587,24 @@ class WebRTCSession:
                 logger.warning("event not delivered on the data channel: %s", exc)
                 return
 
-    def _observe(self, event: Event) -> None:
-        self.services.metrics.observe(event, carrier=METRICS_LABEL, debug=self.services.debug)
-        if self._log is not None:
-            self._log.observe(event)
-        message = event_message(event)
-        if message is not None:
-            self._emit(message)
+    async def _play(self, pcm: bytes) -> None:
+        self.track.feed(pcm)
 
-    async def _send_frame(self, frame: Frame) -> None:
-        """Playout output: audio into the track's buffer; a Clear (barge-in) flushes it. Marks need no
-        acknowledgement here: the playout's timing tells what was heard."""
-        if isinstance(frame, AudioFrame):
-            if self._log is not None:
-                self._log.agent(frame)
-            self.track.feed(frame.pcm)
-        elif isinstance(frame, Clear):
-            self.track.flush()
+    def _flush(self) -> None:
+        self.track.flush()
 
-    # ------------------------------------------------------------------------------ call control
-    async def transfer(self, target: str) -> None:
-        raise CallControlFailed("a WebRTC session cannot be transferred")
-
-    async def send_dtmf(self, digits: str) -> str:
-        """Digits as in-band tones (a browser has no out-of-band DTMF channel to us)."""
-        if self._playout is None:
-            raise CallControlFailed("the session has not connected yet")
-        await self._playout.write(dtmf_tones(digits, self._playout.sample_rate))
-        self._playout.end_of_audio()
-        return "in-band"
-
-    def machine_answered(self) -> None:
-        """Answering-machine detection does not apply to a browser."""
-
-    # ------------------------------------------------------------------------------ the finaliser
-    async def _finalise(self) -> None:
-        if self._finalised:
-            return
-        self._finalised = True
-        reason = self.reason or "unknown"
+    async def _close_transport(self, reason: str) -> None:
+        """``end`` on the data channel (given a moment to leave), then the peer connection closed."""
         try:
             self._emit({"type": "end", "reason": reason})
             await self._drain_channel()
-        except Exception:  # noqa: BLE001 - the channel may already be gone
+        except Exception:  # noqa: BLE001, S110 - the channel may already be gone
             pass
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT_S):
                 await self.peer.close()
         except Exception as exc:  # noqa: BLE001 - closing is best effort; the sockets close with the process
             logger.error("could not close the peer connection cleanly: %s", exc or type(exc).__name__)
-        if self._log is not None:
-            await self._log.close()
-        try:
-            await self.services.sessions.end(self.session.id)
-        except Exception as exc:  # noqa: BLE001 - the store's TTL removes it later
-            logger.error("could not remove the session: %s", exc)
-        if self.services.calls.get(self.session.id) is self:
-            self.services.calls.pop(self.session.id, None)
-        metrics = self.services.metrics
-        metrics.active_calls.labels(carrier=METRICS_LABEL).dec()
-        metrics.calls_ended.labels(carrier=METRICS_LABEL, reason=reason).inc()
-        logger.info("webrtc session ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
-        self.finalised.set()
 
     async def _drain_channel(self) -> None:
         """Give queued events (the last transcript, ``end``) a moment to leave before the close."""
