@@ -31,8 +31,10 @@ Input validation: an odd byte count or float32 samples are refused per frame wit
 (``bad_audio``) and the frame is dropped; a frame over ``ws_max_message_bytes`` closes the socket
 with 1009. Every rejected frame and every bad control message counts; past
 ``media_max_bad_messages`` of them the session sends ``error`` ``too_many_bad_messages`` and closes
-with 1008. Stereo (interleaved L/R int16) cannot be told from mono reliably: it is heard as mono at
-twice the rate (slowed, lower pitched speech), so send mono.
+with 1008. Interleaved stereo passes every per-frame check (it would be heard slowed down): the first
+loud second of the stream is checked (``pipeline.audio.looks_like_stereo``) and, if it looks stereo,
+one ``bad_audio`` error names the expected format; the audio is still used (a client that doubles
+samples to upsample looks the same), so a false alarm costs nothing but the message.
 
 Usage (``gateway.app`` mounts it when ``transport`` is ``websocket`` or ``both``)::
 
@@ -57,7 +59,7 @@ from gateway.browser_session import BrowserCall
 from gateway.call import SocketIO
 from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
-from pipeline.audio import ulaw_decode, ulaw_encode
+from pipeline.audio import looks_like_stereo, rms, ulaw_decode, ulaw_encode
 from pipeline.conversation import Conversation, Persona
 from pipeline.frames import AudioFrame
 
@@ -76,6 +78,8 @@ CODECS = ("pcm16", "pcmu")
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 SUBPROTOCOL = "voxray"
 _ROLES = ("system", "user", "assistant")
+_STEREO_PROBE_S = 10                  # seconds of audio looked at for interleaved stereo, at most
+_STEREO_PROBE_RMS = 0.01              # a second quieter than this cannot tell stereo from mono
 
 
 # ------------------------------------------------------------------------------------------ the route
@@ -266,6 +270,8 @@ class BrowserSession(BrowserCall):
         self.socket = socket
         self.sample_rate = sample_rate
         self._bad_messages = 0
+        self._stereo_probe: bytearray | None = bytearray()   # the first seconds of sound, checked for stereo
+        self._stereo_checked = 0
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
 
@@ -315,7 +321,27 @@ class BrowserSession(BrowserCall):
             self._bad_message("bad_audio", f"audio frame looks like float32 samples; send 16-bit integer PCM "
                                            f"({expected})")
             return
+        if self._stereo_probe is not None:
+            self._probe_stereo(pcm, expected)
         self._hear(AudioFrame(pcm, self.sample_rate), convo)
+
+    def _probe_stereo(self, pcm: bytes, expected: str) -> None:
+        """Interleaved stereo passes every per-frame check (it is heard slowed down): look at each second
+        of the stream until one is loud enough to tell (at most ``_STEREO_PROBE_S``), and warn once."""
+        assert self._stereo_probe is not None
+        self._stereo_probe += pcm
+        if len(self._stereo_probe) < 2 * self.sample_rate:
+            return
+        second = bytes(self._stereo_probe)
+        self._stereo_checked += 1
+        self._stereo_probe = bytearray() if self._stereo_checked < _STEREO_PROBE_S else None
+        if rms(second) < _STEREO_PROBE_RMS:
+            return
+        self._stereo_probe = None
+        if looks_like_stereo(second):
+            logger.warning("/ws audio looks like interleaved stereo")
+            self._error("bad_audio", f"the audio looks like interleaved stereo (left, right, left ...); "
+                                     f"send {expected}")
 
     def _bad_message(self, code: str, message: str) -> None:
         """A dropped frame or control message: reported, counted, and past ``media_max_bad_messages``

@@ -17,6 +17,7 @@ from gateway.browser_ws import looks_like_float32, parse_start
 from pipeline.audio import rms
 from tests.conftest import phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
+from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.asyncio
 
@@ -409,3 +410,24 @@ async def test_too_many_bad_messages_close_the_session() -> None:
                     await asyncio.sleep(0.05)
             metrics = (await http.get(f"{url}/metrics")).text
             assert 'voxray_calls_ended_total{carrier="browser",reason="too_many_bad_messages"} 1.0' in metrics
+
+
+async def test_interleaved_stereo_gets_one_error_naming_the_format() -> None:
+    speech = np.frombuffer(speech_pcm("I would like to book a table for two tonight.", 16000), "<i2")
+    stereo = np.repeat(speech, 2).tobytes()                       # L = R, sent as if it were mono
+    async with FakeOpenAI() as fake:
+        async with running_gateway(config(fake)) as url:
+            client = await open_session(url)
+            await client.event("ready")
+            mono = await open_session(url)
+            await mono.event("ready")
+            for pcm, who in ((stereo, client), (speech.tobytes(), mono)):
+                for offset in range(0, 2 * 16000 * 2, 640):             # two seconds of 20 ms frames
+                    await who.ws.send(pcm[offset:offset + 640])
+            error = await client.event("error", code="bad_audio")
+            assert "interleaved stereo" in error["message"] and "mono PCM at 16000 Hz" in error["message"]
+            await asyncio.sleep(0.3)
+            assert mono.of("error") == []                                # real mono speech: no false alarm
+            assert client.closed is None and len(client.of("error")) == 1
+            for who in (client, mono):
+                await who.ws.close()
