@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from carriers.base import CallControlFailed
 from gateway.browser_events import event_message
+from gateway.call import limit_duration
 from gateway.call_log import CallLog
 from gateway.logging import call_id
 from gateway.sessions import Session
@@ -181,21 +182,12 @@ class BrowserCall(abc.ABC):
             playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo
             tasks = [tg.create_task(playout.run(self._send_frame)), *self._tasks(tg, convo),
-                     tg.create_task(self._limit_duration())]
+                     tg.create_task(limit_duration(self, config))]
             convo.start()
             await self._ended.wait()
             convo.close()
             for task in tasks:
                 task.cancel()
-
-    async def _limit_duration(self) -> None:
-        config = self.services.config
-        await asyncio.sleep(config.max_call_secs)
-        logger.info("max_call_secs reached; saying goodbye")
-        if self.conversation is not None:
-            self.conversation.end_with(config.goodbye_text, "max_duration")
-        await asyncio.sleep(config.goodbye_timeout_secs)
-        self.finish("max_duration")
 
     # ------------------------------------------------------------------------------ input
     def _hear(self, frame: AudioFrame, convo: Conversation) -> None:

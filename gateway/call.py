@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
 from gateway.call_log import CallLog
@@ -31,8 +31,9 @@ from pipeline.providers.base import Tool, ToolCall
 
 if TYPE_CHECKING:
     from gateway.app import Services
+    from gateway.config import Config
 
-__all__ = ["Call", "SocketIO"]
+__all__ = ["Call", "SocketIO", "limit_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Call:
             playout.on_speaking = convo.on_speaking
             self.conversation = convo
             tasks = [tg.create_task(playout.run(self._send)), tg.create_task(self._read(convo, log)),
-                     tg.create_task(self._limit_duration())]
+                     tg.create_task(limit_duration(self, config))]
             convo.start()
             await self._ended.wait()
             convo.close()
@@ -261,15 +262,6 @@ class Call:
         except CallControlFailed as exc:
             logger.error("transfer failed: %s", exc)
 
-    async def _limit_duration(self) -> None:
-        config = self.services.config
-        await asyncio.sleep(config.max_call_secs)
-        logger.info("max_call_secs reached; saying goodbye")
-        if self.conversation is not None:
-            self.conversation.end_with(config.goodbye_text, "max_duration")
-        await asyncio.sleep(config.goodbye_timeout_secs)
-        self.finish("max_duration")
-
     def _observe(self, event: Event) -> None:
         self.services.metrics.observe(event, carrier=self.carrier.name, debug=self.services.debug)
         if self._log is not None:
@@ -301,6 +293,17 @@ class Call:
         metrics.calls_ended.labels(carrier=self.carrier.name, reason=reason).inc()
         logger.info("call ended reason=%s after %.1f s", reason, time.monotonic() - self._started_at)
         self.finalised.set()
+
+
+async def limit_duration(call: Any, config: Config) -> None:
+    """``max_call_secs`` for any call (carrier or browser): the goodbye, then the end, even if the
+    goodbye has not finished by ``goodbye_timeout_secs``."""
+    await asyncio.sleep(config.max_call_secs)
+    logger.info("max_call_secs reached; saying goodbye")
+    if call.conversation is not None:
+        call.conversation.end_with(config.goodbye_text, "max_duration")
+    await asyncio.sleep(config.goodbye_timeout_secs)
+    call.finish("max_duration")
 
 
 def _tools(persona: Persona) -> list[Tool]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
 
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.server import build_server
+from tests.s3_server import WeedS3
 
 ACCOUNT_SID = "AC" + "0" * 31 + "1"
 AUTH_TOKEN = "test-auth-token-12345"
@@ -35,6 +38,18 @@ async def running_gateway(config: Config) -> AsyncIterator[str]:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
+    """A real S3-compatible server (SeaweedFS ``weed mini`` on 127.0.0.1) for one test module."""
+    server = WeedS3(tmp_path_factory.mktemp("s3") / "data")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"the S3 test server (SeaweedFS `weed mini`) could not start: {exc}", pytrace=False)
+    yield server
+    server.stop()
 
 
 def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:

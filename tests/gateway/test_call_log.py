@@ -10,7 +10,7 @@ import sqlite3
 import time
 import wave
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,17 +29,6 @@ from tests.s3_server import WeedS3
 from tests.speech import speech_pcm
 
 APOLOGY = ConversationSettings().apology_text
-
-
-@pytest.fixture(scope="module")
-def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
-    server = WeedS3(tmp_path_factory.mktemp("s3") / "data")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"the S3 test server (SeaweedFS `weed mini`) could not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -61,6 +50,16 @@ def storage(tmp_path: Path, s3: WeedS3, transcripts: dict[str, Any]) -> dict[str
 def new_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
     call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
     twilio.known_calls = twilio.known_calls | {call.call_sid}
+    return call
+
+
+async def answered_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
+    """A call that has been answered, connected and greeted (the greeting has finished)."""
+    call = new_call(url, twilio)
+    assert (await call.dial()).status_code == 200
+    await call.connect()
+    await call.wait_audio(after=0, timeout=5)
+    await call.wait_quiet(400)
     return call
 
 
@@ -141,11 +140,7 @@ async def test_a_call_is_recorded_in_stereo_to_s3_and_transcribed_to_sqlite(tmp_
         async with running_gateway(config):
             pass            # startup with storage enabled and nothing to do: clean start and stop
         async with running_gateway(config) as url:
-            call = new_call(url, twilio)
-            assert (await call.dial()).status_code == 200
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
+            call = await answered_call(url, twilio)
             await talk(call, "I would like to book a table for two people tonight.")
             await call.hang_up()
             wav = await recording(aws, call.session_id)
@@ -181,11 +176,7 @@ async def test_a_failing_provider_still_leaves_the_recording_and_the_transcript(
         config = phone_config(fake.base_url, twilio.base_url, provider_retries=0,
                               **storage(tmp_path, aws, {"driver": "sqlite", "dsn": str(db)}))
         async with running_gateway(config) as url:
-            call = new_call(url, twilio)
-            assert (await call.dial()).status_code == 200
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
+            call = await answered_call(url, twilio)
             fake.state.fail["llm"] = "500"
             await call.speak(speech_pcm("Hello, are you there?", 8000))
             await call.wait_closed(timeout=15)                              # apology, then a clean end
@@ -212,11 +203,7 @@ async def test_postgresql_stopped_mid_call_loses_no_row_and_duplicates_none(tmp_
             config = phone_config(fake.base_url, twilio.base_url,
                                   **storage(tmp_path, aws, {"driver": "postgres", "dsn": pg.dsn}))
             async with running_gateway(config) as url:
-                call = new_call(url, twilio)
-                assert (await call.dial()).status_code == 200
-                await call.connect()
-                await call.wait_audio(after=0, timeout=5)
-                await call.wait_quiet(400)
+                call = await answered_call(url, twilio)
                 await talk(call, "This is my first question for you.")
                 pg.stop(mode="immediate")                                   # the database goes away
                 await talk(call, "This is my second question for you.")

@@ -261,17 +261,6 @@ def test_from_config_resolves_spool_endpoint_and_region(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
-    server = WeedS3(tmp_path_factory.mktemp("s3") / "data")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"the S3 test server (SeaweedFS `weed mini`) could not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def s3(s3server: WeedS3) -> Iterator[Any]:
     client = s3server.client()
     yield client
