@@ -100,6 +100,7 @@ class BrowserCall(abc.ABC):
         self._playout: Playout | None = None
         self._log: CallLog | None = None
         self._last_error: dict[str, float] = {}
+        self._bad_messages = 0
         self._started_at = time.monotonic()
 
     def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
@@ -213,9 +214,20 @@ class BrowserCall(abc.ABC):
             self._bad_message("bad_message", self._unexpected(kind))
 
     def _bad_message(self, code: str, message: str) -> None:
-        """A dropped frame or control message: counted in ``media_rejected`` and reported."""
+        """A dropped frame or control message: counted in ``media_rejected`` and reported; past
+        ``media_max_bad_messages`` the session ends (1008) rather than reading garbage all its life."""
         self.services.metrics.media_rejected.labels(carrier=self.label).inc()
-        self._error(code, message)
+        self._bad_messages += 1
+        limit = self.services.config.media_max_bad_messages
+        if self._bad_messages <= limit:
+            self._error(code, message)
+            return
+        if self.reason is None:
+            logger.warning("%s %d bad messages exceed media_max_bad_messages=%d; closing (last: %s)",
+                           self.log_prefix, self._bad_messages, limit, message)
+            self._emit({"type": "error", "code": "too_many_bad_messages",
+                        "message": f"more than {limit} bad messages ({code}: {message})"})
+        self.finish("too_many_bad_messages", code=1008, text="too many bad messages")
 
     def _error(self, code: str, message: str) -> None:
         """An ``error`` event (the same one at most once a second: a bad stream fails every frame)."""

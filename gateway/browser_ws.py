@@ -269,7 +269,6 @@ class BrowserSession(BrowserCall):
                          output_rate=PHONE_RATE if codec == "pcmu" else OUTPUT_RATE)
         self.socket = socket
         self.sample_rate = sample_rate
-        self._bad_messages = 0
         self._stereo_probe: bytearray | None = bytearray()   # the first seconds of sound, checked for stereo
         self._stereo_checked = 0
         self._events: asyncio.Queue[str] = asyncio.Queue()
@@ -342,22 +341,6 @@ class BrowserSession(BrowserCall):
             logger.warning("/ws audio looks like interleaved stereo")
             self._error("bad_audio", f"the audio looks like interleaved stereo (left, right, left ...); "
                                      f"send {expected}")
-
-    def _bad_message(self, code: str, message: str) -> None:
-        """A dropped frame or control message: reported, counted, and past ``media_max_bad_messages``
-        the session ends (1008) rather than reading garbage for its whole lifetime."""
-        self._bad_messages += 1
-        limit = self.services.config.media_max_bad_messages
-        if self._bad_messages <= limit:
-            super()._bad_message(code, message)
-            return
-        self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
-        if self.reason is None:
-            logger.warning("/ws %d bad messages exceed media_max_bad_messages=%d; closing (last: %s)",
-                           self._bad_messages, limit, message)
-            self._emit({"type": "error", "code": "too_many_bad_messages",
-                        "message": f"more than {limit} bad messages ({code}: {message})"})
-        self.finish("too_many_bad_messages", code=1008, text="too many bad messages")
 
     def _unexpected(self, kind: object) -> str:
         if kind == "start":

@@ -538,3 +538,20 @@ async def test_transport_setting_mounts_the_routes(transport: str, http: httpx.A
                 assert offer.status_code == 404 and claim.status_code == 404
             else:
                 assert offer.status_code == 400 and claim.status_code == 400    # mounted: the body is checked
+
+
+@pytest.mark.asyncio
+async def test_too_many_bad_channel_messages_end_the_session(http: httpx.AsyncClient) -> None:
+    async with FakeOpenAI(tts_ms_per_char=5) as fake:
+        async with running_gateway(config(fake, media_max_bad_messages=2)) as url, browser() as b:
+            answer = await b.connect(http, f"{url}/webrtc/offer")
+            await b.event("ready")
+            await b.event("transcript", role="assistant")                 # the channel is open
+            for kind in ("dance", "sing", "shout"):
+                b.send({"type": kind})
+            closing = await b.event("error", code="too_many_bad_messages")
+            assert "more than 2 bad messages" in closing["message"]
+            assert (await b.event("end"))["reason"] == "too_many_bad_messages"
+            await gone(http, url, answer["session_id"])
+            metrics = (await http.get(f"{url}/metrics")).text
+            assert 'voxray_media_messages_rejected_total{carrier="webrtc"} 3.0' in metrics
