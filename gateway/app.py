@@ -110,8 +110,9 @@ def build_session_store(c: Config) -> SessionStore:
     """Memory for one instance; Redis (``session_store: "redis"``) to share sessions between instances."""
     if c.session_store == "redis":
         return RedisSessionStore(c.redis_url, pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
-                                 timeout_s=c.redis_timeout_secs)
-    return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs)
+                                 timeout_s=c.redis_timeout_secs, call_ttl_s=c.call_id_ttl_secs)
+    return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
+                              call_ttl_s=c.call_id_ttl_secs)
 
 
 def build_bus(c: Config) -> ControlBus:

@@ -148,6 +148,7 @@ class Config:
     redis_timeout_secs: float = 0.5      # Redis connect/read deadline: an outage flips /ready within about this
     session_ttl_secs: int = 3600
     session_pending_ttl_secs: int = 120  # a /start session not claimed by a media socket within this expires
+    call_id_ttl_secs: int = 86400       # a carrier call id is answered once: a replayed webhook within this gets 409
     session_sync_secs: float = 5.0       # live calls' sessions are written back this often after a Redis outage
     cluster_request_timeout_secs: float = 2.0   # wait for the instance holding a call to answer (DELETE, transfer)
     # shutdown
@@ -373,7 +374,7 @@ def _validate(c: Config) -> None:
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
-                "storage_flush_secs", "session_sync_secs", "cluster_request_timeout_secs",
+                "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes")
     for key in positive:
         if getattr(c, key) <= 0:

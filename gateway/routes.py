@@ -112,9 +112,19 @@ async def start(request: Request) -> Response:
             except PersonaError as exc:
                 logger.error("persona lookup failed, using the default: %s", exc)
                 persona_name = services.personas.resolve().name
-            session = await services.sessions.create(Session.new(
-                carrier=name, call_id=call.call_id, from_=call.from_, to=call.to, account_id=call.account_id,
-                persona=persona_name, parameters=parameters))
+            session = Session.new(carrier=name, call_id=call.call_id, from_=call.from_, to=call.to,
+                                  account_id=call.account_id, persona=persona_name, parameters=parameters)
+            earlier = await services.sessions.bind_call(name, call.call_id, session.id) if call.call_id else None
+            if earlier is None:
+                session = await services.sessions.create(session)
+            else:
+                previous = await services.sessions.get(earlier)
+                if previous is None or previous.state != "pending":
+                    services.metrics.webhooks_rejected.labels(carrier=name, reason="replay").inc()
+                    logger.warning("webhook refused carrier=%s call=%s: that call was answered before (a replay?)",
+                                   name, call.call_id)
+                    return _error(409, "this call was already answered")
+                session, persona_name = previous, previous.persona      # a retry: the same answer again
     except SessionStoreUnavailable as exc:
         logger.error("webhook for %s refused: %s", name, exc)
         return _error(503, "session store unavailable")

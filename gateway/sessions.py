@@ -83,13 +83,21 @@ class SessionStore:
         that failed. Returns how many sessions were written back."""
         return 0
 
+    async def bind_call(self, carrier: str, call_id: str, session_id: str) -> str | None:
+        """Remember that the carrier's ``call_id`` was answered with ``session_id`` (for
+        ``call_ttl_s``); returns the session id it was answered with before, if it was: a webhook
+        replayed or retried for the same call."""
+        raise NotImplementedError
+
 
 class MemorySessionStore(SessionStore):
     """In-process store for one instance."""
 
     def __init__(self, *, pending_ttl_s: float, ttl_s: float, clock: Callable[[], float] = time.time,
-                 max_sessions: int = 100_000) -> None:
+                 max_sessions: int = 100_000, call_ttl_s: float = 86400.0) -> None:
         self._sessions: dict[str, Session] = {}
+        self._calls: dict[tuple[str, str], tuple[str, float]] = {}    # (carrier, call id) -> (session id, at)
+        self._call_ttl = call_ttl_s
         self._pending_ttl = pending_ttl_s
         self._ttl = ttl_s
         self._clock = clock
@@ -139,6 +147,16 @@ class MemorySessionStore(SessionStore):
     async def ping(self) -> bool:
         return True
 
+    async def bind_call(self, carrier: str, call_id: str, session_id: str) -> str | None:
+        now = self._clock()
+        if len(self._calls) >= self._max:
+            self._calls = {k: v for k, v in self._calls.items() if now - v[1] <= self._call_ttl}
+        bound = self._calls.get((carrier, call_id))
+        if bound is not None and now - bound[1] <= self._call_ttl:
+            return bound[0]
+        self._calls[(carrier, call_id)] = (session_id, now)
+        return None
+
     def __len__(self) -> int:
         return len(self._sessions)
 
@@ -183,10 +201,11 @@ class RedisSessionStore(SessionStore):
     as JSON; a pending one expires after ``pending_ttl_s``, a claimed one ``ttl_s`` after its claim."""
 
     PREFIX = "voxray:session:"
+    CALL_PREFIX = "voxray:call:"
     _CAS_ATTEMPTS = 16
 
     def __init__(self, url: str, *, pending_ttl_s: float, ttl_s: float, timeout_s: float = 0.5,
-                 client: redis.asyncio.Redis | None = None) -> None:
+                 client: redis.asyncio.Redis | None = None, call_ttl_s: float = 86400.0) -> None:
         import redis.asyncio
         import redis.exceptions
         from redis.asyncio.retry import Retry
@@ -196,6 +215,7 @@ class RedisSessionStore(SessionStore):
 
         self._pending_ttl = max(1, int(pending_ttl_s))
         self._ttl = max(1, int(ttl_s))
+        self._call_ttl = max(1, int(call_ttl_s))
         self._timeout = timeout_s
         # One retry on a fresh connection (a pooled one may be stale after a Redis restart), no
         # backoff: an outage shows as an error within about two timeouts, not after a long wait.
@@ -288,6 +308,17 @@ class RedisSessionStore(SessionStore):
             results = await pipe.execute()
         self._unremoved.difference_update(removals)
         return sum(1 for r in results[:len(live)] if r)
+
+    async def bind_call(self, carrier: str, call_id: str, session_id: str) -> str | None:
+        """``SET voxray:call:<carrier>:<call id> <session id> NX EX call_ttl`` (one round trip when new)."""
+        key = f"{self.CALL_PREFIX}{carrier}:{call_id}"
+        try:
+            if await self._redis.set(key, session_id, nx=True, ex=self._call_ttl):
+                return None
+            bound = await self._redis.get(key)
+        except self._errors as exc:
+            raise _unavailable("bind_call", exc) from exc
+        return bound.decode() if isinstance(bound, bytes) else bound
 
     async def ping(self) -> bool:
         try:

@@ -75,6 +75,8 @@ async def test_webhook_on_a_media_on_b_and_any_instance_controls_the_call(redis_
         assert (await call.dial()).status_code == 200                          # webhook answered by A
         await call.connect(url=ws(b.url) + f"/media/twilio/{call.session_id}")  # media on B
         await call.wait_audio(after=0, timeout=10)
+        call.gateway = b.url                                                  # the same webhook, replayed to B
+        assert (await call.dial()).status_code == 409                         # A's answer is known to B
         async with httpx.AsyncClient(base_url=a.url) as http:
             seen = (await http.get(f"/sessions/{call.session_id}")).json()
             assert (seen["state"], seen["live"], seen["here"]) == ("active", True, False)

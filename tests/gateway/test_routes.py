@@ -277,6 +277,31 @@ async def test_twiml_answer_opens_a_stream_with_an_unguessable_session_id() -> N
             assert ids[0] != ids[1]
 
 
+async def test_a_call_is_answered_once_a_retry_gets_the_same_answer_a_replay_409() -> None:
+    async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url, httpx.AsyncClient() as http:
+            call = new_call(url, twilio)
+            first = await call.dial()
+            retry = await http.post(f"{url}/start/twilio", data=call.webhook_params(),
+                                    headers={"X-Twilio-Signature": sign(f"{PUBLIC_URL}/start/twilio",
+                                                                        call.webhook_params())})
+            assert retry.status_code == 200 and retry.text == first.text      # not yet claimed: the same session
+            await call.connect()
+            await call.wait_audio(after=0, timeout=5)
+            replay = await http.post(f"{url}/start/twilio", data=call.webhook_params(),
+                                     headers={"X-Twilio-Signature": sign(f"{PUBLIC_URL}/start/twilio",
+                                                                         call.webhook_params())})
+            assert replay.status_code == 409 and replay.json() == {"error": "this call was already answered"}
+            await call.hang_up()
+            after = await http.post(f"{url}/start/twilio", data=call.webhook_params(),   # ended: still refused
+                                    headers={"X-Twilio-Signature": sign(f"{PUBLIC_URL}/start/twilio",
+                                                                        call.webhook_params())})
+            assert after.status_code == 409
+            metrics = (await http.get(f"{url}/metrics")).text
+            assert 'voxray_webhooks_rejected_total{carrier="twilio",reason="replay"} 2.0' in metrics
+            await call.close()
+
+
 # ------------------------------------------------------------------------------------------ sessions API
 async def test_get_session_of_a_live_call_and_unknown_session() -> None:
     async with (FakeOpenAI(tts_ms_per_char=10) as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
