@@ -13,9 +13,15 @@ subprocesses; this process runs every :class:`~gateway.simulate.SimulatedCall` o
                  inter-arrival gap between consecutive media frames within one answer
 * failures     = calls that failed to dial / connect / get audio, or were closed by the gateway
 
+``--transports phone,ws,webrtc`` measures browser sessions too (``bench/browsers.py``: ``GET /ws`` PCM16 and
+WebRTC over aiortc), each transport against a fresh gateway process, one after the other in the same run, at
+``--calls`` (phone), ``--ws-sessions`` and ``--webrtc-sessions`` levels.
+
 Usage::
 
     .venv/bin/python -m bench.load [--calls 1,50,100,150,200] [--seconds 30] [--json out.json]
+    .venv/bin/python -m bench.load --transports phone,ws,webrtc --calls 1,8,50,100 --ws-sessions 1,8,50,100 \
+        --webrtc-sessions 1,4,8,12
 
 See docs/BENCHMARKS.md for definitions, the reproduction command and measured figures.
 """
@@ -45,6 +51,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import browsers
 from gateway.simulate import SimulatedCall
 from pipeline.audio import rms, ulaw_decode, ulaw_encode
 from pipeline.text import ClauseSplitter
@@ -59,6 +66,8 @@ TRANSCRIPT = "I would like to book a table for two people tonight."
 REPLY = "Sure. I can book a table for two people at seven tonight."
 QUIET_MS = 300.0                 # the agent has finished when nothing played or arrived for this long
 CLIENT_SATURATED = 85.0          # % of one core: above it the client's lag pollutes the latencies
+TRANSPORTS = {"phone": "Twilio Media Streams, µ-law 8 kHz", "ws": "GET /ws, PCM16 16 kHz",
+              "webrtc": "WebRTC (aiortc), Opus 48 kHz"}
 
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -102,12 +111,13 @@ def first_clause_tokens(reply: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- /proc
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def proc_cpu_s(pid: int, tid: int | None = None, *, kernel_only: bool = False) -> float:
+    """utime + stime (or stime alone) of a process, or of one of its threads (the main thread's tid is the
+    pid), in seconds."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         data = f.read()
     rest = data[data.rindex(")") + 2:].split()       # fields from 3 (state) on
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return (int(rest[12]) + (0 if kernel_only else int(rest[11]))) / CLK_TCK
 
 
 def proc_status(pid: int) -> tuple[float, int]:
@@ -139,12 +149,17 @@ class CpuSample:
     client: float
     sys_busy: float
     sys_total: float
+    gateway_loop: float = 0.0     # the main thread's share (the event loop); the rest is worker threads
+    client_loop: float = 0.0
+    gateway_kernel: float = 0.0   # stime: syscalls (socket I/O, loopback delivery), wake-ups
 
     @classmethod
     def take(cls, gateway_pid: int, fake_pid: int) -> CpuSample:
         busy, total = system_cpu()
-        return cls(time.monotonic(), proc_cpu_s(gateway_pid), proc_cpu_s(fake_pid), proc_cpu_s(os.getpid()),
-                   busy, total)
+        me = os.getpid()
+        return cls(time.monotonic(), proc_cpu_s(gateway_pid), proc_cpu_s(fake_pid), proc_cpu_s(me),
+                   busy, total, proc_cpu_s(gateway_pid, gateway_pid), proc_cpu_s(me, me),
+                   proc_cpu_s(gateway_pid, kernel_only=True))
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
@@ -204,7 +219,7 @@ def start_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
     raise RuntimeError(f"the fake OpenAI server did not print READY within 30 s:\n{child.tail()}")
 
 
-def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str) -> tuple[Child, str]:
+def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transport: str = "phone") -> tuple[Child, str]:
     port = free_port()
     closed_port = free_port()          # nothing listens here: a REST hang-up would fail fast, and none is made
     config = {
@@ -214,17 +229,20 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str) -> tup
                                 "api_base_url": f"http://127.0.0.1:{closed_port}"}},
         "vad_stop_ms": args.vad_stop_ms,
     }
+    if transport != "phone":
+        config["webrtc_ice_servers"] = []      # host candidates only (never aiortc's default public STUN server)
     for item in args.set:                # --set key=value (JSON value, else a string)
         key, _, value = item.partition("=")
         try:
             config[key] = json.loads(value)
         except ValueError:
             config[key] = value
-    path = workdir / "config.json"
+    suffix = "" if transport == "phone" else f"_{transport}"
+    path = workdir / f"config{suffix}.json"
     path.write_text(json.dumps(config, indent=2))
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY" and not k.startswith("VOXRAY_")}
     child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-                  workdir / "gateway.log", env=env, niceness=-args.nice)   # back to normal priority
+                  workdir / f"gateway{suffix}.log", env=env, niceness=-args.nice)   # back to normal priority
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -260,7 +278,7 @@ class Level:
     window_end: CpuSample | None = None
     turns: list[Turn] = field(default_factory=list)
     failures: list[tuple[int, str, str]] = field(default_factory=list)
-    calls: dict[int, SimulatedCall] = field(default_factory=dict)
+    calls: dict[int, Any] = field(default_factory=dict)        # SimulatedCall, or a bench.browsers session
     lags: list[float] = field(default_factory=list)
     probes: dict[str, list[float]] = field(default_factory=lambda: {"gateway": [], "fake": []})
 
@@ -293,20 +311,28 @@ async def wait_quiet(call: SimulatedCall, quiet_ms: float, timeout: float) -> fl
 
 
 async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech: bytes, start_at: float,
-                   seconds: float, rng: random.Random) -> None:
+                   seconds: float, rng: random.Random, transport: str = "phone", ws_compression: str | None = None) -> None:
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID,
-                         http=http)
+    if transport == "phone":
+        call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID,
+                             http=http)
+    else:
+        call = browsers.make_session(transport, url, http, ws_compression=ws_compression)
     lvl.calls[i] = call
     stage, in_loop = "dial", False
     speech_s = len(speech) / 16000.0
     try:
-        response = await call.dial()
-        if response.status_code != 200:
-            raise CallFailed(f"webhook answered HTTP {response.status_code}")
-        stage = "connect"
-        async with asyncio.timeout(10):
-            await call.connect()
+        if transport == "phone":
+            response = await call.dial()
+            if response.status_code != 200:
+                raise CallFailed(f"webhook answered HTTP {response.status_code}")
+            stage = "connect"
+            async with asyncio.timeout(10):
+                await call.connect()
+        else:
+            stage = "connect"
+            async with asyncio.timeout(20):
+                await call.open()
         stage = "greeting"
         await call.wait_audio(after=0.0, timeout=15)
         await wait_quiet(call, QUIET_MS, timeout=30)
@@ -393,8 +419,14 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def ramp_s(n: int, args: argparse.Namespace) -> float:
+    """Seconds over which a level's calls or sessions start: N/50 s, at least 2 s (unless --ramp)."""
+    return args.ramp if args.ramp is not None else max(2.0, n / 50.0)
+
+
 async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, gateway: Child, fake: Child,
-                    http: httpx.AsyncClient, speech: bytes, idle0_mb: float, fixed_ms: float) -> dict[str, Any]:
+                    http: httpx.AsyncClient, speech: bytes, idle0_mb: float, fixed_ms: float,
+                    transport: str = "phone") -> dict[str, Any]:
     left = await wait_idle(http, url)
     await asyncio.sleep(args.settle)
     idle_mb, idle_threads = proc_status(gateway.pid)
@@ -405,11 +437,11 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
     monitors = [asyncio.create_task(lag_monitor(lvl, stop)), asyncio.create_task(rss_monitor(gateway.pid, rss, stop)),
                 asyncio.create_task(probe("gateway", url + "/health", lvl, stop)),
                 asyncio.create_task(probe("fake", fake_url + "/chat/completions", lvl, stop))]
-    ramp = args.ramp if args.ramp is not None else max(2.0, n / 50.0)
+    ramp = ramp_s(n, args)
     t0 = time.monotonic()
     rngs = [random.Random(args.seed * 100003 + n * 1009 + i) for i in range(n)]
     await asyncio.gather(*(one_call(i, lvl, url, http, speech, t0 + (i * ramp / n if n > 1 else 0.0), args.seconds,
-                                    rngs[i]) for i in range(n)))
+                                    rngs[i], transport, args.ws_compression) for i in range(n)))
     finished = CpuSample.take(gateway.pid, fake.pid)
     stop.set()
     await asyncio.gather(*monitors)
@@ -473,6 +505,10 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
         "failures": len(lvl.failures), "failure_details": [list(f) for f in lvl.failures[:20]],
         "invalid_messages": invalid,
         "client_cpu_pct": (end.client - start.client) / span * 100.0,
+        # the event-loop (main) thread's part; the rest ran on threads (aiortc's codecs, executors)
+        "gateway_loop_cpu_pct": (end.gateway_loop - start.gateway_loop) / span * 100.0,
+        "client_loop_cpu_pct": (end.client_loop - start.client_loop) / span * 100.0,
+        "gateway_kernel_cpu_pct": (end.gateway_kernel - start.gateway_kernel) / span * 100.0,
         "fake_cpu_pct": (end.fake - start.fake) / span * 100.0,
         "machine_cpu_pct": ((end.sys_busy - start.sys_busy) / max(1.0, end.sys_total - start.sys_total)
                             * 100.0 * (os.cpu_count() or 1)),
@@ -486,6 +522,11 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
     # CPU used on this machine by processes other than the three of the benchmark (other work competing)
     result["others_cpu_pct"] = max(0.0, result["machine_cpu_pct"] - cpu_pct - result["client_cpu_pct"]
                                    - result["fake_cpu_pct"])
+    if transport != "phone":
+        result["transport"] = transport
+        jitter = [x for c in lvl.calls.values() for x in getattr(c, "jitter_ms", [])]
+        if jitter:                   # WebRTC: what the client's own receive jitter buffer adds (not in latency)
+            result["client_jitter_buffer_ms"] = {"p50": pct(jitter, 50), "p99": pct(jitter, 99)}
     return result
 
 
@@ -521,17 +562,22 @@ def targets(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, bool
 
 
 # ---------------------------------------------------------------------------------------------- main
-async def bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="voxray-bench-"))
+async def bench(args: argparse.Namespace, levels: list[int], transport: str = "phone",
+                workdir: Path | None = None, fake: Child | None = None, fake_url: str = "") -> dict[str, Any]:
+    """One transport's levels against a fresh gateway (and the fake, started here unless given)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="voxray-bench-"))
     speech = synthetic_speech(args.speech_s)
     rms_min, rms_all, rms_last = frame_rms_range(speech)
     tokens = first_clause_tokens(REPLY)
     fixed_ms = args.vad_stop_ms + args.stt_ms + args.llm_ms + args.tts_ms + (tokens - 1) * args.token_ms
-    fake, gateway = None, None
+    own_fake, gateway = fake is None, None
     try:
-        fake, fake_url = start_fake(args, workdir)
-        gateway, url = start_gateway(args, workdir, fake_url)
+        if fake is None:
+            fake, fake_url = start_fake(args, workdir)
+        gateway, url = start_gateway(args, workdir, fake_url, transport)
         idle0_mb, threads0 = proc_status(gateway.pid)
+        if transport != "phone":
+            print(f"\n== {transport}: {TRANSPORTS[transport]} (N = concurrent sessions) ==")
         print(f"gateway pid {gateway.pid} at {url} (idle RSS {idle0_mb:.1f} MB, {threads0} threads); "
               f"fake OpenAI pid {fake.pid} at {fake_url}; logs in {workdir}")
         print(f"speech: {len(speech) / 16:.0f} ms synthetic voiced PCM, RMS {rms_all:.3f} (min 20 ms frame {rms_min:.3f}, "
@@ -545,9 +591,9 @@ async def bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
             for n in levels:
                 profiler = None
                 if args.profile and n == levels[-1]:
-                    ramp = args.ramp if args.ramp is not None else max(2.0, n / 50.0)
+                    ramp = ramp_s(n, args)
                     profiler = asyncio.create_task(profile_gateway(gateway.pid, args, delay=args.settle + ramp + 4.0))
-                r = await run_level(n, args, url, fake_url, gateway, fake, http, speech, idle0_mb, fixed_ms)
+                r = await run_level(n, args, url, fake_url, gateway, fake, http, speech, idle0_mb, fixed_ms, transport)
                 if profiler is not None:
                     r["profile"] = await profiler
                 results.append(r)
@@ -561,9 +607,22 @@ async def bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
                 "speech": {"ms": len(speech) / 16, "rms": rms_all, "min_frame_rms": rms_min, "last_frame_rms": rms_last},
                 "gateway_idle_rss_mb": idle0_mb, "gateway_idle_threads": threads0, "levels": results}
     finally:
-        for child in (gateway, fake):
+        for child in (gateway, fake if own_fake else None):
             if child is not None:
                 child.stop()
+
+
+async def bench_transports(args: argparse.Namespace, plan: list[tuple[str, list[int]]]) -> dict[str, Any]:
+    """Each transport in turn, each against its own fresh gateway (so its idle RSS is its baseline), one fake."""
+    workdir = Path(tempfile.mkdtemp(prefix="voxray-bench-"))
+    fake, fake_url = start_fake(args, workdir)
+    out: dict[str, Any] = {}
+    try:
+        for transport, levels in plan:
+            out[transport] = await bench(args, levels, transport, workdir, fake, fake_url)
+    finally:
+        fake.stop()
+    return out
 
 
 async def profile_gateway(pid: int, args: argparse.Namespace, delay: float) -> str:
@@ -580,9 +639,89 @@ async def profile_gateway(pid: int, args: argparse.Namespace, delay: float) -> s
     return out.decode(errors="replace")[-500:]
 
 
+def report(levels_out: list[dict[str, Any]], args: argparse.Namespace, transport: str = "phone") -> None:
+    """The lines under one transport's table: p99 against N=1, per-level detail, the phone targets."""
+    if transport != "phone":
+        print(f"\n-- {transport} --")
+    base = next((r for r in levels_out if r["calls"] == 1), None)
+    if base is not None and base["added_ms"]["p99"] is not None:
+        parts = []
+        for r in levels_out:
+            if r["calls"] != 1 and r["added_ms"]["p99"] is not None:
+                d = r["added_ms"]["p99"] - base["added_ms"]["p99"]
+                ratio = r["added_ms"]["p99"] / base["added_ms"]["p99"] if base["added_ms"]["p99"] > 0 else float("nan")
+                r["added_p99_ratio_to_n1"] = ratio
+                parts.append(f"N={r['calls']}: x{ratio:.2f} ({d:+.1f} ms)")
+        if parts:
+            print("server-added p99 relative to N=1 (same run): " + ", ".join(parts))
+    for r in levels_out:
+        stages = r["server_stage_means_ms"]
+        jitter = r.get("client_jitter_buffer_ms")
+        print(f"N={r['calls']}: gateway-side stage means (ms) " + " ".join(f"{k}={v}" for k, v in stages.items())
+              + f"; probe RTT ms gateway p50/p99/max {_f(r['probe_rtt_ms']['gateway']['p50'])}/"
+              f"{_f(r['probe_rtt_ms']['gateway']['p99'])}/{_f(r['probe_rtt_ms']['gateway']['max'])}, fake "
+              f"{_f(r['probe_rtt_ms']['fake']['p50'])}/{_f(r['probe_rtt_ms']['fake']['p99'])}/"
+              f"{_f(r['probe_rtt_ms']['fake']['max'])}"
+              + f"; threads {r['gateway_threads_peak']}; fake CPU {r['fake_cpu_pct']:.0f}%; answer audio "
+              f"{_f(r['answer_audio_ms_p50'], '{:.0f}')} ms; answers with a gap > {args.target_gap_ms:g} ms: "
+              f"{r['answers_with_gap_over_target']}/{r['answers']} (opening a median "
+              f"{_f(r['gap_over_target_offset_ms_p50'], '{:.0f}')} ms after the answer's first frame); "
+              f"invalid msgs {r['invalid_messages']}"
+              + (f"; client jitter buffer (not in latency) p50/p99 {_f(jitter['p50'])}/{_f(jitter['p99'])} ms"
+                 if jitter else "")
+              + (f"; CPU % loop thread/other threads: gateway {r['gateway_loop_cpu_pct']:.1f}/"
+                 f"{r['gateway_cpu_pct'] - r['gateway_loop_cpu_pct']:.1f} (kernel {r['gateway_kernel_cpu_pct']:.1f}),"
+                 f" client {r['client_loop_cpu_pct']:.1f}/"
+                 f"{r['client_cpu_pct'] - r['client_loop_cpu_pct']:.1f}" if transport != "phone" else ""))
+    for r in levels_out:
+        if transport == "phone" and r["calls"] >= 150:
+            verdict = ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets(r, args))
+            print(f"targets at N={r['calls']}: {verdict}")
+
+
+def compare(out: dict[str, Any]) -> None:
+    """Per-session gateway cost of each transport beside the phone call's. ``+1 sess`` is what each session
+    added to N=1 costs, (CPU or peak RSS at N - at N=1) / (N - 1): free of the process's fixed load (probes,
+    /metrics) and of the first session's one-off warm-up. ``x phone`` compares its CPU with the phone's at the
+    nearest N of the same run."""
+    def marginal(levels: list[dict[str, Any]], key: str, scale: float) -> dict[int, float]:
+        one = next((r for r in levels if r["calls"] == 1), None)
+        return {r["calls"]: (r[key] - one[key]) * scale / (r["calls"] - 1)
+                for r in levels if one is not None and r["calls"] > 1}
+
+    phone = marginal(out.get("phone", {}).get("levels", []), "gateway_cpu_pct", 10.0)
+    print("\nper-session gateway cost by transport (same run; +1 sess = the cost of each session added to N=1; "
+          "x phone = its CPU against the phone's at the nearest N):")
+    print("{:>7} {:>4} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7}".format(
+        "", "N", "ms/sess-s", "+1 ms/s", "x phone", "MB/sess", "+1 MB", "add p50", "add p99", "fail", "cli CPU",
+        "box CPU"))
+    for transport, result in out.items():
+        cpu = marginal(result["levels"], "gateway_cpu_pct", 10.0)       # % of a core -> ms per second
+        mem = marginal(result["levels"], "gateway_rss_peak_mb", 1.0)
+        for r in result["levels"]:
+            n = r["calls"]
+            ref = phone[min(phone, key=lambda m: abs(m - n))] if phone and n in cpu else None
+            r["gateway_cpu_ms_per_added_session_s"], r["rss_per_added_session_mb"] = cpu.get(n), mem.get(n)
+            r["added_session_cpu_ratio_to_phone"] = cpu[n] / ref if ref else None
+            print("{:>7} {:>4} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7}".format(
+                transport, n, _f(r["gateway_cpu_ms_per_call_s"], "{:.2f}"), _f(cpu.get(n), "{:.2f}"),
+                _f(r["added_session_cpu_ratio_to_phone"], "x{:.1f}"), _f(r["rss_per_call_mb"], "{:.3f}"),
+                _f(mem.get(n), "{:.3f}"), _f(r["added_ms"]["p50"]), _f(r["added_ms"]["p99"]), r["failures"],
+                _f(r["client_cpu_pct"]), _f(r["machine_cpu_pct"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", default="1,50,100,150,200", help="comma-separated concurrency levels")
+    p.add_argument("--transports", default="phone",
+                   help="comma-separated, in order: phone (--calls levels), ws (--ws-sessions), webrtc "
+                        "(--webrtc-sessions); each against a fresh gateway")
+    p.add_argument("--ws-sessions", default="1,50,100", help="levels of concurrent GET /ws browser sessions")
+    p.add_argument("--webrtc-sessions", default="1,4,8,12",
+                   help="levels of concurrent WebRTC browser sessions (aiortc peers: the client costs as much CPU "
+                        "as the gateway, so 2 cores saturate near 12)")
+    p.add_argument("--ws-compression", default="deflate", choices=["deflate", "none"],
+                   help="/ws clients offer permessage-deflate (as browsers do) or nothing")
     p.add_argument("--seconds", type=float, default=30.0, help="talking time per call at each level")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--ramp", type=float, default=None, help="seconds over which calls start (default max(2, N/50))")
@@ -606,6 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-gap-ms", type=float, default=40.0)
     args = p.parse_args(argv)
     levels = [int(x) for x in args.calls.split(",") if x.strip()]
+    args.ws_compression = None if args.ws_compression == "none" else args.ws_compression
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if not transports or any(t not in TRANSPORTS for t in transports):
+        p.error(f"--transports takes {', '.join(TRANSPORTS)}")
+    level_args = {"phone": args.calls, "ws": args.ws_sessions, "webrtc": args.webrtc_sessions}
+    plan = [(t, [int(x) for x in level_args[t].split(",") if x.strip()]) for t in transports]
+    if "webrtc" in transports:
+        browsers.use_loopback_ice()
     if args.nice:
         os.nice(args.nice)       # this client too: the gateway started below inherits normal priority
 
@@ -615,46 +762,26 @@ def main(argv: list[str] | None = None) -> int:
         loop_name = "uvloop"
     except ImportError:
         factory, loop_name = None, "asyncio"
-    print(f"voxray load benchmark: levels {levels}, {args.seconds:g} s talking per call, client loop {loop_name}, "
+    shown = levels if transports == ["phone"] else ", ".join(f"{t} {lv}" for t, lv in plan)
+    print(f"voxray load benchmark: levels {shown}, {args.seconds:g} s talking per call, client loop {loop_name}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     started = time.time()
     with asyncio.Runner(loop_factory=factory) as runner:
-        out = runner.run(bench(args, levels))
-    levels_out = out["levels"]
-
-    base = next((r for r in levels_out if r["calls"] == 1), None)
-    if base is not None and base["added_ms"]["p99"] is not None:
-        parts = []
-        for r in levels_out:
-            if r["calls"] != 1 and r["added_ms"]["p99"] is not None:
-                d = r["added_ms"]["p99"] - base["added_ms"]["p99"]
-                ratio = r["added_ms"]["p99"] / base["added_ms"]["p99"] if base["added_ms"]["p99"] > 0 else float("nan")
-                r["added_p99_ratio_to_n1"] = ratio
-                parts.append(f"N={r['calls']}: x{ratio:.2f} ({d:+.1f} ms)")
-        if parts:
-            print("server-added p99 relative to N=1 (same run): " + ", ".join(parts))
-    for r in levels_out:
-        stages = r["server_stage_means_ms"]
-        print(f"N={r['calls']}: gateway-side stage means (ms) " + " ".join(f"{k}={v}" for k, v in stages.items())
-              + f"; probe RTT ms gateway p50/p99/max {_f(r['probe_rtt_ms']['gateway']['p50'])}/"
-              f"{_f(r['probe_rtt_ms']['gateway']['p99'])}/{_f(r['probe_rtt_ms']['gateway']['max'])}, fake "
-              f"{_f(r['probe_rtt_ms']['fake']['p50'])}/{_f(r['probe_rtt_ms']['fake']['p99'])}/"
-              f"{_f(r['probe_rtt_ms']['fake']['max'])}"
-              + f"; threads {r['gateway_threads_peak']}; fake CPU {r['fake_cpu_pct']:.0f}%; answer audio "
-              f"{_f(r['answer_audio_ms_p50'], '{:.0f}')} ms; answers with a gap > {args.target_gap_ms:g} ms: "
-              f"{r['answers_with_gap_over_target']}/{r['answers']} (opening a median "
-              f"{_f(r['gap_over_target_offset_ms_p50'], '{:.0f}')} ms after the answer's first frame); "
-              f"invalid msgs {r['invalid_messages']}")
-    for r in levels_out:
-        if r["calls"] >= 150:
-            verdict = ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets(r, args))
-            print(f"targets at N={r['calls']}: {verdict}")
+        if transports == ["phone"]:
+            out = runner.run(bench(args, levels))
+            report(out["levels"], args)
+        else:
+            by_transport = runner.run(bench_transports(args, plan))
+            for transport, result in by_transport.items():
+                report(result["levels"], args, transport)
+            compare(by_transport)
+            out = {"transports": by_transport}
     if args.json:
         meta = {"argv": sys.argv, "started": started, "python": platform.python_version(), "cpus": os.cpu_count(),
                 "machine": platform.platform(), "client_loop": loop_name,
                 "delays_ms": {"stt": args.stt_ms, "llm": args.llm_ms, "tts": args.tts_ms, "token": args.token_ms},
                 "vad_stop_ms": args.vad_stop_ms, "tts_ms_per_char": args.tts_ms_per_char, "transcript": TRANSCRIPT,
-                "reply": REPLY, "seconds": args.seconds}
+                "reply": REPLY, "seconds": args.seconds, "transports": transports}
         Path(args.json).write_text(json.dumps({"meta": meta, **out}, indent=2))
         print(f"wrote {args.json}")
     return 0
