@@ -154,7 +154,7 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway import browser_ws, control, routes, softphone, webrtc
+    from gateway import browser_ws, control, routes, softphone
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -225,7 +225,15 @@ def create_app(config: Config) -> Starlette:
         Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
         Route("/transfer/{carrier}", routes.transfer_markup, methods=["GET", "POST"]),
         *([WebSocketRoute("/ws", browser_ws.ws)] if config.transport in ("websocket", "both") else []),
-        *([Route("/webrtc/offer", webrtc.offer, methods=["POST"]),
-           Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])]
-          if config.transport in ("smallwebrtc", "both") else []),
+        *_webrtc_routes(config),
     ], middleware=middleware, lifespan=lifespan)
+
+
+def _webrtc_routes(config: Config) -> list[Route]:
+    """WebRTC's routes when ``transport`` includes it; aiortc and PyAV (~40 MB) load only then."""
+    if config.transport not in ("smallwebrtc", "both"):
+        return []
+    from gateway import webrtc
+
+    return [Route("/webrtc/offer", webrtc.offer, methods=["POST"]),
+            Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])]
