@@ -109,13 +109,16 @@ class CallEvent:
     """A status or answering-machine callback, normalised.
 
     ``answered_by`` is ``human``, ``machine`` or ``unknown`` for an AMD result, else ``""``;
-    ``ended`` is True when the carrier reports the call over.
+    ``ended`` is True when the carrier reports the call over. ``request_id`` is the id ``dial``
+    returned when the carrier names the call differently once it exists (Plivo's RequestUUID), so
+    the event of a call that was never answered still finds its session.
     """
 
     call_id: str
     answered_by: str = ""
     ended: bool = False
     status: str = ""
+    request_id: str = ""
 
 
 class MediaStream(Protocol):

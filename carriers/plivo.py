@@ -368,7 +368,8 @@ class PlivoCarrier:
             machine = params["Machine"].strip().lower()
             answered_by = {"true": "machine", "false": "human"}.get(machine, "unknown")
         ended = status.lower() in _ENDED or event.lower() == "hangup"
-        return CallEvent(call_id=call_id, answered_by=answered_by, ended=ended, status=status or event)
+        return CallEvent(call_id=call_id, answered_by=answered_by, ended=ended, status=status or event,
+                         request_id=params.get("RequestUUID", ""))
 
     # -- REST ----------------------------------------------------------------------------------
 

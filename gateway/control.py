@@ -210,7 +210,8 @@ async def carrier_event(request: Request) -> Response:
         return _error(400, str(exc))
     session_id = request.path_params["session_id"]
     session = await services.sessions.get(session_id)
-    if session is None or (session.call_id and event.call_id and event.call_id != session.call_id):
+    if session is None or (session.call_id and event.call_id
+                           and session.call_id not in (event.call_id, event.request_id)):
         return _error(404, "no such session")
     call = services.calls.get(session_id)
     if event.answered_by == "machine" and call is not None:

@@ -731,7 +731,9 @@ def event(form: list[tuple[str, str]]) -> WebhookRequest:
         ([("CallUUID", CALL), ("CallStatus", "in-progress")], CallEvent(CALL, "", False, "in-progress")),
         ([("CallUUID", CALL), ("CallStatus", "no-answer")], CallEvent(CALL, "", True, "no-answer")),
         ([("CallUUID", CALL), ("CallStatus", "busy")], CallEvent(CALL, "", True, "busy")),
-        ([("RequestUUID", "req-1"), ("CallStatus", "failed")], CallEvent("req-1", "", True, "failed")),
+        ([("RequestUUID", "req-1"), ("CallStatus", "failed")], CallEvent("req-1", "", True, "failed", "req-1")),
+        ([("CallUUID", CALL), ("RequestUUID", "req-1"), ("CallStatus", "no-answer")],   # never answered
+         CallEvent(CALL, "", True, "no-answer", "req-1")),
         ([("CallUUID", CALL), ("Event", "Hangup")], CallEvent(CALL, "", True, "Hangup")),
         ([("CallUUID", CALL), ("Machine", "true"), ("CallStatus", "in-progress")],
          CallEvent(CALL, "machine", False, "in-progress")),
@@ -1153,13 +1155,19 @@ def test_dialect_flags_what_plivo_would_reject() -> None:
 
 # ------------------------------------------------------------------------------------ through the gateway
 
+def plivo_gateway_config(fake_url: str, plivo_url: str) -> Any:
+    from tests.conftest import phone_config
+
+    return phone_config(fake_url, "http://127.0.0.1:9", carrier="plivo", carriers={
+        "plivo": {"auth_id": AUTH_ID, "auth_token": TOKEN, "api_base_url": plivo_url}})
+
+
 @pytest.mark.asyncio
-async def test_emulated_plivo_call_through_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dialect against a real gateway (Plivo added to its carriers here; the gateway's config does not
-    know Plivo yet): signed webhook, <Stream> answer, start, speech, checkpoints, barge-in, REST hang-up."""
-    import gateway.app
+async def test_emulated_plivo_call_through_the_gateway() -> None:
+    """The dialect against a real gateway configured for Plivo: signed webhook, <Stream> answer, start,
+    speech, checkpoints, barge-in, REST hang-up."""
     from gateway.simulate import SimulatedCall
-    from tests.conftest import PUBLIC_URL, phone_config, running_gateway
+    from tests.conftest import PUBLIC_URL, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
     from tests.speech import speech_pcm
 
@@ -1168,17 +1176,7 @@ async def test_emulated_plivo_call_through_the_gateway(monkeypatch: pytest.Monke
     async with (FakeOpenAI(transcripts=["book a table", "what is on the menu", "stop"],
                            replies=["Sure. For what time?", long_reply], tts_ms_per_char=20) as fake,
                 FakePlivoREST(AUTH_ID, TOKEN) as plivo):
-        build = gateway.app.build_carriers
-
-        def with_plivo(config: Any, http: httpx.AsyncClient) -> Any:
-            ours = PlivoCarrier(auth_id=AUTH_ID, auth_token=TOKEN, http=http, api_base_url=plivo.base_url)
-            built = build(config, http)
-            if isinstance(built, tuple):  # (carriers, why the others are unconfigured)
-                return {**built[0], "plivo": ours}, {k: v for k, v in built[1].items() if k != "plivo"}
-            return {**built, "plivo": ours}
-
-        monkeypatch.setattr(gateway.app, "build_carriers", with_plivo)
-        async with running_gateway(phone_config(fake.base_url, "http://127.0.0.1:9")) as url:
+        async with running_gateway(plivo_gateway_config(fake.base_url, plivo.base_url)) as url:
             call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier="plivo",
                                  credentials={"auth_id": AUTH_ID, "auth_token": TOKEN})
             plivo.known_calls = {call.call_sid}
@@ -1205,3 +1203,28 @@ async def test_emulated_plivo_call_through_the_gateway(monkeypatch: pytest.Monke
             assert plivo.requests[-1].path == f"/v1/Account/{AUTH_ID}/Call/{call.call_sid}/"
             assert call.received.invalid == []
             await call.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unanswered_outbound_plivo_call_releases_its_session() -> None:
+    """dial() returns a RequestUUID; the no-answer callback names a new CallUUID and carries the RequestUUID."""
+    from tests.conftest import PUBLIC_URL, running_gateway
+    from tests.fakes.openai_server import FakeOpenAI
+
+    async with FakeOpenAI() as fake, FakePlivoREST(AUTH_ID, TOKEN) as plivo:
+        async with running_gateway(plivo_gateway_config(fake.base_url, plivo.base_url)) as url, \
+                httpx.AsyncClient(base_url=url) as http:
+            placed = (await http.post("/calls", json={"to": "+14155550123", "from": "+14155550100"})).json()
+            assert placed["call_id"] in plivo.queued
+            path = f"/events/plivo/{placed['session_id']}"
+            form = {"CallUUID": "c0ffee00-0000-4000-8000-000000000001", "RequestUUID": placed["call_id"],
+                    "CallStatus": "no-answer"}
+            for n, (request_uuid, status) in enumerate(((("someone-else"), 404), (placed["call_id"], 204))):
+                sent = {**form, "RequestUUID": request_uuid}                # first: not this session's call
+                nonce = f"1234567890123456789{n}"
+                headers = {"X-Plivo-Signature-V3": signature_v3(TOKEN, "POST", PUBLIC_URL + path,
+                                                                {k: [v] for k, v in sent.items()}, nonce),
+                           "X-Plivo-Signature-V3-Nonce": nonce}
+                assert (await http.post(path, data=sent, headers=headers)).status_code == status
+                left = (await http.get(f"/sessions/{placed['session_id']}")).status_code
+                assert left == (200 if status == 404 else 404)              # kept, then released
