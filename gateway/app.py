@@ -125,7 +125,7 @@ def build_bus(c: Config) -> ControlBus:
 
 def build_storage(c: Config) -> tuple[RecordingUploader | None, TranscriptWriter | None]:
     """The recording uploader and transcript writer, each when enabled (neither needs its server up)."""
-    recordings = RecordingUploader.from_config(c.recording, {}) if c.recording.enable else None
+    recordings = RecordingUploader.from_config(c.recording) if c.recording.enable else None
     transcripts = TranscriptWriter.from_config(c.transcripts) if c.transcripts.enable else None
     return recordings, transcripts
 

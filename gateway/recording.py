@@ -13,7 +13,7 @@ is deleted only after S3 has acknowledged it.
 
 Usage::
 
-    uploader = RecordingUploader.from_config(config.recording, os.environ)
+    uploader = RecordingUploader.from_config(config.recording)
     await uploader.start()                          # scans the spool, starts workers + scanner
 
     rec = CallRecorder.for_call(uploader.spool_dir, base_path=config.recording.base_path,
@@ -367,15 +367,15 @@ class RecordingUploader:
         self._started = False
 
     @classmethod
-    def from_config(cls, config: RecordingConfig, environ: Mapping[str, str]) -> RecordingUploader:
-        """Build from ``config.recording``; empty endpoint/region fall back to AWS_ENDPOINT_URL/AWS_REGION."""
+    def from_config(cls, config: RecordingConfig) -> RecordingUploader:
+        """Build from ``config.recording`` (``Config`` already filled endpoint and region from
+        AWS_ENDPOINT_URL / AWS_REGION when they were not set)."""
         return cls(bucket=config.bucket, base_path=config.base_path,
                    spool_dir=Path(config.spool_dir) if config.spool_dir else default_spool_dir(),
                    worker_count=config.worker_count, queue_cap=config.queue_cap, max_retries=config.max_retries,
                    retry_base_s=config.retry_base_secs, respool_interval_s=config.respool_interval_secs,
                    multipart_threshold=config.multipart_threshold_bytes,
-                   endpoint_url=config.endpoint_url or environ.get("AWS_ENDPOINT_URL") or None,
-                   region=config.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None)
+                   endpoint_url=config.endpoint_url or None, region=config.region or None)
 
     @property
     def backlog(self) -> int:

@@ -118,6 +118,19 @@ def test_public_url_from_environment_loses_its_trailing_slash() -> None:
     assert c.public_url == "https://voice.example.com"
 
 
+def test_recording_endpoint_and_region_default_to_the_aws_variables() -> None:
+    env = {"AWS_ENDPOINT_URL": "http://s3.test:9000", "AWS_REGION": "eu-west-1"}
+    r = Config.load(None, env).recording
+    assert (r.endpoint_url, r.region) == ("http://s3.test:9000", "eu-west-1")
+    r = Config.load(None, {"AWS_ENDPOINT_URL_S3": "http://s3-only:1", "AWS_ENDPOINT_URL": "http://other:2",
+                           "AWS_DEFAULT_REGION": "us-east-2"}).recording
+    assert (r.endpoint_url, r.region) == ("http://s3-only:1", "us-east-2")
+    set_here = {"recording": {"endpoint_url": "http://x:1", "region": "us-west-2"}}
+    r = Config.from_mapping(set_here, {"AWS_ENDPOINT_URL": "http://ignored", "AWS_REGION": "ignored"}).recording
+    assert (r.endpoint_url, r.region) == ("http://x:1", "us-west-2")
+    assert (Config.load(None, {}).recording.endpoint_url, Config.load(None, {}).recording.region) == ("", "")
+
+
 def test_environment_value_with_a_bad_type_names_the_key() -> None:
     with pytest.raises(ConfigError, match="'port'.*whole number"):
         Config.load(None, {**OPENAI, "VOXRAY_PORT": "eighty"})

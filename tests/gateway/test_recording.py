@@ -247,14 +247,14 @@ def test_a_disk_error_stops_the_recording_without_breaking_the_call(tmp_path: Pa
 def test_from_config_resolves_spool_endpoint_and_region(tmp_path: Path) -> None:
     cfg = RecordingConfig(enable=True, bucket="b", worker_count=2, queue_cap=3, max_retries=1,
                           multipart_threshold_bytes=6 * MiB)
-    up = RecordingUploader.from_config(cfg, {"AWS_ENDPOINT_URL": "http://s3.test:9000", "AWS_REGION": "eu-west-1"})
-    assert (up.spool_dir, up.endpoint_url, up.region) == (default_spool_dir(), "http://s3.test:9000", "eu-west-1")
+    up = RecordingUploader.from_config(cfg)
+    assert (up.spool_dir, up.endpoint_url, up.region) == (default_spool_dir(), None, None)
     assert (up.worker_count, up.max_retries, up.multipart_threshold) == (2, 1, 6 * MiB)
     cfg = RecordingConfig(bucket="b", spool_dir=str(tmp_path), endpoint_url="http://x:1", region="us-west-2")
-    up = RecordingUploader.from_config(cfg, {"AWS_ENDPOINT_URL": "http://ignored", "AWS_REGION": "ignored"})
+    up = RecordingUploader.from_config(cfg)
     assert (up.spool_dir, up.endpoint_url, up.region) == (tmp_path, "http://x:1", "us-west-2")
     with pytest.raises(ValueError, match="bucket"):
-        RecordingUploader.from_config(RecordingConfig(), {})
+        RecordingUploader.from_config(RecordingConfig())
 
 
 # ------------------------------------------------------------------------------ the uploader, real S3
