@@ -57,6 +57,7 @@ from starlette.websockets import WebSocket
 from gateway.browser_events import encode
 from gateway.browser_session import BrowserCall
 from gateway.call import SocketIO
+from gateway.personas import PersonaError
 from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
 from pipeline.audio import looks_like_stereo, rms, ulaw_decode, ulaw_encode
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from gateway.app import Services
 
 __all__ = ["BrowserSession", "CODECS", "OUTPUT_RATE", "PHONE_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32",
-           "origin_allowed", "parse_start", "ws"]
+           "origin_allowed", "parse_start", "start_persona", "ws"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,18 +112,14 @@ async def ws(websocket: WebSocket) -> None:
     start = await _read_start(io, config.media_start_timeout_secs)
     if start is None:
         return
-    if start.persona and start.persona not in services.personas.names() and start.persona != "default":
-        known = ", ".join(services.personas.names()) or "(none)"
-        await _refuse(io, f"unknown persona {start.persona!r}; known: {known}")
+    try:
+        persona, context = start_persona(services, start)
+    except ValueError as exc:
+        await _refuse(io, str(exc))
         return
-    persona = services.personas.resolve(name=start.persona or None, to=start.number,
-                                        context=start.messages or None)
-    messages = list(start.messages)
-    if messages and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": persona.system})
     try:
         session = await services.sessions.create(Session.new(
-            carrier=CARRIER, to=start.number, persona=persona.name, context=tuple(messages),
+            carrier=CARRIER, to=start.number, persona=persona.name, context=context,
             parameters={"sample_rate": str(start.sample_rate), "codec": start.codec}, state="active",
             claimed_at=time.time()))
     except SessionStoreUnavailable as exc:
@@ -203,6 +200,26 @@ def parse_start(text: str | bytes) -> StartRequest:
         raise ValueError("persona and number must be strings")
     return StartRequest([{"role": m["role"], "content": m["content"]} for m in messages], int(rate), persona, number,
                         codec)
+
+
+def start_persona(services: Services, start: StartRequest) -> tuple[Persona, tuple[dict[str, str], ...]]:
+    """The persona a browser session asks for (a context's system message > the persona name > the
+    dialed number > the default) and its context, with the persona's system message first when the
+    client sent none. ValueError naming the known personas for an unknown name; a broken personas
+    file falls back to the default (logged)."""
+    name = start.persona
+    if name and name not in services.personas.names() and name != "default":
+        known = ", ".join(services.personas.names()) or "(none)"
+        raise ValueError(f"unknown persona {name!r}; known: {known}")
+    try:
+        persona = services.personas.resolve(name=name or None, to=start.number, context=start.messages or None)
+    except PersonaError as exc:
+        logger.error("persona lookup failed, using the default: %s", exc)
+        persona = services.personas.resolve()
+    context = [dict(m) for m in start.messages]
+    if context and not any(m["role"] == "system" for m in context):
+        context.insert(0, {"role": "system", "content": persona.system})
+    return persona, tuple(context)
 
 
 async def _read_start(io: SocketIO, timeout_s: float) -> StartRequest | None:

@@ -69,7 +69,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.browser_events import encode
 from gateway.browser_session import BrowserCall
-from gateway.browser_ws import StartRequest, parse_start
+from gateway.browser_ws import StartRequest, parse_start, start_persona
 from gateway.logging import call_id
 from gateway.personas import PersonaError
 from gateway.routes import _authorised, _error, _services
@@ -158,25 +158,12 @@ def parse_session_fields(data: Mapping[str, Any]) -> StartRequest:
         raise OfferRefused(400, str(exc)) from None
 
 
-def _resolve_persona(services: Services, *, name: str, number: str,
-                     messages: Sequence[Mapping[str, str]]) -> Persona:
-    """As ``/ws`` resolves it: a context's system message > the persona name > the dialed number > default."""
-    if name and name not in services.personas.names() and name != "default":
-        known = ", ".join(services.personas.names()) or "(none)"
-        raise OfferRefused(400, f"unknown persona {name!r}; known: {known}")
+def _start_persona(services: Services, start: StartRequest) -> tuple[Persona, tuple[dict[str, str], ...]]:
+    """``browser_ws.start_persona``, refusing an unknown persona with 400."""
     try:
-        return services.personas.resolve(name=name or None, to=number, context=list(messages) or None)
-    except PersonaError as exc:
-        logger.error("persona lookup failed, using the default: %s", exc)
-        return services.personas.resolve()
-
-
-def _with_system(messages: Sequence[Mapping[str, str]], persona: Persona) -> tuple[dict[str, str], ...]:
-    """The context, with the persona's system message first when the client sent none."""
-    out = [dict(m) for m in messages]
-    if out and not any(m["role"] == "system" for m in out):
-        out.insert(0, {"role": "system", "content": persona.system})
-    return tuple(out)
+        return start_persona(services, start)
+    except ValueError as exc:
+        raise OfferRefused(400, str(exc)) from None
 
 
 async def _read_json(request: Request, limit: int, what: str) -> Any:
@@ -239,12 +226,12 @@ async def start_session(request: Request) -> Response | None:
         return _error(413, f"the request body is {size} bytes, over ws_max_message_bytes={config.ws_max_message_bytes}")
     try:
         start = parse_session_fields(data)
-        persona = _resolve_persona(services, name=start.persona, number=start.number, messages=start.messages)
+        persona, context = _start_persona(services, start)
     except OfferRefused as exc:
         return _error(exc.status, str(exc))
     try:
         session = await services.sessions.create(Session.new(
-            carrier=CARRIER, to=start.number, persona=persona.name, context=_with_system(start.messages, persona),
+            carrier=CARRIER, to=start.number, persona=persona.name, context=context,
             parameters={"transport": "webrtc", **({"persona": start.persona} if start.persona else {})}))
     except SessionStoreUnavailable as exc:
         logger.error("browser session refused: %s", exc)
@@ -268,13 +255,13 @@ async def offer(request: Request) -> Response:
                                 "for the context")
         request_offer = parse_offer(data, config.webrtc_max_sdp_bytes)
         start = parse_session_fields(data)
-        persona = _resolve_persona(services, name=start.persona, number=start.number, messages=start.messages)
+        persona, context = _start_persona(services, start)
         peer = await _Peer.negotiate(config.webrtc_ice_servers, request_offer)
     except OfferRefused as exc:
         return _refuse(exc)
     try:
         session = await services.sessions.create(Session.new(
-            carrier=CARRIER, to=start.number, persona=persona.name, context=_with_system(start.messages, persona),
+            carrier=CARRIER, to=start.number, persona=persona.name, context=context,
             parameters={"transport": "webrtc", "codec": peer.codec,
                         **({"persona": start.persona} if start.persona else {})},
             state="active", claimed_at=time.time()))
