@@ -7,7 +7,8 @@ Usage::
 
     stt = PocketsphinxSTT()                          # open vocabulary, bundled en-us model
     stt = PocketsphinxSTT(grammar_path="demo.gram")  # JSGF grammar: near-exact for demo dialogues
-    text = await stt.transcribe(pcm8k, sample_rate=8000)   # resampled to 16 kHz internally
+    text = await stt.transcribe(pcm8k, sample_rate=8000)   # decoded (and resampled) in a worker process
+    await stt.close()                                # stops the worker processes
 
     tts = PiperTTS()                                 # joe voice, tts.sample_rate == 22050
     async for chunk in tts.synthesize("Hello. How are you?"):   # one PCM16 chunk per sentence
@@ -25,15 +26,20 @@ be exercised end to end without network access.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import re
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
-from pipeline.audio import Resampler, rms
+from pipeline.audio import rms
+from pipeline.pocketsphinx_worker import SILENCE_RMS, Decoded, decode, init_worker
 from pipeline.providers.base import Message, ProviderError, Tool
 
 __all__ = ["EchoLLM", "PiperTTS", "PocketsphinxSTT"]
@@ -42,100 +48,117 @@ logger = logging.getLogger(__name__)
 
 NAME = "local"
 INSTALL_HINT = "pip install 'voxray[local]'"
-STT_RATE = 16000  # the bundled en-us acoustic model; 8 kHz input fails (upper frequency 6800 Hz)
-SILENCE_RMS = 0.001  # ~-60 dBFS: below this an utterance is silence (pocketsphinx may "hear" words in zeros)
 
 
 def _missing(package: str, exc: ImportError) -> ProviderError:
     return ProviderError(NAME, f"{package} is not installed ({exc}); install it with: {INSTALL_HINT}")
 
 
-class _Slot:
-    """A pool entry; its decoder is created on first use, in the worker thread."""
-
-    __slots__ = ("decoder",)
-
-    def __init__(self) -> None:
-        self.decoder: Any = None
-
-
 class PocketsphinxSTT:
-    """Offline English speech-to-text with pocketsphinx's bundled en-us model.
+    """Offline English speech-to-text with pocketsphinx's bundled en-us model, in worker processes.
 
     Args:
         grammar_path: optional JSGF grammar; without it decoding is open-vocabulary (best effort).
-        max_decoders: decoders kept for reuse (each takes ~0.3 s to load and serves one thread at a time).
+        processes: decoder processes (each decodes one utterance at a time; config ``local_stt_processes``).
+        max_pending: transcriptions queued or decoding at once; one more fails at once with a transient
+            ProviderError rather than wait behind them (config ``local_stt_max_pending``).
         silence_rms: utterances quieter than this (full scale 1.0) return '' without decoding.
 
-    Measured (2 vCPU): decoder load 0.25-0.5 s; open vocabulary RTF ~0.1-0.2, JSGF ~0.01. Note that
-    pocketsphinx holds the GIL while decoding, so a worker thread does not keep the event loop free:
-    an open-vocabulary decode of a 3 s utterance stalls the loop ~0.2-0.3 s (a grammar: ~30 ms), and
-    two decoders do not run in parallel. Prefer a grammar when many calls share one process.
+    pocketsphinx holds the GIL while it decodes (a 17 s utterance: ~3 s), so a thread would stall the
+    event loop, and every other call with it, for that long. Decoding runs in a
+    ``ProcessPoolExecutor`` (``spawn`` start method: the gateway has threads and a running loop, so
+    no fork) whose workers load their decoder once, at start. The pool starts on the first
+    transcription, not with the provider: an unused provider (e.g. a fallback) costs no process,
+    and the first utterance waits for a worker to start and load (~0.6 s more). A worker that dies
+    breaks the pool: what it and the others were decoding fails with a transient ProviderError (the
+    conversation retries it) and the next transcription starts a new pool. Call :meth:`close` when
+    done (the app's lifespan does); a transcription after it starts a new pool.
+
+    Usage::
+
+        stt = PocketsphinxSTT(processes=2, max_pending=8)
+        text = await stt.transcribe(pcm8k, sample_rate=8000)
+        await stt.close()
     """
 
     name = NAME
 
-    def __init__(self, *, grammar_path: str | None = None, max_decoders: int = 2,
+    def __init__(self, *, grammar_path: str | None = None, processes: int = 1, max_pending: int = 8,
                  silence_rms: float = SILENCE_RMS) -> None:
-        if max_decoders < 1:
-            raise ValueError("max_decoders must be >= 1")
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
         try:
-            import pocketsphinx
+            import pocketsphinx  # noqa: F401 - the workers need it: say so now, not on the first call
         except ImportError as exc:
             raise _missing("pocketsphinx", exc) from exc
         if grammar_path is not None and not Path(grammar_path).is_file():
             raise ProviderError(NAME, f"JSGF grammar not found: {grammar_path}")
-        self._ps = pocketsphinx
         self._grammar_path = grammar_path
-        self._max_decoders = max_decoders
+        self._processes = processes
+        self._max_pending = max_pending
         self._silence_rms = silence_rms
-        self._idle: asyncio.Queue[_Slot] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()  # released from the executor's result thread
 
-    def _pool(self) -> asyncio.Queue[_Slot]:
-        """The idle-slot stack for the running loop (slots move over if the loop changes, e.g. in tests).
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=self._processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker, initargs=(self._grammar_path,))
+            logger.info("pocketsphinx pool: up to %d worker process(es), grammar=%s", self._processes,
+                        self._grammar_path)
+        return self._executor
 
-        LIFO, so a loaded decoder is reused before an empty slot makes a new one.
-        """
-        loop = asyncio.get_running_loop()
-        if self._idle is None:
-            self._idle = asyncio.LifoQueue()
-            for _ in range(self._max_decoders):
-                self._idle.put_nowait(_Slot())
-        elif self._loop is not loop:
-            old, self._idle = self._idle, asyncio.LifoQueue()
-            moved = [old.get_nowait() for _ in range(old.qsize())]
-            for slot in reversed(moved):
-                self._idle.put_nowait(slot)
-        self._loop = loop
-        return self._idle
+    def _discard(self, executor: ProcessPoolExecutor) -> None:
+        """Drop a broken pool; the next transcription starts a new one."""
+        if self._executor is executor:
+            self._executor = None
+        executor.shutdown(wait=False, cancel_futures=True)
 
-    def _new_decoder(self) -> Any:
-        t0 = time.perf_counter()
-        kwargs: dict[str, Any] = {"samprate": STT_RATE, "loglevel": "FATAL"}
-        if self._grammar_path is not None:
-            kwargs["jsgf"] = self._grammar_path
-        decoder = self._ps.Decoder(**kwargs)
-        logger.info("pocketsphinx decoder loaded in %.2f s (grammar=%s)", time.perf_counter() - t0,
-                    self._grammar_path)
-        return decoder
+    def _settled(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
 
-    def _decode_blocking(self, slot: _Slot, pcm: bytes, sample_rate: int) -> str:
-        if sample_rate != STT_RATE:
-            pcm = Resampler(sample_rate, STT_RATE).process(pcm)
-        if slot.decoder is None:
-            slot.decoder = self._new_decoder()
-        decoder = slot.decoder
+    def _submit(self, pcm: bytes, sample_rate: int) -> concurrent.futures.Future[Decoded]:
+        with self._pending_lock:
+            if self._pending >= self._max_pending:
+                raise ProviderError(NAME, f"{self._pending} transcriptions already waiting for pocketsphinx "
+                                          f"(local_stt_max_pending={self._max_pending})", transient=True)
+            self._pending += 1
         try:
-            decoder.start_utt()
-            decoder.process_raw(pcm, no_search=False, full_utt=True)
-            decoder.end_utt()
-            hyp = decoder.hyp()
-        except Exception:
-            slot.decoder = None  # state unknown: build a fresh one next time
+            executor = self._pool()
+            try:
+                future = executor.submit(decode, pcm, sample_rate)
+            except BrokenProcessPool:  # a worker died while idle: nothing of ours ran yet
+                self._discard(executor)
+                future = self._pool().submit(decode, pcm, sample_rate)
+        except BaseException:
+            self._settled()
             raise
-        text = hyp.hypstr if hyp is not None else ""
-        return " ".join(re.sub(r"\(\d+\)", "", text).lower().split())
+        future.add_done_callback(lambda _: self._settled())
+        return future
+
+    async def _decode(self, pcm: bytes, sample_rate: int) -> Decoded:
+        """Decode in the pool. Cancelling the caller does not stop a running decode: its result is
+        dropped when it arrives (a queued one is taken off the queue)."""
+        future = self._submit(pcm, sample_rate)
+        executor = self._executor
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as exc:
+            logger.warning("a pocketsphinx worker process died (%s); the next transcription starts a new pool", exc)
+            if executor is not None:
+                self._discard(executor)
+            raise ProviderError(NAME, f"a pocketsphinx worker process died: {exc}", transient=True) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                # not our caller's cancellation: close() cancelled the queued work
+                raise ProviderError(NAME, "pocketsphinx pool shut down", transient=True) from None
+            raise
 
     async def transcribe(self, pcm: bytes, *, sample_rate: int, language: str | None = None) -> str:
         if language and not language.lower().startswith("en"):
@@ -145,26 +168,18 @@ class PocketsphinxSTT:
         pcm = pcm[: len(pcm) - len(pcm) % 2]
         if rms(pcm) < self._silence_rms:  # also covers b""
             return ""
-        pool = self._pool()
-        slot = await pool.get()
-        task = asyncio.ensure_future(asyncio.to_thread(self._decode_blocking, slot, pcm, sample_rate))
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
+            return (await self._decode(pcm, sample_rate)).text
+        except (ProviderError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise ProviderError(NAME, f"pocketsphinx failed: {exc}", transient=False) from exc
-        finally:
-            if task.done():
-                self._release(slot)
-            else:  # cancelled while decoding: the thread cannot be interrupted, so return it when done
-                task.add_done_callback(lambda t: self._release(slot, t))
 
-    def _release(self, slot: _Slot, task: asyncio.Future[str] | None = None) -> None:
-        if task is not None and not task.cancelled() and task.exception() is not None:
-            logger.debug("pocketsphinx failed after its caller was cancelled: %s", task.exception())
-        assert self._idle is not None
-        self._idle.put_nowait(slot)
+    async def close(self) -> None:
+        """Stop the worker processes (queued transcriptions fail; running ones finish first)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
 
 _END = object()
