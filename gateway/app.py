@@ -132,7 +132,8 @@ def build_storage(c: Config) -> tuple[RecordingUploader | None, TranscriptWriter
 
 def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
-    stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs) for s in (p.stt, p.stt_fallback) if s]
+    stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs, local_processes=c.local_stt_processes,
+                     local_max_pending=c.local_stt_max_pending) for s in (p.stt, p.stt_fallback) if s]
     llm = [build_llm(s, http, timeout_s=c.llm_timeout_secs, max_tokens=c.llm_max_tokens) for s in (p.llm, p.llm_fallback) if s]
     tts = [build_tts(s, http, timeout_s=c.tts_timeout_secs) for s in (p.tts, p.tts_fallback) if s]
     return ProviderChain(stt=stt, llm=llm, tts=tts)
@@ -203,6 +204,10 @@ def create_app(config: Config) -> Starlette:
                     if store is not None:
                         await store.close(config.storage_flush_secs)
                 await services.sessions.close()
+                for provider in (*chain.stt, *chain.llm, *chain.tts):   # e.g. the pocketsphinx worker processes
+                    close = getattr(provider, "close", None)
+                    if close is not None:
+                        await close()
 
     middleware = []
     if config.cors_allowed_origins:

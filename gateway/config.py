@@ -125,6 +125,8 @@ class Config:
     llm_timeout_secs: float = 10.0       # until the first token, and between tokens
     tts_timeout_secs: float = 10.0       # until the first audio chunk, and between chunks
     provider_retries: int = 1            # retries of a transient failure before any output was produced
+    local_stt_processes: int = 1         # pocketsphinx worker processes (each ~155 MB, one utterance at a time)
+    local_stt_max_pending: int = 8       # transcriptions queued or decoding; one more fails at once (transient)
     apology_text: str = "I'm sorry, I'm having trouble right now. Please call again later. Goodbye."
     # call lifetime
     silence_prompt_secs: float = 20.0    # silence on both sides this long: "are you still there?" (0 = off)
@@ -375,7 +377,8 @@ def _validate(c: Config) -> None:
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
-                "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes")
+                "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
+                "local_stt_processes", "local_stt_max_pending")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")

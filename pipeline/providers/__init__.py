@@ -5,6 +5,8 @@ Usage::
     spec = PROVIDERS["groq"]
     spec.key_env          # "GROQ_API_KEY"
     stt = build_stt(ProviderSettings(name="openai", model="whisper-1", api_key="sk-..."), http, timeout_s=10)
+    stt = build_stt(ProviderSettings(name="local", model="pocketsphinx-en-us"), http, timeout_s=10,
+                    local_processes=2, local_max_pending=8)   # the offline recogniser's worker processes
 """
 
 from __future__ import annotations
@@ -81,12 +83,13 @@ class ProviderSettings:
                 "voice": self.voice}
 
 
-def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float) -> STTProvider:
-    """Instantiate the STT provider named by ``settings``."""
+def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
+              local_processes: int = 1, local_max_pending: int = 8) -> STTProvider:
+    """Instantiate the STT provider named by ``settings`` (``local_*``: the pocketsphinx pool's size)."""
     if settings.name == "local":
         from pipeline.providers.local import PocketsphinxSTT
 
-        return PocketsphinxSTT()
+        return PocketsphinxSTT(processes=local_processes, max_pending=local_max_pending)
     if "stt" in PROVIDERS[settings.name].stages:
         from pipeline.providers.openai import OpenAISTT
 

@@ -40,6 +40,7 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.vad_type == "energy"
     assert c.webrtc_ice_servers == ()
     assert dict(c.api_keys) == {} and c.redis_url == ""
+    assert (c.local_stt_processes, c.local_stt_max_pending) == (1, 8)
     r = c.recording
     assert (r.enable, r.bucket, r.base_path, r.format, r.worker_count, r.queue_cap, r.max_retries) == \
         (False, "", "recordings/", "wav", 4, 32, 3)
@@ -206,6 +207,8 @@ def test_derived_providers_is_not_a_config_key() -> None:
     ({"ws_write_coalesce_ms": -1}, "'ws_write_coalesce_ms'"),
     ({"ws_write_coalesce_ms": 500}, "'ws_write_coalesce_ms'"),
     ({"provider_retries": -1}, "'provider_retries'"),
+    ({"local_stt_processes": 0}, "'local_stt_processes'"),
+    ({"local_stt_max_pending": 0}, "'local_stt_max_pending'"),
     ({"vad_stop_ms": 5000}, "'vad_stop_ms'"),
     ({"public_url": "voice.example.com"}, "'public_url'"),
     ({"webrtc_ice_servers": [{"username": "u"}]}, "'webrtc_ice_servers'"),

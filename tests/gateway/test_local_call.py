@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import aiohttp
 import pytest
 
+from gateway.app import build_providers
 from gateway.config import Config
 from gateway.simulate import SimulatedCall
 from pipeline.audio import Resampler
@@ -16,7 +21,15 @@ from tests.speech import speech_pcm
 pytestmark = pytest.mark.asyncio
 
 
-async def test_offline_default_providers_answer_a_call() -> None:
+async def test_offline_default_providers_answer_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed_pids: list[int] = []
+    real_close = PocketsphinxSTT.close
+
+    async def recording_close(self: PocketsphinxSTT) -> None:      # the app's lifespan stops the STT's workers
+        closed_pids.extend(self._executor._processes if self._executor is not None else ())
+        await real_close(self)
+
+    monkeypatch.setattr(PocketsphinxSTT, "close", recording_close)
     async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio:
         config = Config.from_mapping({
             "public_url": PUBLIC_URL, "vad_stop_ms": 400,
@@ -36,9 +49,25 @@ async def test_offline_default_providers_answer_a_call() -> None:
             await call.wait_quiet(800, timeout=30)
             answer = bytes(call.received.audio[greeting_bytes:])
             await call.hang_up()
+    assert closed_pids, "the lifespan did not close the pocketsphinx pool"
+    for pid in closed_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert len(answer) > 16000                # more than a second of speech came back (PCM16 at 8 kHz)
     # what the caller heard, transcribed again: the stand-in LLM repeats what it understood
     pcm16k = Resampler(8000, 16000).process(answer)
-    heard = await PocketsphinxSTT().transcribe(pcm16k, sample_rate=16000)
+    stt = PocketsphinxSTT()
+    try:
+        heard = await stt.transcribe(pcm16k, sample_rate=16000)
+    finally:
+        await stt.close()
     words = set(heard.split())
     assert {"said", "order"} & words, heard
+
+
+async def test_local_stt_pool_size_comes_from_config() -> None:
+    config = Config.from_mapping({"local_stt_processes": 3, "local_stt_max_pending": 5}, environ={})
+    async with aiohttp.ClientSession() as http:
+        stt: Any = build_providers(config, http).stt[0]
+    assert isinstance(stt, PocketsphinxSTT) and (stt._processes, stt._max_pending) == (3, 5)
+    assert stt._executor is None        # no process until the first transcription
