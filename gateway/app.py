@@ -30,6 +30,7 @@ from carriers import CARRIERS
 from carriers.base import Carrier
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
+from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
 from gateway.recording import RecordingUploader
@@ -204,7 +205,7 @@ def create_app(config: Config) -> Starlette:
                         await store.close(config.storage_flush_secs)
                 await services.sessions.close()
 
-    middleware = []
+    middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
                                      allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"]))
