@@ -86,6 +86,7 @@ class Config:
     public_url: str = ""                 # https base the carriers reach, e.g. https://voice.example.com
     log_level: str = "info"
     log_json: bool = False
+    log_transport_debug: bool = False    # at debug, also uvicorn's/websockets' per-frame lines (payloads)
     # HTTP edge: what a client may send before the app sees it
     max_request_body_bytes: int = 262144  # larger request bodies get 413 while being read (never buffered)
     http_header_timeout_secs: float = 10.0   # a connection must complete its request head within this
