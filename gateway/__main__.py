@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.logging import configure_logging
     from gateway.server import build_server
 
-    configure_logging(config.log_level, json_lines=config.log_json)
+    configure_logging(config.log_level, json_lines=config.log_json, transport_debug=config.log_transport_debug)
     server = build_server(create_app(config), config)
     server.run()
     return 0

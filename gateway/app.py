@@ -30,6 +30,7 @@ from carriers import CARRIERS
 from carriers.base import Carrier
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
+from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
 from gateway.recording import RecordingUploader
@@ -209,7 +210,7 @@ def create_app(config: Config) -> Starlette:
                     if close is not None:
                         await close()
 
-    middleware = []
+    middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
                                      allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -85,6 +86,13 @@ class Config:
     public_url: str = ""                 # https base the carriers reach, e.g. https://voice.example.com
     log_level: str = "info"
     log_json: bool = False
+    log_transport_debug: bool = False    # at debug, also uvicorn's/websockets' per-frame lines (payloads)
+    # HTTP edge: what a client may send before the app sees it
+    max_request_body_bytes: int = 262144  # larger request bodies get 413 while being read (never buffered)
+    http_header_timeout_secs: float = 10.0   # a connection must complete its request head within this
+    http_max_header_bytes: int = 65536    # a larger request head (request line and headers) gets 431
+    http_keep_alive_timeout_secs: float = 5.0   # an idle keep-alive connection is closed after this
+    forwarded_allow_ips: tuple[str, ...] = ()   # proxies whose X-Forwarded-For/-Proto are trusted (IPs, CIDRs)
     # carriers and personas
     carrier: str = "twilio"              # default carrier for POST /start
     carriers: CarriersConfig = field(default_factory=lambda: CarriersConfig.build({}, {}))
@@ -378,7 +386,8 @@ def _validate(c: Config) -> None:
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
-                "local_stt_processes", "local_stt_max_pending")
+                "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
+                "http_max_header_bytes", "http_keep_alive_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
@@ -391,6 +400,13 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
     if c.ws_write_coalesce_ms > 200:
         raise ConfigError(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
+    if c.webrtc_max_sdp_bytes > c.max_request_body_bytes:
+        raise ConfigError(f"'webrtc_max_sdp_bytes' ({c.webrtc_max_sdp_bytes}) must not exceed 'max_request_body_bytes' "
+                          f"({c.max_request_body_bytes}): raise max_request_body_bytes or lower webrtc_max_sdp_bytes")
+    if c.http_max_header_bytes < 1024:
+        raise ConfigError(f"'http_max_header_bytes' must be at least 1024 (got {c.http_max_header_bytes}); "
+                          "carriers' signed requests carry long headers")
+    _validate_forwarded_allow_ips(c.forwarded_allow_ips)
     if c.public_url:
         parsed = urlparse(c.public_url)
         if parsed.scheme != "https" or not parsed.netloc:
@@ -407,6 +423,16 @@ def _validate(c: Config) -> None:
         if not isinstance(s, Mapping) or "urls" not in s:
             raise ConfigError("'webrtc_ice_servers' entries must be objects with 'urls' "
                               "(and 'username'/'credential' for TURN)")
+
+
+def _validate_forwarded_allow_ips(entries: tuple[str, ...]) -> None:
+    """IP addresses or networks only: uvicorn would take anything else as a literal that never matches."""
+    for entry in entries:
+        try:
+            ipaddress.ip_network(str(entry), strict=False)
+        except ValueError:
+            raise ConfigError(f"'forwarded_allow_ips' entries must be IP addresses or networks of your proxies, "
+                              f"e.g. [\"10.0.0.0/8\", \"192.0.2.7\"] (got {entry!r})") from None
 
 
 def _validate_storage(c: Config) -> None:

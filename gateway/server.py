@@ -3,6 +3,11 @@
 The first SIGTERM (or SIGINT) drains before the server stops (``gateway.drain``): uvicorn's own
 shutdown would close every media socket at once. A second signal stops at once.
 
+The HTTP edge comes from the config: a request head must arrive within ``http_header_timeout_secs``
+and ``http_max_header_bytes`` (``gateway.http_protocol``), idle keep-alive connections close after
+``http_keep_alive_timeout_secs``, and ``X-Forwarded-For``/``-Proto`` count only from the proxies in
+``forwarded_allow_ips`` (none by default: the peer's own address is the client's).
+
 Usage::
 
     server = build_server(create_app(config), config)
@@ -22,6 +27,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.config import Config
+from gateway.http_protocol import guarded_http_protocol
 
 __all__ = ["build_server"]
 
@@ -80,6 +86,11 @@ def build_server(app: Starlette, config: Config, *, handle_signals: bool = True,
         host=config.host, port=config.port, log_config=None, lifespan="on", access_log=False,
         # the protocol layer refuses frames past the limit (close 1009); the call checks it too
         ws_max_size=config.ws_max_message_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
-        proxy_headers=True, forwarded_allow_ips="*", timeout_graceful_shutdown=5)
+        http=guarded_http_protocol(header_timeout_s=config.http_header_timeout_secs,
+                                   max_header_bytes=config.http_max_header_bytes),
+        timeout_keep_alive=config.http_keep_alive_timeout_secs,
+        # never uvicorn's default (FORWARDED_ALLOW_IPS, else 127.0.0.1): only the configured proxies
+        proxy_headers=bool(config.forwarded_allow_ips), forwarded_allow_ips=list(config.forwarded_allow_ips),
+        timeout_graceful_shutdown=5)
     options.update(overrides)
     return _Server(uvicorn.Config(app, **options), handle_signals=handle_signals, app=app)  # type: ignore[arg-type]

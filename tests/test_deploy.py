@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import re
 import shlex
@@ -885,3 +886,15 @@ def test_every_environment_name_is_a_config_key_or_documented_variable() -> None
     for source, env in environment_sources().items():
         unknown = sorted(set(env) - allowed)
         assert not unknown, f"{source} sets {unknown}: not VOXRAY_<KEY> of a Config field nor a documented variable"
+
+
+def test_gateways_trust_forwarded_headers_only_from_the_load_balancer() -> None:
+    assert ("option", "forwardfor") in haproxy()["defaults"], "HAProxy should add X-Forwarded-For"
+    [subnet] = [ipaddress.ip_network(c["subnet"]) for c in compose()["networks"]["default"]["ipam"]["config"]]
+    lb_address = ipaddress.ip_address(lb_service()["networks"]["default"]["ipv4_address"])
+    assert lb_address in subnet, f"the load balancer's address {lb_address} is outside the network {subnet}"
+    for name in gateway_services():
+        trusted = gateway_config(name).forwarded_allow_ips
+        assert [ipaddress.ip_address(a) for a in trusted] == [lb_address], \
+            f"{name} trusts X-Forwarded-For from {trusted}, the load balancer is {lb_address}"
+    assert k8s_config().forwarded_allow_ips, "set forwarded_allow_ips to the Ingress controller's pod addresses"

@@ -51,6 +51,14 @@ def test_defaults_match_the_documented_contract() -> None:
         assert getattr(c, key) == ""
 
 
+def test_http_edge_defaults_and_proxies_from_the_environment() -> None:
+    c = Config.from_mapping({}, OPENAI)
+    assert (c.max_request_body_bytes, c.http_header_timeout_secs, c.http_max_header_bytes,
+            c.http_keep_alive_timeout_secs, c.forwarded_allow_ips) == (262144, 10.0, 65536, 5.0, ())
+    c = Config.load(None, {**OPENAI, "VOXRAY_FORWARDED_ALLOW_IPS": "10.0.0.7, 172.30.0.0/24"})
+    assert c.forwarded_allow_ips == ("10.0.0.7", "172.30.0.0/24")
+
+
 def test_config_is_immutable() -> None:
     c = Config.from_mapping({}, OPENAI)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -212,6 +220,13 @@ def test_derived_providers_is_not_a_config_key() -> None:
     ({"vad_stop_ms": 5000}, "'vad_stop_ms'"),
     ({"public_url": "voice.example.com"}, "'public_url'"),
     ({"webrtc_ice_servers": [{"username": "u"}]}, "'webrtc_ice_servers'"),
+    ({"max_request_body_bytes": 0}, "'max_request_body_bytes'"),
+    ({"max_request_body_bytes": 1000}, "'max_request_body_bytes'"),           # below webrtc_max_sdp_bytes
+    ({"http_header_timeout_secs": 0}, "'http_header_timeout_secs'"),
+    ({"http_keep_alive_timeout_secs": -1}, "'http_keep_alive_timeout_secs'"),
+    ({"http_max_header_bytes": 512}, "'http_max_header_bytes'"),
+    ({"forwarded_allow_ips": ["proxy.internal"]}, "'forwarded_allow_ips'"),
+    ({"forwarded_allow_ips": "*"}, "'forwarded_allow_ips'"),
 ])
 def test_bad_values_name_the_key(raw: dict[str, Any], key: str) -> None:
     assert key in error(raw, OPENAI)
