@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from carriers import CARRIERS
 from carriers.base import Carrier
+from gateway.auth import AccessKey
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
 from gateway.limits import BodyLimit
@@ -65,6 +66,7 @@ class Services:
     providers: ProviderChain
     conversation_settings: ConversationSettings
     metrics: Metrics
+    access: AccessKey                # the API key of the programmatic routes (gateway.auth)
     bus: ControlBus = field(default_factory=LocalControlBus)
     recordings: RecordingUploader | None = None      # recording.enable
     transcripts: TranscriptWriter | None = None      # transcripts.enable
@@ -158,6 +160,8 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 def create_app(config: Config) -> Starlette:
     from gateway import browser_ws, control, routes, softphone
 
+    access = AccessKey.from_config(config)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # httpx for the carriers' low-volume REST calls; aiohttp for the per-turn provider requests
@@ -169,7 +173,7 @@ def create_app(config: Config) -> Starlette:
                 sessions=build_session_store(config),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
                 providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
-                bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
+                access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
             services.recordings, services.transcripts = build_storage(config)
             for store in (services.recordings, services.transcripts):
@@ -185,6 +189,7 @@ def create_app(config: Config) -> Starlette:
             p = config.providers
             logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
                         p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
+            _announce_access(config, access)
             # Startup objects (modules, models, tables) never die: keep the cyclic collector from
             # re-scanning them on every full collection, which stalls every call's audio at once.
             gc.collect()
@@ -233,6 +238,22 @@ def create_app(config: Config) -> Starlette:
         *([WebSocketRoute("/ws", browser_ws.ws)] if config.transport in ("websocket", "both") else []),
         *_webrtc_routes(config),
     ], middleware=middleware, lifespan=lifespan)
+
+
+def _announce_access(config: Config, access: AccessKey) -> None:
+    """Say in one log line what protects what; a generated key is printed once to the terminal (standard
+    output, not the log: log lines never carry a secret) inside the softphone URL, as notebook servers do."""
+    if access.source == "open":
+        logger.warning("%s", access.describe())
+    else:
+        logger.info("%s", access.describe())
+    if access.source == "generated":
+        host = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
+        base = config.public_url or f"http://{host}:{config.port}"
+        print(f"voxray: no server_api_key is set, so this run's API key was generated. Open the softphone at\n"
+              f"    {access.softphone_url(base)}\n"
+              f"or send 'Authorization: Bearer {access.value}'. Set server_api_key (VOXRAY_SERVER_API_KEY) to "
+              f"choose a stable key.", flush=True)
 
 
 def _webrtc_routes(config: Config) -> list[Route]:

@@ -19,13 +19,14 @@ Server -> client: ``ready`` (``sample_rate``, ``codec``, ``session_id``), ``tran
 ``final``), ``bot_speaking`` (``state``: ``started``/``stopped``), ``interrupted`` (flush your playback
 buffer), ``turn_latency`` (per-stage milliseconds), ``error`` (``code``, ``message``), ``end``.
 
-Authentication (when ``server_api_key`` is set): ``?token=<key>``, ``Authorization: Bearer <key>``, or
+Authentication (``gateway.auth``: ``server_api_key``, or the key generated at startup): ``?token=<key>``, ``Authorization: Bearer <key>``, or
 the WebSocket subprotocol ``bearer.<key>`` (browsers cannot set headers; offer ``["voxray", "bearer.<key>"]``
 and the server selects ``voxray``, so the key is never echoed back). A wrong key closes with 1008.
 
 Origin (when ``cors_allowed_origins`` is set and has no ``"*"``): a browser's ``Origin`` must be in the
-list or be the gateway's own (same host as the request, e.g. the softphone page at ``GET /``);
-any other closes with 1008 ``origin not allowed``. No ``Origin`` header (not a browser) is allowed.
+list or be the origin of ``public_url`` (the softphone page served there); any other closes with 1008
+``origin not allowed``. The request's ``Host`` is never trusted for this (a DNS-rebinding page sets
+both). No ``Origin`` header (not a browser) is allowed.
 
 Input validation: an odd byte count or float32 samples are refused per frame with an ``error`` event
 (``bad_audio``) and the frame is dropped; a frame over ``ws_max_message_bytes`` closes the socket
@@ -44,7 +45,6 @@ Usage (``gateway.app`` mounts it when ``transport`` is ``websocket`` or ``both``
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -89,7 +89,7 @@ async def ws(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     config = services.config
     offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-    authorised = _authorised(websocket, offered, config.server_api_key)
+    authorised = services.access.allows_request(websocket, offered)
     # a browser fails the connection when it offered subprotocols and none is selected
     chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
     await websocket.accept(subprotocol=chosen)
@@ -99,7 +99,7 @@ async def ws(websocket: WebSocket) -> None:
         await io.close(1013, "draining: try again")
         return
     origin = websocket.headers.get("origin")
-    if not origin_allowed(origin, websocket.headers.get("host", ""), config.cors_allowed_origins):
+    if not origin_allowed(origin, config.cors_allowed_origins, own=config.public_url):
         logger.warning("/ws refused: origin %r is not in cors_allowed_origins (from %s)", origin,
                        websocket.client.host if websocket.client else "-")
         await io.close(1008, "origin not allowed")
@@ -131,31 +131,24 @@ async def ws(websocket: WebSocket) -> None:
                          sample_rate=start.sample_rate, codec=start.codec).run()
 
 
-def _authorised(websocket: WebSocket, offered: list[str], key: str) -> bool:
-    """The key as ``?token=``, ``Authorization: Bearer`` or subprotocol ``bearer.<key>`` (constant time)."""
-    if not key:
-        return True
-    header = websocket.headers.get("authorization", "")
-    candidates = [header[7:] if header.lower().startswith("bearer ") else "",
-                  websocket.query_params.get("token", ""),
-                  *(p[7:] for p in offered if p.startswith("bearer."))]
-    ok = False
-    for supplied in candidates:    # no short cut: every candidate is compared
-        ok |= bool(supplied) and hmac.compare_digest(supplied.encode(), key.encode())
-    return ok
-
-
-def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...] | list[str]) -> bool:
+def origin_allowed(origin: str | None, allowed: tuple[str, ...] | list[str], *, own: str = "") -> bool:
     """Whether a WebSocket from ``origin`` may connect (cross-site WebSocket hijacking guard).
 
-    No list (or ``"*"`` in it) and no ``Origin`` header (a non-browser client) are allowed; so is the
-    gateway's own origin (its host and port equal the request's ``Host``: the softphone page)."""
+    No list (or ``"*"`` in it) and no ``Origin`` header (a non-browser client) are allowed; otherwise the
+    origin must be in the list or be ``own`` (the configured ``public_url``: the softphone page served
+    there). Never the request's ``Host``: a DNS-rebinding page controls both headers."""
     if not origin or not allowed or "*" in allowed:
         return True
-    if origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
-        return True
-    own = origin.split("://", 1)[-1].rstrip("/")
-    return bool(host) and hmac.compare_digest(own.lower().encode(), host.lower().encode())
+    accepted = {_origin_of(o) for o in allowed}
+    if own:
+        accepted.add(_origin_of(own))
+    return _origin_of(origin) in accepted
+
+
+def _origin_of(url: str) -> str:
+    """``scheme://host[:port]`` in lower case, without a path or trailing slash."""
+    scheme, _, rest = url.strip().partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0].lower()}" if rest else url.strip().rstrip("/").lower()
 
 
 # ------------------------------------------------------------------------------------------ start

@@ -97,7 +97,8 @@ class Config:
     carrier: str = "twilio"              # default carrier for POST /start
     carriers: CarriersConfig = field(default_factory=lambda: CarriersConfig.build({}, {}))
     personas_file: str = ""
-    server_api_key: str = ""
+    server_api_key: str = ""             # else a key is generated at startup (gateway.auth)
+    allow_unauthenticated: bool = False  # local development only: no key at all on /calls, /sessions, /ws ...
     cors_allowed_origins: tuple[str, ...] = ()
     # providers (seed keys)
     provider: str = ""
@@ -394,6 +395,9 @@ def _validate(c: Config) -> None:
     for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs"):
         if getattr(c, key) < 0:
             raise ConfigError(f"'{key}' must be 0 or more (got {getattr(c, key)})")
+    if c.server_api_key and c.allow_unauthenticated:
+        raise ConfigError("'allow_unauthenticated' is true but 'server_api_key' is set: remove one of them "
+                          "(allow_unauthenticated opens /calls, /sessions and /ws to anyone; for local development only)")
     if c.port > 65535:
         raise ConfigError(f"'port' must be at most 65535 (got {c.port})")
     if c.vad_stop_ms / 1000.0 > c.turn_stop_secs:

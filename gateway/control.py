@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
 from gateway.personas import PersonaError, dialable
-from gateway.routes import _authorised, _error, _services, carrier_or_error, webhook_request
+from gateway.routes import _error, _services, carrier_or_error, webhook_request
 from gateway.sessions import Session, SessionStoreUnavailable
 
 if TYPE_CHECKING:
@@ -107,8 +107,8 @@ async def _stored(services: Services, session_id: str) -> Session | Response:
 async def session(request: Request) -> Response:
     """``GET``/``DELETE /sessions/{id}``: inspect or end a session, on whichever instance holds it."""
     services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     session_id = request.path_params["session_id"]
     if request.method == "DELETE":
         return await control(services, "end", session_id, {})
@@ -123,8 +123,8 @@ async def session(request: Request) -> Response:
 
 async def transfer(request: Request) -> Response:
     services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     body = await _json_body(request)
     target = body.get("to") if body else None
     if not isinstance(target, str) or not dialable(target):
@@ -134,8 +134,8 @@ async def transfer(request: Request) -> Response:
 
 async def send_dtmf(request: Request) -> Response:
     services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     body = await _json_body(request)
     digits = body.get("digits") if body else None
     if not isinstance(digits, str) or not _DIGITS.fullmatch(digits):
@@ -147,8 +147,8 @@ async def place_call(request: Request) -> Response:
     """``POST /calls``: mint a session, ask the carrier to dial, stream the answered call into it."""
     services = _services(request)
     config = services.config
-    if not _authorised(request, config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     if services.draining:
         return _error(503, "draining: this instance is shutting down")
     body = await _json_body(request)

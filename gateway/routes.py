@@ -8,7 +8,6 @@ with a reason.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -52,14 +51,6 @@ async def ready(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     return Response(_services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-def _authorised(request: Request, key: str) -> bool:
-    if not key:
-        return True
-    header = request.headers.get("authorization", "")
-    supplied = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
-    return hmac.compare_digest(supplied.encode(), key.encode())
 
 
 # ------------------------------------------------------------------------------------------ webhooks

@@ -5,10 +5,10 @@ The page (``gateway/static/``: plain HTML, CSS and JavaScript, no build step) ta
 can carry the call through the phone codec (8 kHz µ-law) to hear what a caller hears.
 
 The page itself is public (it holds no secret); what it calls (``/ws``, ``/webrtc/offer``,
-``/personas``) takes ``server_api_key`` when one is set: the page has a field for it and also reads
+``/personas``) take the API key (``gateway.auth``): the page has a field for it and also reads
 ``?token=`` from its own URL. The transports the gateway serves (``transport``) and the STUN/TURN
 servers a browser should use (``webrtc_ice_servers``) are written into the page as a JSON block;
-servers with a username or credential (TURN) are left out when ``server_api_key`` is set, so the
+servers with a username or credential (TURN) are left out when a key is required, so the
 public page never hands TURN credentials to someone without the key.
 
 Usage (``gateway.app``)::
@@ -29,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from gateway.routes import _authorised, _error, _services
+from gateway.auth import AccessKey
+from gateway.routes import _services
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -50,19 +51,20 @@ def _template() -> str:
     return text
 
 
-def page_config(config: Config) -> dict[str, Any]:
-    """What the page needs to know about this gateway: its transports and the ICE servers to use."""
+def page_config(config: Config, access: AccessKey) -> dict[str, Any]:
+    """What the page needs to know about this gateway: its transports, the ICE servers to use and
+    whether it needs the API key (TURN credentials are never given to a page anyone may load)."""
     servers = [dict(s) for s in config.webrtc_ice_servers
-               if not (config.server_api_key and ("credential" in s or "username" in s))]
+               if not (access.required and ("credential" in s or "username" in s))]
     return {"transports": _TRANSPORTS.get(config.transport, ["websocket", "webrtc"]), "iceServers": servers,
-            "apiKeyRequired": bool(config.server_api_key)}
+            "apiKeyRequired": access.required}
 
 
 async def index(request: Request) -> Response:
     """``GET /``: the softphone page, with this gateway's settings in its config block."""
-    config = _services(request).config
+    services = _services(request)
     # "</" cannot end the JSON block early: escape it, as JSON allows
-    block = json.dumps(page_config(config), separators=(",", ":")).replace("</", "<\\/")
+    block = json.dumps(page_config(services.config, services.access), separators=(",", ":")).replace("</", "<\\/")
     body = _template().replace(_CONFIG_MARKER, _CONFIG_MARKER.replace("{}", block))
     host = request.headers.get("host", "")
     # 'self' covers same-host ws:/wss: in CSP3 browsers; the explicit entries help older ones
@@ -81,8 +83,8 @@ async def index(request: Request) -> Response:
 async def personas(request: Request) -> Response:
     """``GET /personas`` -> ``{"personas": [names...]}`` from the personas file (``server_api_key`` protected)."""
     services = _services(request)
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key>")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     return JSONResponse({"personas": services.personas.names()}, headers={"Cache-Control": "no-store"})
 
 

@@ -72,7 +72,7 @@ from gateway.browser_session import BrowserCall
 from gateway.browser_ws import StartRequest, parse_start, start_persona
 from gateway.logging import call_id
 from gateway.personas import PersonaError
-from gateway.routes import _authorised, _error, _services
+from gateway.routes import _error, _services
 from gateway.sessions import Session, SessionStoreUnavailable
 from gateway.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
 from pipeline.conversation import Conversation, Persona
@@ -188,8 +188,8 @@ async def _read_json(request: Request, limit: int, what: str) -> Any:
 def _admit(request: Request, services: Services) -> Response | None:
     """401 without the API key (when ``server_api_key`` is set); 503 while the instance drains (SIGTERM:
     new sessions go to another instance); None when the request may go on."""
-    if not _authorised(request, services.config.server_api_key):
-        return _error(401, "missing or wrong API key: send Authorization: Bearer <server_api_key> (or ?token=)")
+    if not services.access.allows_request(request):
+        return services.access.refusal()
     if getattr(services, "draining", False):
         logger.warning("browser session refused: draining")
         return _error(503, "draining: this instance is shutting down")

@@ -53,7 +53,11 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
 
 
 def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
-    """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers."""
+    """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers.
+
+    Without ``server_api_key`` in ``overrides`` the programmatic routes are opened with
+    ``allow_unauthenticated`` (these tests are about calls, not access; tests/gateway/test_auth.py keeps
+    the default — a generated key — refusing strangers)."""
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,
         "provider": "openai",
@@ -66,6 +70,8 @@ def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
         "tts_timeout_secs": 2,
     }
     raw.update(overrides)
+    if not raw.get("server_api_key"):
+        raw.setdefault("allow_unauthenticated", True)
     return Config.from_mapping(raw)
 
 

@@ -15,7 +15,7 @@ import websockets
 
 from gateway.browser_ws import looks_like_float32, parse_start
 from pipeline.audio import rms
-from tests.conftest import phone_config, running_gateway
+from tests.conftest import PUBLIC_URL, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.speech import speech_pcm
 
@@ -364,18 +364,23 @@ async def test_cross_origin_websocket_is_refused() -> None:
     from gateway.browser_ws import origin_allowed
 
     allowed = ("https://app.example.test",)
-    assert origin_allowed(None, "gw:8000", allowed) and origin_allowed("https://app.example.test/", "gw", allowed)
-    assert origin_allowed("http://gw:8000", "gw:8000", allowed)          # the gateway's own page
-    assert not origin_allowed("https://evil.example.test", "gw:8000", allowed)
-    assert not origin_allowed("null", "gw:8000", allowed)
-    assert origin_allowed("https://evil.example.test", "gw", ()) and origin_allowed("https://x", "gw", ("*",))
+    own = "https://gw.example.test"                                      # public_url: the softphone page's origin
+    assert origin_allowed(None, allowed, own=own) and origin_allowed("https://app.example.test/", allowed, own=own)
+    assert origin_allowed("https://GW.example.test", allowed, own=own + "/")
+    assert not origin_allowed("https://evil.example.test", allowed, own=own)
+    assert not origin_allowed("null", allowed, own=own)
+    assert not origin_allowed("http://gw.example.test", allowed, own=own)    # another scheme is another origin
+    assert origin_allowed("https://evil.example.test", (), own=own) and origin_allowed("https://x", ("*",))
 
     async with FakeOpenAI() as fake:
         async with running_gateway(config(fake, cors_allowed_origins=list(allowed))) as url:
             own = url.removeprefix("http://")
             async with websockets.connect(ws_url(url), origin="https://evil.example.test") as ws:  # type: ignore[arg-type]
                 assert await Client(ws).closed_with() == (1008, "origin not allowed")
-            for origin in ("https://app.example.test", f"http://{own}", None):   # listed, same origin, not a browser
+            # a page whose origin equals the request's Host (DNS rebinding sets both) is no longer trusted
+            async with websockets.connect(ws_url(url), origin=f"http://{own}") as ws:  # type: ignore[arg-type]
+                assert await Client(ws).closed_with() == (1008, "origin not allowed")
+            for origin in ("https://app.example.test", PUBLIC_URL, None):   # listed, public_url's, not a browser
                 async with websockets.connect(ws_url(url), origin=origin) as ws:  # type: ignore[arg-type]
                     await ws.send(json.dumps({"type": "start"}))
                     client = Client(ws)
