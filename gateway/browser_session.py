@@ -50,6 +50,7 @@ from carriers.base import CallControlFailed
 from gateway.browser_events import event_message
 from gateway.call import limit_duration
 from gateway.call_log import CallLog
+from gateway.lifecycle import MediaGate, run_until_ended
 from gateway.logging import call_id
 from gateway.sessions import Session
 from pipeline.audio import dtmf_tones
@@ -101,6 +102,7 @@ class BrowserCall(abc.ABC):
         self._log: CallLog | None = None
         self._last_error: dict[str, float] = {}
         self._bad_messages = 0
+        self._gate = MediaGate(services.config, services.metrics, label=self.label, finish=self.finish)
         self._started_at = time.monotonic()
 
     def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
@@ -153,7 +155,8 @@ class BrowserCall(abc.ABC):
         metrics.calls_started.labels(carrier=self.label).inc()
         self.services.calls[self.session.id] = self   # type: ignore[assignment]
         try:
-            await self._serve()
+            await run_until_ended(self._serve(), self._ended,
+                                  stop_timeout_s=self.services.config.call_stop_timeout_secs)
         except asyncio.CancelledError:
             self.finish("shutdown", code=1001, text="server shutting down")
             raise
@@ -192,7 +195,9 @@ class BrowserCall(abc.ABC):
 
     # ------------------------------------------------------------------------------ input
     def _hear(self, frame: AudioFrame, convo: Conversation) -> None:
-        """The caller's audio: recorded, then heard by the conversation."""
+        """The caller's audio (at most real time, ``gateway.lifecycle.MediaGate``): recorded, then heard."""
+        if not self._gate.admit(frame):
+            return
         if self._log is not None:
             self._log.caller(frame)
         convo.on_audio(frame)

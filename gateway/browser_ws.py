@@ -56,6 +56,7 @@ from starlette.websockets import WebSocket
 
 from gateway.browser_events import encode
 from gateway.browser_session import BrowserCall
+from gateway.lifecycle import pause_every
 from gateway.call import SocketIO
 from gateway.personas import PersonaError
 from gateway.routes import _socket_io
@@ -281,7 +282,7 @@ class BrowserSession(BrowserCall):
         self.sample_rate = sample_rate
         self._stereo_probe: bytearray | None = bytearray()   # the first seconds of sound, checked for stereo
         self._stereo_checked = 0
-        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._events: asyncio.Queue[str] = asyncio.Queue(services.config.ws_max_queued_events)
         self._send_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -300,7 +301,10 @@ class BrowserSession(BrowserCall):
     # ------------------------------------------------------------------------------ input
     async def _read(self, convo: Conversation) -> None:
         limit = self.services.config.ws_max_message_bytes
+        count = 0
         while True:
+            count += 1
+            await pause_every(count)
             message = await self.socket.receive()
             if message is None:
                 self._socket_closed()
@@ -382,7 +386,13 @@ class BrowserSession(BrowserCall):
             await self.socket.send(text)
 
     def _emit(self, message: Mapping[str, Any]) -> None:
-        self._events.put_nowait(encode(message))
+        try:
+            self._events.put_nowait(encode(message))
+        except asyncio.QueueFull:        # the client stopped reading: nothing it would get is current any more
+            if self.reason is None:
+                logger.warning("/ws client has not read %d events (ws_max_queued_events); closing",
+                               self._events.maxsize)
+            self.finish("client_not_reading", code=1008, text="client is not reading its events")
 
     async def _write_events(self) -> None:
         while True:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
 from gateway.call_log import CallLog
+from gateway.lifecycle import MediaGate, pause_every, run_until_ended
 from gateway.logging import call_id
 from gateway.sessions import Session
 from pipeline.conversation import Conversation, Event, Persona
@@ -65,6 +66,7 @@ class Call:
         self._close_code, self._close_text = 1000, "call ended"
         self._stream: MediaStream = carrier.open_stream()
         self._bad_messages = 0
+        self._gate = MediaGate(services.config, services.metrics, label=carrier.name, finish=self.finish)
         self._log: CallLog | None = None
         self._started_at = time.monotonic()
         self._call_info = CallInfo(carrier=carrier.name, call_id=session.call_id, from_=session.from_,
@@ -85,9 +87,8 @@ class Call:
         metrics.calls_started.labels(carrier=self.carrier.name).inc()
         self.services.calls[self.session.id] = self
         try:
-            started = await self._handshake()
-            if started is not None:
-                await self._converse(started)
+            await run_until_ended(self._serve(), self._ended,
+                                  stop_timeout_s=self.services.config.call_stop_timeout_secs)
         except asyncio.CancelledError:
             self.finish("shutdown", code=1001, text="server shutting down")
             raise
@@ -97,6 +98,11 @@ class Call:
         finally:
             await self._finalise()
             call_id.reset(token)
+
+    async def _serve(self) -> None:
+        started = await self._handshake()
+        if started is not None:
+            await self._converse(started)
 
     async def _handshake(self) -> StreamStarted | None:
         """Read until the carrier's ``start`` (bounded by ``media_start_timeout_secs``)."""
@@ -157,6 +163,7 @@ class Call:
                 task.cancel()
 
     async def _read(self, convo: Conversation, log: CallLog) -> None:
+        count = 0
         while True:
             message = await self.socket.receive()
             if message is None:
@@ -164,6 +171,8 @@ class Call:
                 return
             for frame in self._decode(message):
                 self._dispatch(frame, convo, log)
+            count += 1
+            await pause_every(count)
 
     def _socket_closed(self) -> None:
         """The socket went away: a protocol-level refusal (oversized or invalid frame) is our close,
@@ -202,8 +211,9 @@ class Call:
 
     def _dispatch(self, frame: Frame, convo: Conversation, log: CallLog) -> None:
         if isinstance(frame, AudioFrame):
-            log.caller(frame)
-            convo.on_audio(frame)
+            if self._gate.admit(frame):
+                log.caller(frame)
+                convo.on_audio(frame)
         elif isinstance(frame, MarkPlayed):
             convo.on_mark_played(frame.name)
         elif isinstance(frame, Dtmf):

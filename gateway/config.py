@@ -151,6 +151,10 @@ class Config:
     media_start_timeout_secs: float = 10.0
     ws_max_message_bytes: int = 65536
     media_max_bad_messages: int = 10     # malformed messages tolerated per call before it is closed
+    media_burst_ms: int = 2000           # caller audio may run this far ahead of real time; the excess is dropped
+    media_flood_close_ms: int = 10000    # this much dropped caller audio closes the session (1008)
+    call_stop_timeout_secs: float = 2.0  # an ending call's tasks get this long to stop, then as long once cancelled
+    ws_max_queued_events: int = 1000     # /ws events a client has not read yet; beyond: the session is closed
     ws_write_coalesce_ms: int = 0
     hangup_timeout_secs: float = 5.0
     # sessions (seed keys)
@@ -387,12 +391,14 @@ def _validate(c: Config) -> None:
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
+                "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
                 "http_max_header_bytes", "http_keep_alive_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
-    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs"):
+    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs",
+                "media_flood_close_ms"):
         if getattr(c, key) < 0:
             raise ConfigError(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:

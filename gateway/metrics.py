@@ -38,6 +38,9 @@ class Metrics:
                                          registry=r)
         self.media_rejected = Counter("voxray_media_messages_rejected", "Malformed media messages dropped",
                                       ["carrier"], registry=r)
+        self.media_dropped = Counter("voxray_media_dropped", "Caller audio frames dropped, by reason "
+                                     "(faster_than_real_time: past media_burst_ms ahead of real time)",
+                                     ["carrier", "reason"], registry=r)
         self.sessions = Gauge("voxray_sessions", "Live sessions held by this instance, by session store",
                               ["store"], registry=r)
         self.session_store_up = Gauge("voxray_session_store_up", "1 when the session store answered the last "
