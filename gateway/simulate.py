@@ -263,6 +263,11 @@ class SimulatedCall:
             await self._got_clear.wait()
         return self.received.clears[-1]
 
+    @property
+    def closed(self) -> bool:
+        """The media socket closed (either side)."""
+        return self._closed.is_set()
+
     async def wait_closed(self, timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
             await self._closed.wait()

@@ -22,6 +22,8 @@ from typing import Callable
 
 __all__ = ["MediaBudget"]
 
+_EPSILON_MS = 1e-3      # clock arithmetic in floats: an exactly real-time sender must never lose a frame
+
 
 class MediaBudget:
     """Per-session credit of audio milliseconds, refilled at real time up to ``burst_ms``.
@@ -53,7 +55,7 @@ class MediaBudget:
         self._last = now
         if credit > self._burst_ms:
             credit = self._burst_ms
-        if credit >= duration_ms:
+        if credit + _EPSILON_MS >= duration_ms:
             self._credit_ms = credit - duration_ms
             return True
         self._credit_ms = credit

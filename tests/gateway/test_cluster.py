@@ -36,6 +36,10 @@ async def fakes() -> AsyncIterator[tuple[FakeOpenAI, FakeTwilioREST]]:
         yield fake, twilio
 
 
+API_KEY = "cluster-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def raw_config(fake: FakeOpenAI, twilio: FakeTwilioREST, redis_url: str, **overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL, "provider": "openai", "api_keys": {"openai": "sk-test"},
@@ -43,6 +47,7 @@ def raw_config(fake: FakeOpenAI, twilio: FakeTwilioREST, redis_url: str, **overr
         "carriers": {"twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "api_base_url": twilio.base_url}},
         "vad_stop_ms": 300, "session_store": "redis", "redis_url": redis_url, "redis_timeout_secs": 0.3,
         "session_sync_secs": 0.2, "cluster_request_timeout_secs": 2.0,
+        "server_api_key": API_KEY,      # one key for every instance (a generated one would differ per process)
     }
     raw.update(overrides)
     return raw
@@ -77,7 +82,7 @@ async def test_webhook_on_a_media_on_b_and_any_instance_controls_the_call(redis_
         await call.wait_audio(after=0, timeout=10)
         call.gateway = b.url                                                  # the same webhook, replayed to B
         assert (await call.dial()).status_code == 409                         # A's answer is known to B
-        async with httpx.AsyncClient(base_url=a.url) as http:
+        async with httpx.AsyncClient(base_url=a.url, headers=AUTH) as http:
             seen = (await http.get(f"/sessions/{call.session_id}")).json()
             assert (seen["state"], seen["live"], seen["here"]) == ("active", True, False)
             # DTMF and transfer asked of A are carried out by B, which holds the call
@@ -97,7 +102,7 @@ async def test_webhook_on_a_media_on_b_and_any_instance_controls_the_call(redis_
         assert (await second.dial()).status_code == 200
         await second.connect(url=ws(a.url) + f"/media/twilio/{second.session_id}")
         await second.wait_audio(after=0, timeout=10)
-        async with httpx.AsyncClient(base_url=b.url) as http:
+        async with httpx.AsyncClient(base_url=b.url, headers=AUTH) as http:
             moved = await http.post(f"/sessions/{second.session_id}/transfer", json={"to": "+14155550123"})
         assert moved.status_code == 200 and moved.json() == {"transferred": second.session_id}
         assert [sid for sid, _ in twilio.updates] == [second.call_sid]
@@ -110,8 +115,8 @@ async def test_a_live_call_survives_a_redis_restart_and_its_session_is_written_b
         redis_server: RedisServer, fakes: Any) -> None:
     fake, twilio = fakes
     config = phone_config(fake.base_url, twilio.base_url, session_store="redis", redis_url=redis_server.url,
-                          redis_timeout_secs=0.3, session_sync_secs=0.2)
-    async with running_gateway(config) as a, running_gateway(config) as b, httpx.AsyncClient() as http:
+                          redis_timeout_secs=0.3, session_sync_secs=0.2, server_api_key=API_KEY)
+    async with running_gateway(config) as a, running_gateway(config) as b, httpx.AsyncClient(headers=AUTH) as http:
         call = new_call(a, twilio)
         assert (await call.dial()).status_code == 200
         await call.connect(url=ws(a) + f"/media/twilio/{call.session_id}")
