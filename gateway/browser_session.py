@@ -52,6 +52,7 @@ from gateway.call import limit_duration
 from gateway.call_log import CallLog
 from gateway.lifecycle import MediaGate, run_until_ended
 from gateway.logging import call_id
+from gateway.redaction import short_id
 from gateway.sessions import Session
 from pipeline.audio import dtmf_tones
 from pipeline.conversation import Conversation, Event, Persona
@@ -149,7 +150,7 @@ class BrowserCall(abc.ABC):
     # ------------------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Register the call, serve it until it ends, then finalise it (always, exactly once)."""
-        token = call_id.set(self.session.id)
+        token = call_id.set(short_id(self.session.id))
         metrics = self.services.metrics
         metrics.active_calls.labels(carrier=self.label).inc()
         metrics.calls_started.labels(carrier=self.label).inc()

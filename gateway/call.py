@@ -23,6 +23,7 @@ from carriers.base import CallControlFailed, CallInfo, Carrier, CarrierProtocolE
 from gateway.call_log import CallLog
 from gateway.lifecycle import MediaGate, pause_every, run_until_ended
 from gateway.logging import call_id
+from gateway.redaction import short_id
 from gateway.sessions import Session
 from pipeline.conversation import Conversation, Event, Persona
 from pipeline.frames import AudioFrame, Dtmf, Frame, MarkPlayed, StreamStarted, StreamStopped
@@ -81,7 +82,7 @@ class Call:
 
     # ------------------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
-        token = call_id.set(self.session.call_id or self.session.id)
+        token = call_id.set(self.session.call_id or short_id(self.session.id))
         metrics = self.services.metrics
         metrics.active_calls.labels(carrier=self.carrier.name).inc()
         metrics.calls_started.labels(carrier=self.carrier.name).inc()

@@ -71,6 +71,7 @@ from gateway.browser_events import encode
 from gateway.browser_session import BrowserCall
 from gateway.browser_ws import StartRequest, parse_start, start_persona
 from gateway.logging import call_id
+from gateway.redaction import short_id
 from gateway.personas import PersonaError
 from gateway.routes import _error, _services
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -313,7 +314,7 @@ def _refuse(exc: OfferRefused) -> Response:
 async def _answer(services: Services, session: Session, persona: Persona, peer: _Peer) -> Response:
     """Finish the negotiation (gathers our ICE candidates) and answer; the session then runs after the
     response in the same request task (:class:`_AnswerThenRun`)."""
-    token = call_id.set(session.id)
+    token = call_id.set(short_id(session.id))
     try:
         rtc = WebRTCSession(services=services, session=session, persona=persona, peer=peer)
         try:
@@ -508,7 +509,7 @@ class WebRTCSession(BrowserCall):
     @contextlib.contextmanager
     def _as_session(self) -> Iterator[None]:
         """aiortc calls back from its own tasks: log those lines with this session's id too."""
-        token = call_id.set(self.session.id)
+        token = call_id.set(short_id(self.session.id))
         try:
             yield
         finally:
