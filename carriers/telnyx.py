@@ -80,7 +80,7 @@ from xml.sax.saxutils import escape
 import httpx
 import numpy as np
 
-from carriers._messages import StreamChecks, dtmf_frame, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -591,10 +591,7 @@ def _form_params(request: WebhookRequest) -> dict[str, str]:
 
 def _event(body: bytes) -> tuple[str, dict[str, Any]]:
     """A Call Control webhook -> (``data.event_type``, ``data.payload``)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise CarrierProtocolError("telnyx webhook body is not valid JSON") from None
+    data = load_json("telnyx webhook body", body)
     event = data.get("data") if isinstance(data, dict) else None
     if not isinstance(event, dict):
         raise CarrierProtocolError("telnyx webhook has no data object")
