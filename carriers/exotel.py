@@ -466,7 +466,7 @@ def _exotel_error(response: httpx.Response) -> str:
 
 
 def _sample_rate(value: Any) -> int | None:
-    digits = re.match(r"\s*([0-9]+)", str(value))
+    digits = re.match(r"\s*([0-9]{1,9})(?![0-9])", str(value))   # int() refuses over 4300 digits
     return int(digits.group(1)) if digits else None
 
 

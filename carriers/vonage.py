@@ -102,7 +102,7 @@ _DTMF_DIGITS = frozenset("0123456789*#ABCD")
 _SEND_DIGITS = re.compile(r"[0-9*#p]{1,64}")          # p = 500 ms pause
 _NUMBER = re.compile(r"\+?[1-9][0-9]{6,14}")            # Vonage: 7-15 digits, no +
 _SIP_URI = re.compile(r"sips?:[^\s\"<>]+", re.IGNORECASE)
-_CONTENT_TYPE = re.compile(r"audio/l16;rate=(\d+)")
+_CONTENT_TYPE = re.compile(r"audio/l16;rate=([0-9]{1,6})")   # int() refuses over 4300 digits
 _RESERVED_HEADERS = frozenset({"event", "content-type", "call_uuid"})
 _MAX_HEADERS_BYTES = 512
 _ENDED = frozenset({"completed", "busy", "cancelled", "failed", "rejected", "timeout", "unanswered"})
