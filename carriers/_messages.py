@@ -10,27 +10,37 @@ Usage (inside a MediaStream.decode)::
     data, event = parse_event("twilio", message)        # raises CarrierProtocolError
     if event == "dtmf":
         return [dtmf_frame("twilio", data)]
+
+    body = load_json("vonage webhook body", request.body)   # any JSON from outside, depth-limited
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from carriers.base import CarrierProtocolError
 from pipeline.frames import Dtmf, MarkPlayed
+from pipeline.jsonutil import JSONLimitExceeded, loads
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+def load_json(what: str, text: str | bytes) -> Any:
+    """``text`` parsed as JSON; CarrierProtocolError ``"<what> is not valid JSON"`` (saying why when it
+    is nested too deep) for anything else, so a hostile document never escapes as RecursionError."""
+    try:
+        return loads(text)
+    except JSONLimitExceeded as exc:
+        raise CarrierProtocolError(f"{what} is not valid JSON ({exc})") from None
+    except ValueError:
+        raise CarrierProtocolError(f"{what} is not valid JSON") from None
 
 
 def parse_json(carrier: str, message: str | bytes) -> dict[str, Any]:
     """One text frame as a JSON object (binary frames and invalid JSON are protocol errors)."""
     if not isinstance(message, str):
         raise CarrierProtocolError(f"{carrier} sends text frames only")
-    try:
-        data = json.loads(message)
-    except (ValueError, RecursionError):
-        raise CarrierProtocolError(f"{carrier} message is not valid JSON") from None
+    data = load_json(f"{carrier} message", message)
     if not isinstance(data, dict):
         raise CarrierProtocolError(f"{carrier} message has no event")
     return data

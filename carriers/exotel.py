@@ -77,7 +77,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from carriers._messages import DTMF_DIGITS, StreamChecks, field, mark_frame, parse_json
+from carriers._messages import DTMF_DIGITS, StreamChecks, field, load_json, mark_frame, parse_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -399,10 +399,7 @@ def _params(request: WebhookRequest) -> dict[str, str]:
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     pairs: list[tuple[str, str]] = []
     if content_type == "application/json" and request.body:
-        try:
-            data = json.loads(request.body)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("exotel webhook body is not valid JSON") from None
+        data = load_json("exotel webhook body", request.body)
         if not isinstance(data, dict):
             raise CarrierProtocolError("exotel webhook body is not a JSON object")
         pairs = [(k, v if isinstance(v, str) else str(v)) for k, v in data.items()
@@ -469,7 +466,7 @@ def _exotel_error(response: httpx.Response) -> str:
 
 
 def _sample_rate(value: Any) -> int | None:
-    digits = re.match(r"\s*([0-9]+)", str(value))
+    digits = re.match(r"\s*([0-9]{1,9})(?![0-9])", str(value))   # int() refuses over 4300 digits
     return int(digits.group(1)) if digits else None
 
 

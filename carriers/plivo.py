@@ -70,7 +70,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 
-from carriers._messages import StreamChecks
+from carriers._messages import StreamChecks, load_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -534,10 +534,7 @@ class PlivoMediaStream(StreamChecks):
     def decode(self, message: str | bytes) -> list[Frame]:
         if not isinstance(message, str):
             raise CarrierProtocolError("plivo sends text frames only")
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("plivo message is not valid JSON") from None
+        data = load_json("plivo message", message)
         if not isinstance(data, dict) or not isinstance(event := data.get("event"), str):
             raise CarrierProtocolError("plivo message has no event")
         if event == "media":

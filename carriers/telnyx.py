@@ -80,7 +80,7 @@ from xml.sax.saxutils import escape
 import httpx
 import numpy as np
 
-from carriers._messages import StreamChecks, dtmf_frame, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -591,10 +591,7 @@ def _form_params(request: WebhookRequest) -> dict[str, str]:
 
 def _event(body: bytes) -> tuple[str, dict[str, Any]]:
     """A Call Control webhook -> (``data.event_type``, ``data.payload``)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise CarrierProtocolError("telnyx webhook body is not valid JSON") from None
+    data = load_json("telnyx webhook body", body)
     event = data.get("data") if isinstance(data, dict) else None
     if not isinstance(event, dict):
         raise CarrierProtocolError("telnyx webhook has no data object")
@@ -720,7 +717,8 @@ class TelnyxMediaStream(StreamChecks):
         raw_encoding = media_format.get("encoding", "PCMU")
         rate, channels = media_format.get("sample_rate", 8000), media_format.get("channels", 1)
         encoding = _ENCODINGS.get(raw_encoding.upper()) if isinstance(raw_encoding, str) else None
-        in_rate = int(rate) if isinstance(rate, (int, str)) and str(rate).isdigit() else 0
+        digits = str(rate) if isinstance(rate, (int, str)) else ""   # "²".isdigit(), yet int() refuses it
+        in_rate = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 6 else 0
         if encoding is None or str(channels) != "1" or in_rate not in (8000, 16000, 22050, 24000, 48000) or (
                 encoding != "L16" and in_rate != 8000):
             raise CarrierProtocolError(

@@ -40,7 +40,7 @@ from xml.sax.saxutils import escape
 import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
-from carriers._messages import StreamChecks, dtmf_frame, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -330,10 +330,7 @@ def _form_pairs(request: WebhookRequest) -> list[tuple[str, str]]:
 
 
 def _json_pairs(body: bytes) -> list[tuple[str, str]]:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise CarrierProtocolError("twilio webhook body is not valid JSON") from None
+    data = load_json("twilio webhook body", body)
     if not isinstance(data, dict):
         raise CarrierProtocolError("twilio webhook body is not a JSON object")
     return [(k, v) for k, v in data.items() if isinstance(v, str)]

@@ -77,6 +77,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from carriers._messages import load_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -88,6 +89,7 @@ from carriers.base import (
     WebhookRequest,
 )
 from pipeline.frames import AudioFrame, Clear, Dtmf, Frame, Mark, MarkPlayed, StreamStarted
+from pipeline.jsonutil import loads
 
 __all__ = ["VonageCarrier", "VonageMediaStream", "decode_signed_token"]
 
@@ -100,7 +102,7 @@ _DTMF_DIGITS = frozenset("0123456789*#ABCD")
 _SEND_DIGITS = re.compile(r"[0-9*#p]{1,64}")          # p = 500 ms pause
 _NUMBER = re.compile(r"\+?[1-9][0-9]{6,14}")            # Vonage: 7-15 digits, no +
 _SIP_URI = re.compile(r"sips?:[^\s\"<>]+", re.IGNORECASE)
-_CONTENT_TYPE = re.compile(r"audio/l16;rate=(\d+)")
+_CONTENT_TYPE = re.compile(r"audio/l16;rate=([0-9]{1,6})")   # int() refuses over 4300 digits
 _RESERVED_HEADERS = frozenset({"event", "content-type", "call_uuid"})
 _MAX_HEADERS_BYTES = 512
 _ENDED = frozenset({"completed", "busy", "cancelled", "failed", "rejected", "timeout", "unanswered"})
@@ -302,8 +304,8 @@ class VonageCarrier:
         data = params.get("custom_data")
         if isinstance(data, str):
             try:
-                data = json.loads(data)
-            except (ValueError, RecursionError):
+                data = loads(data)
+            except ValueError:
                 data = None
         if isinstance(data, dict):
             custom.update({k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)})
@@ -509,10 +511,7 @@ def _webhook_params(request: WebhookRequest) -> dict[str, Any]:
     if content_type == "application/x-www-form-urlencoded":
         return dict(request.form) if request.form else dict(
             parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
-    try:
-        data = json.loads(request.body)
-    except (ValueError, RecursionError):
-        raise CarrierProtocolError("vonage webhook body is not valid JSON") from None
+    data = load_json("vonage webhook body", request.body)
     if not isinstance(data, dict):
         raise CarrierProtocolError("vonage webhook body is not a JSON object")
     return data
@@ -552,10 +551,7 @@ class VonageMediaStream:
             if len(message) % 2:
                 raise CarrierProtocolError(f"vonage audio frame of {len(message)} bytes is not whole 16-bit samples")
             return [AudioFrame(bytes(message), self.sample_rate)] if message else []
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError):
-            raise CarrierProtocolError("vonage text message is not valid JSON") from None
+        data = load_json("vonage text message", message)
         if not isinstance(data, dict) or not isinstance(event := data.get("event"), str):
             raise CarrierProtocolError("vonage text message has no event")
         if event == "websocket:connected":

@@ -1,13 +1,16 @@
-"""The JSON events a browser or app receives, shared by ``/ws`` and the WebRTC data channel (design §3.1).
+"""The JSON events a browser or app receives, and the control messages it sends, shared by ``/ws`` and
+the WebRTC data channel (design §3.1).
 
 One function maps a conversation event to the message the client sees; transports add only their own
 framing (a WebSocket text frame, a data-channel string). Events with no client form give None.
+``parse_control`` reads a client's control message without trusting it.
 
 Usage::
 
     message = event_message(TranscriptEvent("user", "hello"))
     # {"type": "transcript", "role": "user", "text": "hello", "final": True}
     channel.send(encode(message))
+    parse_control('{"type": "interrupt"}')     # "interrupt"; ValueError (the text to send back) if not JSON
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from dataclasses import asdict
 from typing import Any, Mapping
 
 from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
+from pipeline.jsonutil import loads
 
-__all__ = ["encode", "event_message"]
+__all__ = ["encode", "event_message", "parse_control"]
 
 
 def event_message(event: Event) -> dict[str, Any] | None:
@@ -42,3 +46,14 @@ def event_message(event: Event) -> dict[str, Any] | None:
 def encode(message: Mapping[str, Any]) -> str:
     """Compact JSON text, as both transports send it."""
     return json.dumps(message, separators=(",", ":"))
+
+
+def parse_control(text: str | bytes) -> object:
+    """The ``type`` of a client's control message (``"interrupt"``, ``"end"``, or whatever it sent; None
+    when the message is JSON but not an object): the caller decides what it knows. ValueError with the
+    text to send back when the message is not JSON (or is nested absurdly deep)."""
+    try:
+        data = loads(text)
+    except ValueError:
+        raise ValueError("control messages must be JSON objects like {\"type\": \"interrupt\"}") from None
+    return data.get("type") if isinstance(data, dict) else None

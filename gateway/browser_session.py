@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from carriers.base import CallControlFailed
-from gateway.browser_events import event_message
+from gateway.browser_events import event_message, parse_control
 from gateway.call import limit_duration
 from gateway.call_log import CallLog
 from gateway.lifecycle import MediaGate, run_until_ended
@@ -206,11 +205,10 @@ class BrowserCall(abc.ABC):
     def _control(self, text: str) -> None:
         """A JSON control message from the client: ``interrupt`` or ``end``."""
         try:
-            data = json.loads(text)
-        except ValueError:
-            self._bad_message("bad_message", "control messages must be JSON objects like {\"type\": \"interrupt\"}")
+            kind = parse_control(text)
+        except ValueError as exc:
+            self._bad_message("bad_message", str(exc))
             return
-        kind = data.get("type") if isinstance(data, dict) else None
         if kind == "interrupt":
             if self.conversation is not None:
                 self.conversation.interrupt()

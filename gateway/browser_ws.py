@@ -45,7 +45,6 @@ Usage (``gateway.app`` mounts it when ``transport`` is ``websocket`` or ``both``
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -64,6 +63,7 @@ from gateway.sessions import Session, SessionStoreUnavailable
 from pipeline.audio import looks_like_stereo, rms, ulaw_decode, ulaw_encode
 from pipeline.conversation import Conversation, Persona
 from pipeline.frames import AudioFrame
+from pipeline.jsonutil import loads
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -169,9 +169,9 @@ def parse_start(text: str | bytes) -> StartRequest:
     if not isinstance(text, str):
         raise ValueError("the first message must be a JSON text message {\"type\": \"start\", ...}, not audio")
     try:
-        data = json.loads(text)
-    except ValueError:
-        raise ValueError("the first message is not valid JSON; send {\"type\": \"start\", ...}") from None
+        data = loads(text)
+    except ValueError as exc:
+        raise ValueError(f"the first message is {exc}; send {{\"type\": \"start\", ...}}") from None
     if not isinstance(data, dict) or data.get("type") != "start":
         raise ValueError("the first message must be {\"type\": \"start\", ...}")
     codec = data.get("codec", "pcm16")

@@ -29,6 +29,7 @@ from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, 
 from gateway.personas import PersonaError, dialable
 from gateway.routes import _error, _services, carrier_or_error, webhook_request
 from gateway.sessions import Session, SessionStoreUnavailable
+from pipeline.jsonutil import loads
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -41,8 +42,9 @@ _DIGITS = re.compile(r"[0-9*#A-D]{1,32}")
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
+    """The body as a JSON object (an empty body is ``{}``); None when it is not one, or nests too deep."""
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = loads(await request.body() or b"{}")
     except ValueError:
         return None
     return body if isinstance(body, dict) else None

@@ -78,6 +78,7 @@ from gateway.sessions import Session, SessionStoreUnavailable
 from gateway.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
 from pipeline.conversation import Conversation, Persona
 from pipeline.frames import AudioFrame
+from pipeline.jsonutil import JSONLimitExceeded, loads
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -181,9 +182,9 @@ async def _read_json(request: Request, limit: int, what: str) -> Any:
         if len(body) > limit:
             raise OfferRefused(413, f"the request body is over {limit} bytes ({what})")
     try:
-        return json.loads(body)
-    except ValueError:
-        raise OfferRefused(400, "the body is not valid JSON") from None
+        return loads(body)
+    except ValueError as exc:
+        raise OfferRefused(400, f"the body is {exc}") from None
 
 
 def _admit(request: Request, services: Services) -> Response | None:
@@ -213,7 +214,9 @@ async def start_session(request: Request) -> Response | None:
     if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
         return None
     try:
-        data = json.loads(await request.body())
+        data = loads(await request.body())
+    except JSONLimitExceeded as exc:     # not a carrier's webhook either: refuse it here, clearly
+        return _error(400, f"the body is {exc}")
     except ValueError:
         return None
     if not isinstance(data, dict) or (data and not START_KEYS & data.keys()):

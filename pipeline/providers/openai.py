@@ -29,6 +29,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import aiohttp
 
 from pipeline.audio import pcm_to_wav
+from pipeline.jsonutil import loads
 from pipeline.providers import ProviderSettings
 from pipeline.providers.base import Message, ProviderError, Tool, ToolCall
 
@@ -133,8 +134,8 @@ class OpenAILLM(_Client):
                     if delta:
                         yield delta
         for name, arguments in calls.values():
-            try:
-                parsed = json.loads(arguments or "{}")
+            try:   # the model writes these, steered by what the caller says: never trust their shape
+                parsed = loads(arguments or "{}")
             except ValueError:
                 logger.warning("%s: tool call %s has arguments that are not JSON; ignored", self.name, name)
                 continue

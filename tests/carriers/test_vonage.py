@@ -335,7 +335,8 @@ def test_parse_call_get_and_extras() -> None:
         (b'{"uuid":""}', "vonage webhook has no uuid"),
         (b'{"uuid":7}', "vonage webhook has no uuid"),
         (b"{", "vonage webhook body is not valid JSON"),
-        (b"[" * 100_000, "vonage webhook body is not valid JSON"),
+        (b"[" * 100_000, r"vonage webhook body is not valid JSON \(nested deeper than 64 levels\)"),
+        (b"[" * 65 + b"]" * 65, r"vonage webhook body is not valid JSON \(nested deeper than 64 levels\)"),
         (b'["uuid"]', "vonage webhook body is not a JSON object"),
     ],
 )
