@@ -10,6 +10,7 @@ track (:mod:`gateway.webrtc_audio`) are tested in ``test_webrtc_audio.py``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 from typing import Any, AsyncIterator
@@ -237,7 +238,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.asyncio
-async def test_conversation_over_webrtc_then_delete(http: httpx.AsyncClient) -> None:
+async def test_conversation_over_webrtc_then_delete(http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     speech = speech_pcm("I would like to book a table for two please.", MIC_RATE)
     async with FakeOpenAI(transcripts=[TRANSCRIPT], replies=[REPLY], tts_ms_per_char=15) as fake:
         async with running_gateway(config(fake)) as url, browser() as b:
@@ -290,6 +292,10 @@ async def test_conversation_over_webrtc_then_delete(http: httpx.AsyncClient) -> 
             assert 'voxray_calls_started_total{carrier="webrtc"} 1.0' in metrics
             assert 'voxray_calls_ended_total{carrier="webrtc",reason="ended_by_api"} 1.0' in metrics
             assert 'voxray_active_calls{carrier="webrtc"} 0.0' in metrics
+    # the session id is the WebRTC session's credential: no line of ours (at debug) carries it whole
+    ours = [r for r in caplog.records if r.name.split(".")[0] in ("gateway", "pipeline", "carriers", "aiortc", "aioice")]
+    leaked = [r.getMessage() for r in ours if sid in r.getMessage()]
+    assert leaked == [] and any(r.name.startswith("gateway.webrtc") for r in caplog.records)
 
 
 @pytest.mark.asyncio
