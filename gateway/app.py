@@ -17,7 +17,7 @@ import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 import aiohttp
 import httpx
@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from carriers import CARRIERS
 from carriers.base import Carrier
 from gateway.auth import AccessKey
+from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
 from gateway.limits import BodyLimit
@@ -36,13 +37,11 @@ from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
 from gateway.recording import RecordingUploader
 from gateway.transcripts import TranscriptWriter
-from gateway.sessions import MemorySessionStore, RedisSessionStore, Session, SessionStore
+from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
 
-if TYPE_CHECKING:
-    from gateway.call import Call
 
 __all__ = ["Services", "create_app"]
 
@@ -70,13 +69,10 @@ class Services:
     bus: ControlBus = field(default_factory=LocalControlBus)
     recordings: RecordingUploader | None = None      # recording.enable
     transcripts: TranscriptWriter | None = None      # transcripts.enable
-    calls: dict[str, Call] = field(default_factory=dict)
+    calls: CallRegistry = field(default_factory=CallRegistry)
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     debug: bool = False
 
-    def live_sessions(self) -> list[Session]:
-        """Sessions of the calls running here and not ending (written back after a store outage)."""
-        return [call.session for call in self.calls.values() if call.reason is None]
 
 
 def conversation_settings(c: Config) -> ConversationSettings:
@@ -182,7 +178,7 @@ def create_app(config: Config) -> Starlette:
             services.metrics.bind(services)
             await services.bus.start(lambda op, sid, args: control.act(services, op, sid, args))
             sync = asyncio.create_task(keep_sessions(
-                services.sessions, services.live_sessions, interval_s=config.session_sync_secs,
+                services.sessions, services.calls.live_sessions, interval_s=config.session_sync_secs,
                 on_state=lambda up: services.metrics.session_store_up.set(1 if up else 0)))
             for note in config.providers.notes:
                 logger.info(note)
@@ -199,7 +195,7 @@ def create_app(config: Config) -> Starlette:
                 yield
             finally:
                 sync.cancel()
-                calls = list(services.calls.values())
+                calls = list(services.calls)
                 for call in calls:
                     call.finish("shutdown", code=1001, text="server shutting down")
                 with contextlib.suppress(TimeoutError):

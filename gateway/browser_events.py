@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
 from pipeline.jsonutil import loads
 
-__all__ = ["encode", "event_message", "parse_control"]
+if TYPE_CHECKING:
+    from gateway.calls.leg import CallSide
+
+__all__ = ["encode", "event_message", "parse_control", "ready_event"]
 
 
 def event_message(event: Event) -> dict[str, Any] | None:
@@ -57,3 +60,10 @@ def parse_control(text: str | bytes) -> object:
     except ValueError:
         raise ValueError("control messages must be JSON objects like {\"type\": \"interrupt\"}") from None
     return data.get("type") if isinstance(data, dict) else None
+
+
+def ready_event(call: CallSide, codec: str, sample_rate: int, **extra: Any) -> Mapping[str, Any]:
+    """A browser's ``ready`` event: the session's id, persona, codec and the rate of the agent's audio."""
+    assert call.persona is not None
+    return {"type": "ready", "session_id": call.session.id, "persona": call.persona.name, "codec": codec,
+            "sample_rate": sample_rate, **extra}

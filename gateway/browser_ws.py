@@ -53,22 +53,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.websockets import WebSocket
 
-from gateway.browser_events import encode
-from gateway.browser_session import BrowserCall
-from gateway.lifecycle import pause_every
-from gateway.call import SocketIO
+from carriers.base import CallControlFailed
+from gateway.browser_events import encode, ready_event
+from gateway.calls.call import Call
+from gateway.calls.leg import CallSide
+from gateway.calls.lifecycle import pause_every
+from gateway.calls.socket import SocketIO, socket_io
 from gateway.personas import PersonaError
-from gateway.routes import _socket_io
 from gateway.sessions import Session, SessionStoreUnavailable
 from pipeline.audio import looks_like_stereo, rms, ulaw_decode, ulaw_encode
-from pipeline.conversation import Conversation, Persona
-from pipeline.frames import AudioFrame
+from pipeline.conversation import Persona
+from pipeline.frames import AudioFrame, Frame
 from pipeline.jsonutil import loads
 
 if TYPE_CHECKING:
     from gateway.app import Services
+    from gateway.config import Config
+    from gateway.metrics import Metrics
 
-__all__ = ["BrowserSession", "CODECS", "OUTPUT_RATE", "PHONE_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32",
+__all__ = ["WsLeg", "CODECS", "OUTPUT_RATE", "PHONE_RATE", "SAMPLE_RATES", "StartRequest", "looks_like_float32",
            "origin_allowed", "parse_start", "start_persona", "ws"]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ PHONE_RATE = 8000                     # "codec": "pcmu": G.711 µ-law at 8 kHz b
 CODECS = ("pcm16", "pcmu")
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 SUBPROTOCOL = "voxray"
+FRAME_MS = 20                         # the playout's frame
 _ROLES = ("system", "user", "assistant")
 _STEREO_PROBE_S = 10                  # seconds of audio looked at for interleaved stereo, at most
 _STEREO_PROBE_RMS = 0.01              # a second quieter than this cannot tell stereo from mono
@@ -86,7 +90,7 @@ _STEREO_PROBE_RMS = 0.01              # a second quieter than this cannot tell s
 
 # ------------------------------------------------------------------------------------------ the route
 async def ws(websocket: WebSocket) -> None:
-    """``GET /ws``: authenticate, read ``start``, then run one :class:`BrowserSession`."""
+    """``GET /ws``: authenticate, read ``start``, then run one :class:`~gateway.calls.call.Call` on a :class:`WsLeg`."""
     services: Services = websocket.app.state.services
     config = services.config
     offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
@@ -94,7 +98,7 @@ async def ws(websocket: WebSocket) -> None:
     # a browser fails the connection when it offered subprotocols and none is selected
     chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
     await websocket.accept(subprotocol=chosen)
-    io = _socket_io(websocket)
+    io = socket_io(websocket)
     if services.draining:
         await io.send(encode({"type": "error", "code": "draining", "message": "this instance is shutting down"}))
         await io.close(1013, "draining: try again")
@@ -128,8 +132,8 @@ async def ws(websocket: WebSocket) -> None:
         await io.send(encode({"type": "error", "code": "unavailable", "message": "session store unavailable"}))
         await io.close(1011, "session store unavailable")
         return
-    await BrowserSession(services=services, session=session, persona=persona, socket=io,
-                         sample_rate=start.sample_rate, codec=start.codec).run()
+    leg = WsLeg(socket=io, config=config, metrics=services.metrics, sample_rate=start.sample_rate, codec=start.codec)
+    await Call(services=services, session=session, leg=leg, persona=persona).run()
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...] | list[str], *, own: str = "") -> bool:
@@ -257,93 +261,96 @@ def looks_like_float32(pcm: bytes) -> bool:
         return float(np.mean(np.abs(np.diff(i)))) > 8000.0
 
 
-# ------------------------------------------------------------------------------------------ the session
-class BrowserSession(BrowserCall):
-    """One ``/ws`` conversation: the socket's reader and event writer beside the shared conversation.
+# ------------------------------------------------------------------------------------------ the leg
+class WsLeg:
+    """One ``/ws`` socket under a :class:`~gateway.calls.call.Call`: its reader (PCM or µ-law frames, JSON
+    control) and its event writer.
 
     Usage (the route does this once the ``start`` message is valid and the session is stored)::
 
-        await BrowserSession(services=services, session=session, persona=persona, socket=io,
-                             sample_rate=16000, codec="pcm16").run()
-
-    Compatible with ``services.calls`` (see :class:`gateway.browser_session.BrowserCall`), so
-    ``DELETE /sessions/{id}`` and shutdown end it like a carrier call."""
+        leg = WsLeg(socket=io, config=config, metrics=metrics, sample_rate=16000, codec="pcm16")
+        await Call(services=services, session=session, leg=leg, persona=persona).run()
+    """
 
     label = CARRIER
     noun = "a browser session"
-    log_prefix = "/ws"
     not_started = "the session has not started yet"
+    ended_text = "session ended"
+    can_transfer = False
+    detects_machines = False
+    frame_ms = FRAME_MS
 
-    def __init__(self, *, services: Services, session: Session, persona: Persona, socket: SocketIO,
-                 sample_rate: int, codec: str = "pcm16") -> None:
-        super().__init__(services=services, session=session, persona=persona, codec=codec,
-                         output_rate=PHONE_RATE if codec == "pcmu" else OUTPUT_RATE)
+    def __init__(self, *, socket: SocketIO, config: Config, metrics: Metrics, sample_rate: int,
+                 codec: str = "pcm16") -> None:
         self.socket = socket
-        self.sample_rate = sample_rate
+        self.config = config
+        self.metrics = metrics
+        self.input_rate = sample_rate
+        self.codec = codec
+        self.sample_rate = PHONE_RATE if codec == "pcmu" else OUTPUT_RATE
+        self.coalesce_ms = float(config.ws_write_coalesce_ms)
         self._stereo_probe: bytearray | None = bytearray()   # the first seconds of sound, checked for stereo
         self._stereo_checked = 0
-        self._events: asyncio.Queue[str] = asyncio.Queue(services.config.ws_max_queued_events)
+        self._events: asyncio.Queue[str] = asyncio.Queue(config.ws_max_queued_events)
         self._send_lock = asyncio.Lock()
+        self._call: CallSide | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
-    async def _serve(self) -> None:
-        await self._send_text(encode({**self._ready(), "input_sample_rate": self.sample_rate}))
-        logger.info("browser session started persona=%s input_rate=%d codec=%s", self.persona.name, self.sample_rate,
-                    self.codec)
-        await self._converse()
+    async def open(self, call: CallSide) -> Mapping[str, str] | None:
+        self._call = call
+        await self._send_text(encode(ready_event(call, self.codec, self.sample_rate, input_sample_rate=self.input_rate)))
+        logger.info("browser session input_rate=%d codec=%s", self.input_rate, self.codec)
+        return {}
 
-    def _tasks(self, tg: asyncio.TaskGroup, convo: Conversation) -> list[asyncio.Task[None]]:
-        return [tg.create_task(self._write_events()), tg.create_task(self._read(convo))]
-
-    def _coalesce_ms(self) -> float:
-        return self.services.config.ws_write_coalesce_ms
+    def tasks(self, tg: asyncio.TaskGroup, call: CallSide) -> list[asyncio.Task[None]]:
+        return [tg.create_task(self._write_events()), tg.create_task(self._read(call))]
 
     # ------------------------------------------------------------------------------ input
-    async def _read(self, convo: Conversation) -> None:
-        limit = self.services.config.ws_max_message_bytes
+    async def _read(self, call: CallSide) -> None:
+        limit = self.config.ws_max_message_bytes
         count = 0
         while True:
             count += 1
             await pause_every(count)
             message = await self.socket.receive()
             if message is None:
-                self._socket_closed()
+                self._socket_closed(call)
                 return
             if len(message) > limit:
-                self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
+                self.metrics.media_rejected.labels(carrier=CARRIER).inc()
                 logger.warning("/ws message of %d bytes exceeds ws_max_message_bytes=%d; closing", len(message), limit)
-                self.finish("message_too_big", code=1009, text=f"message exceeds {limit} bytes")
+                call.finish("message_too_big", code=1009, text=f"message exceeds {limit} bytes")
                 return
             if isinstance(message, bytes):
-                self._audio(message, convo)
+                self._audio(message, call)
             else:
-                self._control(message)
+                call.control(message)
 
-    def _audio(self, pcm: bytes, convo: Conversation) -> None:
+    def _audio(self, pcm: bytes, call: CallSide) -> None:
         if not pcm:
             return
         if self.codec == "pcmu":             # one µ-law byte per sample: every frame is well formed
-            self._hear(AudioFrame(ulaw_decode(pcm), PHONE_RATE), convo)
+            call.hear(AudioFrame(ulaw_decode(pcm), PHONE_RATE))
             return
-        expected = f"16-bit little-endian mono PCM at {self.sample_rate} Hz"
+        expected = f"16-bit little-endian mono PCM at {self.input_rate} Hz"
         if len(pcm) % 2:
-            self._bad_message("bad_audio", f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
-                                           f"expected {expected}")
+            call.bad_message("bad_audio", f"audio frame of {len(pcm)} bytes is not a whole number of samples; "
+                                          f"expected {expected}")
             return
         if looks_like_float32(pcm):
-            self._bad_message("bad_audio", f"audio frame looks like float32 samples; send 16-bit integer PCM "
-                                           f"({expected})")
+            call.bad_message("bad_audio", f"audio frame looks like float32 samples; send 16-bit integer PCM "
+                                          f"({expected})")
             return
         if self._stereo_probe is not None:
-            self._probe_stereo(pcm, expected)
-        self._hear(AudioFrame(pcm, self.sample_rate), convo)
+            self._probe_stereo(pcm, expected, call)
+        call.hear(AudioFrame(pcm, self.input_rate))
 
-    def _probe_stereo(self, pcm: bytes, expected: str) -> None:
+    def _probe_stereo(self, pcm: bytes, expected: str, call: CallSide) -> None:
         """Interleaved stereo passes every per-frame check (it is heard slowed down): look at each second
         of the stream until one is loud enough to tell (at most ``_STEREO_PROBE_S``), and warn once."""
         assert self._stereo_probe is not None
         self._stereo_probe += pcm
-        if len(self._stereo_probe) < 2 * self.sample_rate:
+        if len(self._stereo_probe) < 2 * self.input_rate:
             return
         second = bytes(self._stereo_probe)
         self._stereo_checked += 1
@@ -353,31 +360,29 @@ class BrowserSession(BrowserCall):
         self._stereo_probe = None
         if looks_like_stereo(second):
             logger.warning("/ws audio looks like interleaved stereo")
-            self._error("bad_audio", f"the audio looks like interleaved stereo (left, right, left ...); "
-                                     f"send {expected}")
+            call.error("bad_audio", f"the audio looks like interleaved stereo (left, right, left ...); "
+                                    f"send {expected}")
 
-    def _unexpected(self, kind: object) -> str:
-        if kind == "start":
-            return "the session has already started"
-        return super()._unexpected(kind)
-
-    def _socket_closed(self) -> None:
+    def _socket_closed(self, call: CallSide) -> None:
         code = self.socket.peer_close_code()
         if code == 1009:
-            self.services.metrics.media_rejected.labels(carrier=CARRIER).inc()
+            self.metrics.media_rejected.labels(carrier=CARRIER).inc()
             logger.warning("/ws frame exceeded ws_max_message_bytes=%d; the socket closed with 1009",
-                           self.services.config.ws_max_message_bytes)
-            self.finish("message_too_big", code=1009, text="message too big")
+                           self.config.ws_max_message_bytes)
+            call.finish("message_too_big", code=1009, text="message too big")
         elif code in (1002, 1007):
-            self.finish("protocol_error", code=code, text="invalid frame")
+            call.finish("protocol_error", code=code, text="invalid frame")
         else:
-            self.finish("client_disconnected")
+            call.finish("client_disconnected")
 
     # ------------------------------------------------------------------------------ output
-    async def _play(self, pcm: bytes) -> None:
-        """Binary PCM16 at 16 kHz (µ-law at 8 kHz with ``codec: pcmu``). A Clear has no wire form (the
-        ``interrupted`` event tells the browser to flush its playback)."""
-        data = ulaw_encode(pcm) if self.codec == "pcmu" else pcm
+    async def send(self, frame: Frame) -> None:
+        """Binary PCM16 at 16 kHz (µ-law at 8 kHz with ``codec: pcmu``). Marks need no acknowledgement (the
+        playout's timing tells what was heard) and a Clear has no wire form (the ``interrupted`` event
+        tells the browser to flush its playback)."""
+        if not isinstance(frame, AudioFrame):
+            return
+        data = ulaw_encode(frame.pcm) if self.codec == "pcmu" else frame.pcm
         async with self._send_lock:
             await self.socket.send(data)
 
@@ -385,25 +390,33 @@ class BrowserSession(BrowserCall):
         async with self._send_lock:
             await self.socket.send(text)
 
-    def _emit(self, message: Mapping[str, Any]) -> None:
+    def emit(self, message: Mapping[str, Any]) -> None:
         try:
             self._events.put_nowait(encode(message))
         except asyncio.QueueFull:        # the client stopped reading: nothing it would get is current any more
-            if self.reason is None:
+            if self._call is not None and self._call.reason is None:
                 logger.warning("/ws client has not read %d events (ws_max_queued_events); closing",
                                self._events.maxsize)
-            self.finish("client_not_reading", code=1008, text="client is not reading its events")
+            if self._call is not None:
+                self._call.finish("client_not_reading", code=1008, text="client is not reading its events")
 
     async def _write_events(self) -> None:
         while True:
             await self._send_text(await self._events.get())
 
-    async def _close_transport(self, reason: str) -> None:
+    # ------------------------------------------------------------------------------ call control
+    async def transfer(self, target: str) -> None:
+        raise CallControlFailed(f"{self.noun} cannot be transferred")
+
+    async def send_dtmf(self, digits: str) -> bool:
+        return False                     # no out-of-band channel to a browser: the call plays tones
+
+    async def close(self, reason: str, code: int, text: str) -> None:
         try:
             while not self._events.empty():        # events not yet written (the goodbye's transcript)
                 await self.socket.send(self._events.get_nowait())
-            if self._close_code in (1000, 1001):
+            if code in (1000, 1001):
                 await self.socket.send(encode({"type": "end", "reason": reason}))
-            await self.socket.close(self._close_code, self._close_text)
+            await self.socket.close(code, text)
         except Exception:  # noqa: BLE001, S110 - the socket may already be gone
             pass

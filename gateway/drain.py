@@ -38,13 +38,13 @@ async def drain(services: Services) -> None:
     if await _until_idle(services, config.drain_timeout_secs):
         logger.info("drained: every call ended on its own after %.1f s", time.monotonic() - started)
         return
-    remaining = list(services.calls.values())
+    remaining = list(services.calls)
     logger.info("drain deadline reached: saying goodbye to %d call(s)", len(remaining))
     for call in remaining:
         _say_goodbye(call, config.goodbye_text)
     if await _until_idle(services, config.goodbye_timeout_secs):
         return
-    for call in list(services.calls.values()):
+    for call in list(services.calls):
         call.finish("drain")
     await _until_idle(services, config.hangup_timeout_secs + 1.0)
     if services.calls:

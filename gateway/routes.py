@@ -14,10 +14,12 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, WebhookIgnored, WebhookRequest
-from gateway.call import Call, SocketIO
+from gateway.calls.call import Call
+from gateway.calls.carrier_leg import CarrierLeg
+from gateway.calls.socket import socket_io
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.personas import PersonaError, dialable
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -219,39 +221,6 @@ async def media(websocket: WebSocket) -> None:
         logger.warning("media socket refused carrier=%s: unknown, used or expired session", name)
         await websocket.close(1008, "unknown, used or expired session")
         return
-    await Call(services=services, session=session, carrier=carrier, socket=_socket_io(websocket)).run()
-
-
-def _socket_io(websocket: WebSocket) -> SocketIO:
-    """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
-    receive, send = websocket._receive, websocket._send  # noqa: SLF001
-    closed = False
-    peer_code: int | None = None
-
-    async def recv() -> str | bytes | None:
-        nonlocal closed, peer_code
-        if closed:
-            return None
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            closed, peer_code = True, message.get("code")
-            return None
-        text = message.get("text")
-        return text if text is not None else message.get("bytes") or b""
-
-    async def send_message(data: str | bytes) -> None:
-        if closed:
-            return
-        try:
-            await send({"type": "websocket.send", "text": data} if isinstance(data, str)
-                       else {"type": "websocket.send", "bytes": data})
-        except (OSError, RuntimeError, WebSocketDisconnect):
-            pass   # the peer went away; the reader sees the disconnect and ends the call
-
-    async def close(code: int, reason: str) -> None:
-        nonlocal closed
-        if not closed:
-            closed = True
-            await send({"type": "websocket.close", "code": code, "reason": reason})
-
-    return SocketIO(receive=recv, send=send_message, close=close, peer_close_code=lambda: peer_code)
+    leg = CarrierLeg(carrier=carrier, socket=socket_io(websocket), session=session, config=services.config,
+                     metrics=services.metrics)
+    await Call(services=services, session=session, leg=leg).run()

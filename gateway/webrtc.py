@@ -33,7 +33,7 @@ as ``/ws`` (see :mod:`gateway.browser_events`): ``ready`` (``session_id``, ``per
 (``reason``). Events before the channel opens are queued. The browser sends ``{"type": "interrupt"}`` and
 ``{"type": "end"}``.
 
-Lifetime (shared with ``/ws``: :class:`gateway.browser_session.BrowserCall`): the session runs in the
+Lifetime (one :class:`gateway.calls.call.Call` on a :class:`WebRTCLeg`, as for every transport): it runs in the
 offer's request task after the answer is sent (no stray task), is registered in ``services.calls``
 (``DELETE /sessions/{id}``, drain and shutdown end it; metrics carry the carrier label ``webrtc``; the
 store's carrier is ``browser``) and ends through one idempotent finaliser (``end`` on the channel, peer
@@ -67,23 +67,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.browser_events import encode
-from gateway.browser_session import BrowserCall
-from gateway.browser_ws import StartRequest, parse_start, start_persona
+from carriers.base import CallControlFailed
+from gateway.browser_events import encode, ready_event
+from gateway.browser_ws import FRAME_MS, StartRequest, parse_start, start_persona
+from gateway.calls.call import Call
+from gateway.calls.leg import CallSide
 from gateway.logging import call_id
 from gateway.redaction import short_id
 from gateway.personas import PersonaError
 from gateway.routes import _error, _services
 from gateway.sessions import Session, SessionStoreUnavailable
 from gateway.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
-from pipeline.conversation import Conversation, Persona
-from pipeline.frames import AudioFrame
+from pipeline.conversation import Persona
+from pipeline.frames import AudioFrame, Clear, Frame
 from pipeline.jsonutil import JSONLimitExceeded, loads
 
 if TYPE_CHECKING:
     from gateway.app import Services
+    from gateway.config import Config
 
-__all__ = ["OfferRefused", "OfferRequest", "WebRTCSession", "ice_configuration", "offer", "parse_offer", "session_offer",
+__all__ = ["OfferRefused", "OfferRequest", "WebRTCLeg", "ice_configuration", "offer", "parse_offer", "session_offer",
            "start_session"]
 
 logger = logging.getLogger(__name__)
@@ -319,17 +322,19 @@ async def _answer(services: Services, session: Session, persona: Persona, peer: 
     response in the same request task (:class:`_AnswerThenRun`)."""
     token = call_id.set(short_id(session.id))
     try:
-        rtc = WebRTCSession(services=services, session=session, persona=persona, peer=peer)
+        leg = WebRTCLeg(peer=peer, config=services.config, session=session)
+        call = Call(services=services, session=session, leg=leg, persona=persona)
+        leg.bind(call)
         try:
             answer_sdp = await peer.answer()
         except Exception as exc:  # noqa: BLE001 - ICE gathering (a bad STUN/TURN URL) or DTLS setup failed
             logger.error("could not complete the WebRTC answer: %s", exc)
-            rtc.finish("negotiation_failed")
-            await rtc.run()
+            call.finish("negotiation_failed")
+            await call.run()
             return _error(500, f"could not complete the WebRTC answer: {exc}")
         logger.info("webrtc offer answered codec=%s persona=%s", peer.codec, persona.name)
         return _AnswerThenRun({"sdp": answer_sdp, "type": "answer", "session_id": session.id,
-                               "persona": persona.name, "codec": peer.codec}, session=rtc)
+                               "persona": persona.name, "codec": peer.codec}, call=call)
     finally:
         call_id.reset(token)
 
@@ -338,18 +343,18 @@ class _AnswerThenRun(JSONResponse):
     """Send the answer, then run the session in this request's task until it ends (it is not a
     fire-and-forget task: uvicorn waits for it at shutdown, and the lifespan's shutdown ends it)."""
 
-    def __init__(self, content: Any, *, session: WebRTCSession) -> None:
+    def __init__(self, content: Any, *, call: Call) -> None:
         super().__init__(content)
-        self._session = session
+        self._call = call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         except BaseException:
-            self._session.finish("signaling_failed")     # the client never got its answer
+            self._call.finish("signaling_failed")     # the client never got its answer
             raise
         finally:
-            await self._session.run()
+            await self._call.run()
 
 
 # ------------------------------------------------------------------------------------------ the peer
@@ -419,71 +424,75 @@ def _offer_problem(exc: Exception, codec: str) -> str:
     return f"the SDP offer was refused: {text}"
 
 
-# ------------------------------------------------------------------------------------------ the session
-class WebRTCSession(BrowserCall):
-    """One WebRTC conversation: the peer connection's audio and data channel beside the shared conversation.
+# ------------------------------------------------------------------------------------------ the leg
+class WebRTCLeg:
+    """One WebRTC peer under a :class:`~gateway.calls.call.Call`: its audio track in and out, events on
+    the data channel, connect and idle timeouts.
 
     Usage (:func:`_answer` does this once the offer is negotiated and the session stored)::
 
-        rtc = WebRTCSession(services=services, session=session, persona=persona, peer=peer)
+        leg = WebRTCLeg(peer=peer, config=config, session=session)
+        call = Call(services=services, session=session, leg=leg, persona=persona)
         answer_sdp = await peer.answer()
-        await rtc.run()        # waits for the peer to connect, converses, finalises
-
-    Shaped like :class:`gateway.browser_ws.BrowserSession` (see :class:`gateway.browser_session.BrowserCall`),
-    so ``services.calls`` ends it like any call."""
+        await call.run()        # waits for the peer to connect, converses, finalises
+    """
 
     label = METRICS_LABEL
     noun = "a WebRTC session"
-    log_prefix = "webrtc"
     not_started = "the session has not connected yet"
+    ended_text = "session ended"
+    can_transfer = False
+    detects_machines = False
+    frame_ms = FRAME_MS
+    coalesce_ms = 0.0
 
-    def __init__(self, *, services: Services, session: Session, persona: Persona, peer: _Peer) -> None:
-        super().__init__(services=services, session=session, persona=persona, codec=peer.codec,
-                         output_rate=peer.track.sample_rate)
+    def __init__(self, *, peer: _Peer, config: Config, session: Session) -> None:
         self.peer = peer
         self.track = peer.track
+        self.config = config
+        self.session = session
+        self.codec = peer.codec
+        self.sample_rate = peer.track.sample_rate
+        self._call: CallSide | None = None
         self._connected = asyncio.Event()
-        self._changed = asyncio.Event()
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
         self._last_audio_at = time.monotonic()
         peer.pc.on("connectionstatechange", self._on_state)
         peer.pc.on("datachannel", self._on_datachannel)
-        self._emit(self._ready())
 
-    def finish(self, reason: str, *, code: int = 1000, text: str = "session ended") -> None:
-        """Ask the session to end (idempotent; the first reason wins). ``code``/``text`` have no WebRTC
-        meaning."""
-        super().finish(reason, code=code, text=text)
-        self._changed.set()
+    def bind(self, call: CallSide) -> None:
+        """The call this leg carries (before the answer is sent: peer events may come at once)."""
+        self._call = call
+        self.emit(ready_event(call, self.codec, self.sample_rate))
 
     # ------------------------------------------------------------------------------ lifecycle
-    async def _serve(self) -> None:
-        if not self._ended.is_set() and await self._wait_connected():
-            logger.info("webrtc session started persona=%s codec=%s", self.persona.name, self.codec)
-            await self._converse()
-
-    async def _wait_connected(self) -> bool:
-        timeout = self.services.config.webrtc_connect_timeout_secs
+    async def open(self, call: CallSide) -> Mapping[str, str] | None:
+        timeout = self.config.webrtc_connect_timeout_secs
+        connected = asyncio.ensure_future(self._connected.wait())
+        ended = asyncio.ensure_future(call.ended.wait())
         try:
-            async with asyncio.timeout(timeout):
-                while not (self._connected.is_set() or self._ended.is_set()):
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
+            done, _ = await asyncio.wait({connected, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            ended.cancel()
+        if call.ended.is_set():
+            return None
+        if not done:
             logger.warning("peer did not connect within webrtc_connect_timeout_secs=%g; closing", timeout)
-            self.finish("connect_timeout")
-            return False
-        return not self._ended.is_set()
+            call.finish("connect_timeout")
+            return None
+        logger.info("webrtc session codec=%s", self.codec)
+        return {}
 
-    def _tasks(self, tg: asyncio.TaskGroup, convo: Conversation) -> list[asyncio.Task[None]]:
-        tasks = [tg.create_task(self._watch_idle())]
+    def tasks(self, tg: asyncio.TaskGroup, call: CallSide) -> list[asyncio.Task[None]]:
+        tasks = [tg.create_task(self._watch_idle(call))]
         remote = self.peer.remote_track
         if remote is not None:
-            tasks.append(tg.create_task(self._read(remote, convo)))
+            tasks.append(tg.create_task(self._read(remote, call)))
         return tasks
 
-    async def _read(self, track: MediaStreamTrack, convo: Conversation) -> None:
+    async def _read(self, track: MediaStreamTrack, call: CallSide) -> None:
         while True:
             try:
                 frame = await track.recv()
@@ -493,10 +502,10 @@ class WebRTCSession(BrowserCall):
             assert isinstance(frame, av.AudioFrame)
             pcm = frame_to_pcm(frame)
             if pcm:
-                self._hear(AudioFrame(pcm, frame.sample_rate), convo)
+                call.hear(AudioFrame(pcm, frame.sample_rate))
 
-    async def _watch_idle(self) -> None:
-        idle = self.services.config.webrtc_idle_timeout_secs
+    async def _watch_idle(self, call: CallSide) -> None:
+        idle = self.config.webrtc_idle_timeout_secs
         if idle <= 0:
             return
         self._last_audio_at = time.monotonic()
@@ -504,7 +513,7 @@ class WebRTCSession(BrowserCall):
             remaining = self._last_audio_at + idle - time.monotonic()
             if remaining <= 0:
                 logger.warning("no audio from the peer for webrtc_idle_timeout_secs=%g; closing", idle)
-                self.finish("idle_timeout")
+                call.finish("idle_timeout")
                 return
             await asyncio.sleep(remaining)
 
@@ -518,17 +527,20 @@ class WebRTCSession(BrowserCall):
         finally:
             call_id.reset(token)
 
+    def _finish(self, reason: str) -> None:
+        if self._call is not None:
+            self._call.finish(reason)
+
     def _on_state(self) -> None:
         with self._as_session():
             state = self.peer.pc.connectionState
             logger.info("peer connection %s", state)
             if state == "connected":
                 self._connected.set()
-                self._changed.set()
             elif state == "failed":
-                self.finish("connection_failed")
+                self._finish("connection_failed")
             elif state == "closed":
-                self.finish("peer_closed")
+                self._finish("peer_closed")
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         with self._as_session():
@@ -545,21 +557,24 @@ class WebRTCSession(BrowserCall):
 
     def _on_channel_closed(self) -> None:
         with self._as_session():
-            self.finish("client_disconnected")
+            self._finish("client_disconnected")
 
     def _on_message(self, message: str | bytes) -> None:
+        call = self._call
+        if call is None:
+            return
         with self._as_session():
-            limit = self.services.config.ws_max_message_bytes
+            limit = self.config.ws_max_message_bytes
             if isinstance(message, bytes):
-                self._bad_message("bad_message", "data channel messages must be JSON text; audio travels on the "
-                                                 "media track")
+                call.bad_message("bad_message", "data channel messages must be JSON text; audio travels on the "
+                                                "media track")
             elif len(message) > limit:
-                self._bad_message("bad_message", f"control message over ws_max_message_bytes={limit}")
+                call.bad_message("bad_message", f"control message over ws_max_message_bytes={limit}")
             else:
-                self._control(message)
+                call.control(message)
 
     # ------------------------------------------------------------------------------ output
-    def _emit(self, message: Mapping[str, Any]) -> None:
+    def emit(self, message: Mapping[str, Any]) -> None:
         """Send an event on the data channel, or queue it until the channel opens."""
         self._pending.append(encode(message))
         if len(self._pending) > _MAX_PENDING_EVENTS:
@@ -578,16 +593,24 @@ class WebRTCSession(BrowserCall):
                 logger.warning("event not delivered on the data channel: %s", exc)
                 return
 
-    async def _play(self, pcm: bytes) -> None:
-        self.track.feed(pcm)
+    async def send(self, frame: Frame) -> None:
+        """Audio to the outbound track; a Clear (barge-in) flushes it; marks need no acknowledgement."""
+        if isinstance(frame, AudioFrame):
+            self.track.feed(frame.pcm)
+        elif isinstance(frame, Clear):
+            self.track.flush()
 
-    def _flush(self) -> None:
-        self.track.flush()
+    # ------------------------------------------------------------------------------ call control
+    async def transfer(self, target: str) -> None:
+        raise CallControlFailed(f"{self.noun} cannot be transferred")
 
-    async def _close_transport(self, reason: str) -> None:
+    async def send_dtmf(self, digits: str) -> bool:
+        return False                     # in-band tones on the audio track
+
+    async def close(self, reason: str, code: int, text: str) -> None:
         """``end`` on the data channel (given a moment to leave), then the peer connection closed."""
         try:
-            self._emit({"type": "end", "reason": reason})
+            self.emit({"type": "end", "reason": reason})
             await self._drain_channel()
         except Exception:  # noqa: BLE001, S110 - the channel may already be gone
             pass

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.lifecycle import run_until_ended
+from gateway.calls.lifecycle import run_until_ended
 from gateway.simulate import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
@@ -46,7 +46,7 @@ async def test_work_that_ignores_cancellation_is_abandoned_within_twice_the_time
     ended = asyncio.Event()
     ended.set()
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="gateway.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="gateway.calls.lifecycle"):
         await run_until_ended(stubborn(), ended, stop_timeout_s=0.2)
     assert 0.35 < time.monotonic() - t0 < 1.0
     assert "abandoning them" in caplog.text and "stubborn" in caplog.text

@@ -1,0 +1,63 @@
+"""The three socket operations a call's leg needs, and their adapter for a Starlette WebSocket.
+
+Usage::
+
+    io = socket_io(websocket)            # after websocket.accept()
+    message = await io.receive()         # str | bytes, or None once the peer closed
+    await io.send("{...}")
+    await io.close(1000, "call ended")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+__all__ = ["SocketIO", "socket_io"]
+
+
+@dataclass(slots=True)
+class SocketIO:
+    """The three socket operations a call needs (a Starlette WebSocket adapts to this)."""
+
+    receive: Callable[[], Awaitable[str | bytes | None]]      # None: the peer closed
+    send: Callable[[str | bytes], Awaitable[None]]
+    close: Callable[[int, str], Awaitable[None]]
+    peer_close_code: Callable[[], int | None] = lambda: None   # why the socket closed, once receive gave None
+
+
+def socket_io(websocket: WebSocket) -> SocketIO:
+    """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
+    receive, send = websocket._receive, websocket._send  # noqa: SLF001
+    closed = False
+    peer_code: int | None = None
+
+    async def recv() -> str | bytes | None:
+        nonlocal closed, peer_code
+        if closed:
+            return None
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            closed, peer_code = True, message.get("code")
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def send_message(data: str | bytes) -> None:
+        if closed:
+            return
+        try:
+            await send({"type": "websocket.send", "text": data} if isinstance(data, str)
+                       else {"type": "websocket.send", "bytes": data})
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            pass   # the peer went away; the reader sees the disconnect and ends the call
+
+    async def close(code: int, reason: str) -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    return SocketIO(receive=recv, send=send_message, close=close, peer_close_code=lambda: peer_code)
