@@ -70,3 +70,89 @@ def test_the_checker_catches_every_form(source: str) -> None:
 ])
 def test_the_checker_ignores_lookalikes(source: str) -> None:
     assert gateway_imports(source, "<test>") == []
+
+
+# ------------------------------------------------------------------------------------------ no cycles
+def package_imports(source: str, module: str, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``module`` imports at run time (anywhere: in functions too, since a
+    function-level import is how a cycle hides), leaving out ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(source)
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in known else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in known and m != module}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            component.append(v)
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / package).rglob("*.py")}
+    known = set(paths)
+    return {m: package_imports(p.read_text(), m, known) for m, p in paths.items()}
+
+
+@pytest.mark.parametrize("package", ["gateway", "pipeline", "carriers"])
+def test_no_import_cycles(package: str) -> None:
+    assert cycles(module_graph(package)) == []
+
+
+def test_the_cycle_finder_finds_a_hidden_cycle() -> None:
+    known = {"gateway.a", "gateway.b", "gateway.c"}
+    graph = {"gateway.a": package_imports("from gateway.b import x", "gateway.a", known),
+             "gateway.b": package_imports("def f():\n    from gateway import c\n", "gateway.b", known),
+             "gateway.c": package_imports("import gateway.a\nfrom typing import TYPE_CHECKING\n"
+                                          "if TYPE_CHECKING:\n    from gateway.b import y\n", "gateway.c", known)}
+    assert graph["gateway.c"] == {"gateway.a"}
+    assert cycles(graph) == [["gateway.a", "gateway.b", "gateway.c"]]
+
+
+def test_the_server_never_imports_the_simulator() -> None:
+    """The emulator is a tool package (``voxray simulate``): nothing the server runs reaches it."""
+    graph = module_graph("gateway")
+    reachable: set[str] = set()
+    todo = ["gateway.app", "gateway.server"]
+    while todo:
+        m = todo.pop()
+        if m not in reachable:
+            reachable.add(m)
+            todo.extend(graph.get(m, ()))
+    assert len(reachable) > 10 and not {m for m in reachable if m.startswith("gateway.simulate")}

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import aiohttp
 
-from pipeline.providers.base import LLMProvider, ProviderError, STTProvider, TTSProvider
+from pipeline.providers.base import LLMProvider, ProviderError, ProviderSettings, STTProvider, TTSProvider
 
 __all__ = [
     "PROVIDERS",
@@ -65,22 +65,6 @@ PROVIDERS: Mapping[str, ProviderSpec] = {
                                                       "tts": "piper-joe-medium"}),
     )
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSettings:
-    """A resolved provider for one stage (the secret is never printed: see ``masked``)."""
-
-    name: str
-    model: str
-    api_key: str | None = None
-    base_url: str = ""
-    voice: str | None = None
-
-    def masked(self) -> dict[str, str | None]:
-        key = None if not self.api_key else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***"
-        return {"name": self.name, "model": self.model, "api_key": key, "base_url": self.base_url or None,
-                "voice": self.voice}
 
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-__all__ = ["LLMProvider", "Message", "ProviderError", "STTProvider", "TTSProvider", "Tool", "ToolCall"]
+__all__ = ["LLMProvider", "Message", "ProviderError", "ProviderSettings", "STTProvider", "TTSProvider", "Tool", "ToolCall"]
 
 Message = Mapping[str, str]
 
@@ -77,3 +77,19 @@ class TTSProvider(Protocol):
     sample_rate: int
 
     def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """A resolved provider for one stage (the secret is never printed: see ``masked``)."""
+
+    name: str
+    model: str
+    api_key: str | None = None
+    base_url: str = ""
+    voice: str | None = None
+
+    def masked(self) -> dict[str, str | None]:
+        key = None if not self.api_key else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***"
+        return {"name": self.name, "model": self.model, "api_key": key, "base_url": self.base_url or None,
+                "voice": self.voice}

@@ -30,8 +30,7 @@ import aiohttp
 
 from pipeline.audio import pcm_to_wav
 from pipeline.jsonutil import loads
-from pipeline.providers import ProviderSettings
-from pipeline.providers.base import Message, ProviderError, Tool, ToolCall
+from pipeline.providers.base import ProviderSettings, Message, ProviderError, Tool, ToolCall
 
 __all__ = ["OpenAILLM", "OpenAISTT", "OpenAITTS", "open_session"]
 
