@@ -1,7 +1,7 @@
 """Browser clients for the load benchmark: ``GET /ws`` (PCM16 over a WebSocket) and WebRTC (an aiortc peer).
 
 Each client stands for one browser tab and has the surface ``bench.load`` uses on a
-:class:`gateway.simulate.SimulatedCall`: ``open()`` (instead of dial + connect), ``speak(pcm8k)`` (returns when
+:class:`gateway.simulate.call.SimulatedCall`: ``open()`` (instead of dial + connect), ``speak(pcm8k)`` (returns when
 the last speech frame went out), ``wait_audio(after=...)``, ``hang_up()``, ``close()``, and ``received``
 (``media`` = (arrival, samples) of every frame of the agent's audio, ``underruns`` = playback gaps inside an
 answer, ``invalid``), ``_play_end`` (the client's real-time playback clock), ``_closed``, ``close_code``,
@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from gateway.simulate import Received
+from gateway.simulate.call import Received
 from pipeline.audio import Resampler
 
 __all__ = ["LOUD_RMS", "RtcSession", "WsSession", "make_session", "use_loopback_ice"]

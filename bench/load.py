@@ -1,7 +1,7 @@
 """Load benchmark: N concurrent simulated Twilio calls, real-time paced, against ONE gateway process.
 
 The fake OpenAI server (fixed STT/LLM/TTS delays) and the gateway (``python -m gateway serve``) run as
-subprocesses; this process runs every :class:`~gateway.simulate.SimulatedCall` on one event loop
+subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCall` on one event loop
 (uvloop when installed). For each N it measures, over the steady-state window (all N calls talking):
 
 * latency      = first outbound audio frame after the caller's speech - the end of that speech
@@ -52,7 +52,7 @@ import httpx
 import numpy as np
 
 from bench import browsers
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from pipeline.audio import rms, ulaw_decode, ulaw_encode
 from pipeline.text import ClauseSplitter
 

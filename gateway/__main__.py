@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
     if args.command == "simulate":
-        from gateway.simulate import run_simulation
+        from gateway.simulate.call import run_simulation
 
         credentials = dict(item.partition("=")[::2] for item in args.credential)
         if args.carrier == "twilio":

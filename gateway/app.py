@@ -28,15 +28,16 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from carriers import CARRIERS
 from carriers.base import Carrier
-from gateway.auth import AccessKey
+from gateway.http.auth import AccessKey
 from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
-from gateway.limits import BodyLimit
+from gateway.http.routes import BrowserStart
+from gateway.http.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
-from gateway.recording import RecordingUploader
-from gateway.transcripts import TranscriptWriter
+from gateway.storage.recording import RecordingUploader
+from gateway.storage.transcripts import TranscriptWriter
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
@@ -65,7 +66,7 @@ class Services:
     providers: ProviderChain
     conversation_settings: ConversationSettings
     metrics: Metrics
-    access: AccessKey                # the API key of the programmatic routes (gateway.auth)
+    access: AccessKey                # the API key of the programmatic routes (gateway.http.auth)
     bus: ControlBus = field(default_factory=LocalControlBus)
     recordings: RecordingUploader | None = None      # recording.enable
     transcripts: TranscriptWriter | None = None      # transcripts.enable
@@ -154,7 +155,8 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway import browser_ws, control, routes, softphone
+    from gateway.browser import softphone, ws as browser_ws
+    from gateway.http import control, routes
 
     access = AccessKey.from_config(config)
 
@@ -211,6 +213,7 @@ def create_app(config: Config) -> Starlette:
                     if close is not None:
                         await close()
 
+    webrtc_routes, browser_start = _webrtc(config)
     middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
@@ -222,7 +225,7 @@ def create_app(config: Config) -> Starlette:
         Route("/health", routes.health),
         Route("/ready", routes.ready),
         Route("/metrics", routes.metrics),
-        Route("/start", routes.start, methods=["GET", "POST"]),
+        Route("/start", routes.start_route(browser_start), methods=["GET", "POST"]),
         Route("/start/{carrier}", routes.start, methods=["GET", "POST"]),
         WebSocketRoute("/media/{carrier}/{session_id}", routes.media),
         Route("/sessions/{session_id}", control.session, methods=["GET", "DELETE"]),
@@ -232,7 +235,7 @@ def create_app(config: Config) -> Starlette:
         Route("/events/{carrier}/{session_id}", control.carrier_event, methods=["POST"]),
         Route("/transfer/{carrier}", routes.transfer_markup, methods=["GET", "POST"]),
         *([WebSocketRoute("/ws", browser_ws.ws)] if config.transport in ("websocket", "both") else []),
-        *_webrtc_routes(config),
+        *webrtc_routes,
     ], middleware=middleware, lifespan=lifespan)
 
 
@@ -252,11 +255,12 @@ def _announce_access(config: Config, access: AccessKey) -> None:
               f"choose a stable key.", flush=True)
 
 
-def _webrtc_routes(config: Config) -> list[Route]:
-    """WebRTC's routes when ``transport`` includes it; aiortc and PyAV (~40 MB) load only then."""
+def _webrtc(config: Config) -> tuple[list[Route], BrowserStart | None]:
+    """WebRTC's routes, and its JSON ``POST /start``, when ``transport`` includes it; aiortc and PyAV
+    (~40 MB) load only then."""
     if config.transport not in ("smallwebrtc", "both"):
-        return []
-    from gateway import webrtc
+        return [], None
+    from gateway.browser import webrtc
 
     return [Route("/webrtc/offer", webrtc.offer, methods=["POST"]),
-            Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])]
+            Route("/sessions/{session_id}/offer", webrtc.session_offer, methods=["POST"])], webrtc.start_session

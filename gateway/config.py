@@ -97,7 +97,7 @@ class Config:
     carrier: str = "twilio"              # default carrier for POST /start
     carriers: CarriersConfig = field(default_factory=lambda: CarriersConfig.build({}, {}))
     personas_file: str = ""
-    server_api_key: str = ""             # else a key is generated at startup (gateway.auth)
+    server_api_key: str = ""             # else a key is generated at startup (gateway.http.auth)
     allow_unauthenticated: bool = False  # local development only: no key at all on /calls, /sessions, /ws ...
     cors_allowed_origins: tuple[str, ...] = ()
     # providers (seed keys)

@@ -63,6 +63,6 @@ def configure_logging(level: str = "info", *, json_lines: bool = False, transpor
     for transport in _TRANSPORT_LOGGERS:
         logging.getLogger(transport).setLevel(root.level if transport_debug else max(logging.INFO, root.level))
     # aiortc logs whole SDPs (ICE passwords, DTLS fingerprints) at debug, aioice every candidate check at
-    # info: secrets and noise, even when the gateway runs at debug (gateway.webrtc logs the states itself)
+    # info: secrets and noise, even when the gateway runs at debug (gateway.browser.webrtc logs the states itself)
     for noisy in ("aiortc", "aioice"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -4,7 +4,7 @@ The first SIGTERM (or SIGINT) drains before the server stops (``gateway.drain``)
 shutdown would close every media socket at once. A second signal stops at once.
 
 The HTTP edge comes from the config: a request head must arrive within ``http_header_timeout_secs``
-and ``http_max_header_bytes`` (``gateway.http_protocol``), idle keep-alive connections close after
+and ``http_max_header_bytes`` (``gateway.http.protocol``), idle keep-alive connections close after
 ``http_keep_alive_timeout_secs``, and ``X-Forwarded-For``/``-Proto`` count only from the proxies in
 ``forwarded_allow_ips`` (none by default: the peer's own address is the client's).
 
@@ -27,7 +27,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.config import Config
-from gateway.http_protocol import guarded_http_protocol
+from gateway.http.protocol import guarded_http_protocol
 
 __all__ = ["build_server"]
 

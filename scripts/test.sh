@@ -31,7 +31,7 @@ if ! redis_up; then
 fi
 export VOXRAY_TEST_REDIS_URL=${VOXRAY_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
 
-# Chromium for the softphone tests (tests/gateway/test_softphone.py): Debian's package (`npx playwright
+# Chromium for the softphone tests (tests/gateway/browser/test_softphone.py): Debian's package (`npx playwright
 # install` cannot download a browser here), driven by playwright-core from tests/browser (pinned in its
 # package-lock.json). A failed install does not stop the run: those tests then fail naming this step.
 [ -x /usr/bin/chromium ] || apt_install chromium

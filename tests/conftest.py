@@ -56,7 +56,7 @@ def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
     """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers.
 
     Without ``server_api_key`` in ``overrides`` the programmatic routes are opened with
-    ``allow_unauthenticated`` (these tests are about calls, not access; tests/gateway/test_auth.py keeps
+    ``allow_unauthenticated`` (these tests are about calls, not access; tests/gateway/http/test_auth.py keeps
     the default — a generated key — refusing strangers)."""
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,

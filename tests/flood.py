@@ -73,7 +73,7 @@ async def _ws(args: argparse.Namespace) -> None:
 
 
 async def _twilio(args: argparse.Namespace) -> None:
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
 
     call = SimulatedCall(gateway=args.url, public_url=args.public_url, auth_token=args.auth_token,
                          account_sid=args.account_sid)

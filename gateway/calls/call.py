@@ -22,8 +22,8 @@ import time
 from typing import TYPE_CHECKING
 
 from carriers.base import CallControlFailed
-from gateway.browser_events import event_message, parse_control
-from gateway.call_log import CallLog
+from gateway.browser.events import event_message, parse_control
+from gateway.calls.call_log import CallLog
 from gateway.calls.leg import Leg
 from gateway.calls.lifecycle import MediaGate, limit_duration, run_until_ended
 from gateway.logging import call_id

@@ -1,5 +1,5 @@
 """One conformance suite every carrier adapter passes: an emulated carrier speaking that carrier's
-real protocol (gateway/dialects/<carrier>.py) performs signed webhook -> answer parse -> media
+real protocol (gateway/simulate/dialects/<carrier>.py) performs signed webhook -> answer parse -> media
 socket handshake -> audio both ways -> barge-in flush -> marker acknowledgement -> DTMF -> stop
 against a real gateway on 127.0.0.1 whose providers are the fake OpenAI server."""
 
@@ -15,7 +15,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from gateway.config import Config
-from gateway.simulate import SimulatedCall, synthetic_voice
+from gateway.simulate.call import SimulatedCall, synthetic_voice
 from tests.conftest import PUBLIC_URL, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 

@@ -1,4 +1,4 @@
-"""Tests for carriers/exotel.py and gateway/dialects/exotel.py against the §6 / §9.6 vectors of
+"""Tests for carriers/exotel.py and gateway/simulate/dialects/exotel.py against the §6 / §9.6 vectors of
 docs/carriers.md and a fake Exotel REST API."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from carriers.base import (
     WebhookRequest,
 )
 from carriers.exotel import ExotelCarrier, ExotelMediaStream
-from gateway.dialects import dialect_for
-from gateway.dialects.base import Inbound
-from gateway.dialects.exotel import ExotelDialect
+from gateway.simulate.dialects import dialect_for
+from gateway.simulate.dialects.base import Inbound
+from gateway.simulate.dialects.exotel import ExotelDialect
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
 from tests.fakes.exotel_rest import FakeExotelREST
 

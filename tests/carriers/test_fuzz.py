@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carriers.base import (CallEvent, CallInfo, CarrierError, CarrierProtocolError, MediaStream, SignatureInvalid,
+from carriers.base import (CallEvent, CallInfo, CarrierProtocolError, MediaStream, SignatureInvalid,
                            WebhookIgnored, WebhookRequest)
 from pipeline.frames import AudioFrame, Dtmf, MarkPlayed, StreamStarted, StreamStopped
 from tests.carriers import test_exotel, test_plivo, test_telnyx, test_twilio, test_vonage
@@ -223,7 +223,7 @@ bodies = st.one_of(st.binary(max_size=300), pairs.map(lambda p: urlencode(p).enc
 
 @st.composite
 def webhooks(draw: st.DrawFn) -> WebhookRequest:
-    """A request as ``gateway.routes.webhook_request`` builds it: our public URL with the sender's path and
+    """A request as ``gateway.http.routes.webhook_request`` builds it: our public URL with the sender's path and
     query, lower-case headers, the raw body and, for a form, its pairs."""
     path = draw(st.sampled_from(["/start/x", "/events/x/s1", "/transfer/x"]) | st.text(max_size=20).map("/".__add__))
     query = draw(st.none() | pairs.map(urlencode) | st.text(max_size=30))

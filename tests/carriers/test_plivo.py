@@ -1,5 +1,5 @@
 """Tests for carriers/plivo.py against the §9.5 vectors of docs/carriers.md, a fake REST API and the
-emulator dialect (gateway/dialects/plivo.py)."""
+emulator dialect (gateway/simulate/dialects/plivo.py)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from carriers.plivo import (
     signature_string,
     signature_v3,
 )
-from gateway.dialects import dialect_for
-from gateway.dialects.base import Inbound
-from gateway.dialects.plivo import PlivoDialect
+from gateway.simulate.dialects import dialect_for
+from gateway.simulate.dialects.base import Inbound
+from gateway.simulate.dialects.plivo import PlivoDialect
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
 from tests.fakes.plivo_rest import FakePlivoREST
 
@@ -1166,7 +1166,7 @@ def plivo_gateway_config(fake_url: str, plivo_url: str) -> Any:
 async def test_emulated_plivo_call_through_the_gateway() -> None:
     """The dialect against a real gateway configured for Plivo: signed webhook, <Stream> answer, start,
     speech, checkpoints, barge-in, REST hang-up."""
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
     from tests.conftest import PUBLIC_URL, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
     from tests.speech import speech_pcm

@@ -1,5 +1,5 @@
 """Tests for carriers/telnyx.py against the §3 / §9.3 vectors of docs/carriers.md, a fake REST API and the
-emulator's Telnyx dialect (gateway/dialects/telnyx.py)."""
+emulator's Telnyx dialect (gateway/simulate/dialects/telnyx.py)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from carriers.base import (
     WebhookRequest,
 )
 from carriers.telnyx import TelnyxCarrier, TelnyxMediaStream
-from gateway.dialects import dialect_for
-from gateway.dialects.base import Inbound
-from gateway.dialects.telnyx import TelnyxDialect
+from gateway.simulate.dialects import dialect_for
+from gateway.simulate.dialects.base import Inbound
+from gateway.simulate.dialects.telnyx import TelnyxDialect
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
 from tests.fakes.telnyx_rest import FakeTelnyxREST
 
@@ -1139,7 +1139,7 @@ def test_dialect_answer_needs_texml() -> None:
 async def test_emulated_telnyx_call_through_the_gateway() -> None:
     """The dialect against a real gateway configured by ``carriers.telnyx``: Ed25519-signed TeXML webhook,
     <Connect><Stream> answer, connected + start, speech, marks, barge-in (clear), TeXML REST hang-up."""
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
     from tests.conftest import PUBLIC_URL, phone_config, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
     from tests.speech import speech_pcm
@@ -1185,7 +1185,7 @@ async def test_emulated_telnyx_call_through_the_gateway() -> None:
 
 @pytest.mark.asyncio
 async def test_gateway_refuses_a_forged_webhook_and_a_wrong_stream_token() -> None:
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
     from tests.conftest import PUBLIC_URL, phone_config, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
 
@@ -1209,7 +1209,7 @@ async def test_gateway_refuses_a_forged_webhook_and_a_wrong_stream_token() -> No
 async def test_call_control_flow_through_the_gateway() -> None:
     """flow=call_control: the signed call.initiated JSON is answered 200 "{}", the REST answer carries the
     stream URL, and the media socket then works like the TeXML one; the hang-up is actions/hangup."""
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
     from tests.conftest import PUBLIC_URL, phone_config, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
 

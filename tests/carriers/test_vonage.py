@@ -1,4 +1,4 @@
-"""Tests for carriers/vonage.py and gateway/dialects/vonage.py against the §9.4 vectors of
+"""Tests for carriers/vonage.py and gateway/simulate/dialects/vonage.py against the §9.4 vectors of
 docs/carriers.md and a fake Voice API."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from carriers.base import (
     WebhookRequest,
 )
 from carriers.vonage import VonageCarrier, VonageMediaStream, decode_signed_token
-from gateway.dialects import dialect_for
-from gateway.dialects.base import Inbound
-from gateway.dialects.vonage import VonageDialect
+from gateway.simulate.dialects import dialect_for
+from gateway.simulate.dialects.base import Inbound
+from gateway.simulate.dialects.vonage import VonageDialect
 from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
 from tests.fakes.vonage_rest import FakeVonageREST
@@ -1027,7 +1027,7 @@ async def test_emulated_vonage_call_through_the_gateway() -> None:
     notify markers, clear on barge-in, REST hang-up."""
     import asyncio
 
-    from gateway.simulate import SimulatedCall
+    from gateway.simulate.call import SimulatedCall
     from tests.conftest import PUBLIC_URL, phone_config, running_gateway
     from tests.fakes.openai_server import FakeOpenAI
     from tests.speech import speech_pcm

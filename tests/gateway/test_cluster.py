@@ -14,7 +14,7 @@ import redis.asyncio
 
 from gateway.cluster import RedisControlBus
 from gateway.sessions import RedisSessionStore
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST

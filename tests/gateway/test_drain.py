@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from tests.processes import GatewayProcess
 from tests.speech import speech_pcm
 

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.app import build_providers
 from gateway.config import Config
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from pipeline.audio import Resampler
 from pipeline.providers.local import PocketsphinxSTT
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, running_gateway

@@ -17,10 +17,10 @@ import websockets
 from gateway.config import Config
 from gateway.logging import configure_logging
 from gateway.redaction import is_session_id, redact
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
-from tests.gateway.test_browser_ws import ws_url
+from tests.gateway.browser.test_ws import ws_url
 from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.processes import GatewayProcess
 from tests.speech import speech_pcm

@@ -18,7 +18,7 @@ import redis.asyncio
 
 from gateway.config import Config, ConfigError
 from gateway.sessions import RedisSessionStore, Session, SessionStoreUnavailable, session_from_json, session_to_json
-from gateway.simulate import SimulatedCall
+from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST

@@ -776,7 +776,7 @@ async def test_close_stops_an_apology_in_progress() -> None:
         await h.say(200)
         await h.until(lambda: FAST.apology_text in tts.calls and h.playout.speaking)
         await asyncio.sleep(0.05)
-        # the caller hangs up: the call closes the conversation and stops the pacer (gateway/call.py)
+        # the caller hangs up: the call closes the conversation and stops the pacer (gateway/calls/call.py)
         h.convo.close()
         for task in h.background:
             task.cancel()

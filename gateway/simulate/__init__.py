@@ -1,0 +1,1 @@
+"""The carrier emulator behind ``voxray simulate`` and the tests: a tool package the server never imports."""
