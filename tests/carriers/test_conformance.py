@@ -43,11 +43,15 @@ LONG = ("Here is the whole story of our opening hours. We open at nine. We close
         "On Saturdays we open at ten. On Sundays we stay closed all day long.")
 
 
+API_KEY = "conformance-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def config_for(carrier: str, openai_url: str) -> Config:
     return Config.from_mapping({
         "public_url": PUBLIC_URL, "carrier": carrier, "provider": "openai", "api_keys": {"openai": "sk-test"},
         "base_urls": {"openai": openai_url}, "carriers": {carrier: CARRIERS[carrier][0]}, "vad_stop_ms": 300,
-        "stt_timeout_secs": 3, "llm_timeout_secs": 3, "tts_timeout_secs": 3}, environ={})
+        "stt_timeout_secs": 3, "llm_timeout_secs": 3, "tts_timeout_secs": 3, "server_api_key": API_KEY}, environ={})
 
 
 @pytest.mark.parametrize("carrier", sorted(CARRIERS))
@@ -58,7 +62,7 @@ async def test_a_whole_call(carrier: str) -> None:
             call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier=carrier,
                                  credentials=CARRIERS[carrier][1], to="+14155550100")
             # a forged webhook is refused before anything else happens
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient(headers=AUTH) as http:
                 forged = await http.post(f"{url}/start/{carrier}", content=b"CallSid=CA1&From=%2B1&To=%2B1",
                                          headers={"content-type": "application/x-www-form-urlencoded"})
             assert forged.status_code == 403, forged.text
@@ -100,7 +104,7 @@ async def test_a_whole_call(carrier: str) -> None:
 
             # the carrier ends the stream: the gateway finalises and forgets the session
             await call.hang_up()
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient(headers=AUTH) as http:
                 async with asyncio.timeout(5):
                     while (await http.get(f"{url}/sessions/{call.session_id}")).status_code != 404:
                         await asyncio.sleep(0.05)
