@@ -38,7 +38,7 @@ Hang-up: closing the WebSocket ends the stream and the flow continues (add a Han
 call id as the leg sid [?]). ``transfer`` and ``dial`` use ``/v1/Accounts/{sid}/Calls/connect``.
 Exotel has no out-of-band DTMF for these calls: ``send_dtmf`` returns False.
 
-Switches for what ``carriers.md`` marks ``[?]`` (defaults first):
+Switches for what ``docs/carriers.md`` marks ``[?]`` (§8.5; defaults first):
 
 * ``outbound_id_key``: ``"stream_sid"`` (docs, Pipecat) | ``"streamSid"`` (Exotel's samples). Inbound,
   all four spellings (``stream_sid``/``streamSid``, top level or under ``start``) are accepted.

@@ -27,7 +27,7 @@ Custom parameters travel in ``extraHeaders``, which Plivo limits to 512 bytes of
 per UTF-8 byte of anything else, ``Z`` itself included), so ``session_id`` goes out as
 ``sessionZ5Fid`` and comes back as ``session_id`` in ``StreamStarted.custom_parameters``.
 
-Unverified points (``[?]`` in the doc) and the switches that settle them:
+Unverified points (``[?]`` in ``docs/carriers.md`` §8.4) and the switches that settle them:
 
 * ``content_type`` (default ``audio/x-mulaw;rate=8000``; also ``audio/x-l16;rate=8000`` and
   ``audio/x-l16;rate=16000``): Plivo's own default is L16 8 kHz, but L16 byte order is unverified.
@@ -129,7 +129,7 @@ def _sorted_query(pairs: Mapping[str, list[str]]) -> str:
 
 
 def signature_string(method: str, url: str, params: Mapping[str, list[str]]) -> str:
-    """What Plivo signs (before ``"." + nonce``), per plivo-python's ``signature_v3`` (doc §5.2)."""
+    """What Plivo signs (before ``"." + nonce``), per plivo-python's ``signature_v3`` (``docs/carriers.md`` §5.2)."""
     parts = urlparse(url)
     base = urlunparse((parts.scheme, parts.netloc, parts.path, "", "", ""))
     query = parse_qs(parts.query, keep_blank_values=True)

@@ -33,7 +33,7 @@ Signatures: ``telnyx-signature-ed25519`` over ``<telnyx-timestamp>|<raw body>`` 
 ``telnyx.lib.webhook_verification`` (PyNaCl); 300 s tolerance; with ``reject_replays`` a signature is accepted
 once per process. The media socket's own credential is ``stream_auth_token`` (``verify_websocket``).
 
-Switches (``[?]`` = unverified in carriers.md; decide by a live call):
+Switches (``[?]`` = unverified in ``docs/carriers.md`` §8.2; decide by a live call):
 
 * ``stream_parameters="query"``: how ``answer`` passes its parameters: ``"query"`` (URL query, kept by Telnyx
   ``[P]``), ``"element"`` (TeXML ``<Parameter>`` / Call Control ``custom_parameters``, ``[?]``), ``"both"``,

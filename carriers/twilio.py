@@ -238,7 +238,7 @@ class TwilioCarrier:
 
 
     def verify_websocket(self, headers: Mapping[str, str], url: str) -> None:
-        """Media Streams upgrades are not signed reliably (carriers.md §2.3 [?]); the single-use
+        """Media Streams upgrades are not signed reliably (``docs/carriers.md`` §2.3, §8.1 [?]); the single-use
         session id in the path is the credential."""
 
     def _calls_url(self, call_id: str = "") -> str:

@@ -31,7 +31,7 @@ The media socket is the NCCO's websocket leg: it has its own uuid, which Vonage 
 socket, so ``answer`` adds the caller's leg uuid as the ``call_uuid`` header (``StreamStarted.call_id``).
 There is no ``stop`` message: the socket simply closes.
 
-Switches for what docs/carriers.md marks ``[?]`` (constructor arguments, defaults in brackets):
+Switches for what ``docs/carriers.md`` §8.3 marks ``[?]`` (constructor arguments, defaults in brackets):
 
 * ``clear_and_notify`` [True]: barge-in sends ``{"action":"clear"}`` and a marker is sent as
   ``{"action":"notify","payload":{"name":...}}``, acknowledged by ``websocket:notify``; the

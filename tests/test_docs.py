@@ -1,4 +1,5 @@
-"""The README documents every configuration key and every route the app serves."""
+"""The README documents every configuration key and every route the app serves; the documentation
+stays inside the repository (``docs/carriers.md`` is the carrier reference the code cites by section)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pathlib import Path
 
 from starlette.routing import Mount
 
+from carriers import CARRIERS
 from gateway.app import create_app
 from gateway.config import Config, RecordingConfig, TranscriptsConfig
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CARRIERS_DOC = ROOT / "docs" / "carriers.md"
+_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 
 
 def _documented(name: str) -> bool:
@@ -31,3 +36,85 @@ def test_every_route_is_in_the_readme() -> None:
     paths = {route.path for route in app.routes if not isinstance(route, Mount)}
     missing = sorted(p for p in paths if p not in README and p.replace("{session_id}", "{id}") not in README)
     assert missing == [], f"README.md's routes table lacks {missing}"
+
+
+def _doc_files() -> list[Path]:
+    """README.md and every text file under docs/."""
+    files = [ROOT / "README.md"]
+    for path in sorted((ROOT / "docs").rglob("*")):
+        if path.is_file() and path.suffix in (".md", ".txt", ".rst", ".html"):
+            files.append(path)
+    return files
+
+
+def _source_files() -> list[Path]:
+    """The repository's Python and Markdown files (virtualenvs, caches and node_modules excluded)."""
+    out = []
+    for path in ROOT.rglob("*"):
+        if path.suffix in (".py", ".md") and path.is_file() and not _SKIP_DIRS & set(path.relative_to(ROOT).parts):
+            out.append(path)
+    return sorted(out)
+
+
+def test_docs_stay_inside_the_repository() -> None:
+    """No link to (or mention of) the shared reference outside the repository; relative links resolve."""
+    offenders = []
+    for path in _doc_files():
+        text = path.read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            if re.search(r"\.\./shared|/shared/docs", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:|#", target):          # http(s):, mailto:, in-page anchors
+                continue
+            resolved = (path.parent / target.split("#", 1)[0]).resolve()
+            if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                offenders.append(f"{path.relative_to(ROOT)}: link to {target} leaves the repository or is missing")
+    assert offenders == [], "documentation must only reference files in the repository:\n" + "\n".join(offenders)
+
+
+def test_carrier_switches_named_in_the_docs_exist() -> None:
+    """Every ``carriers.<name>.<key>`` in README.md and docs/ is a keyword of that carrier's constructor."""
+    options = {name: set(spec.options()) for name, spec in CARRIERS.items()}
+    named = 0
+    unknown = []
+    for path in _doc_files():
+        for name, key in re.findall(r"\bcarriers\.([a-z]+)\.([a-z_][a-z0-9_]*)", path.read_text(encoding="utf-8")):
+            if name == "md":                             # "carriers.md." at the end of a sentence
+                continue
+            named += 1
+            if name not in options:
+                unknown.append(f"{path.relative_to(ROOT)}: carriers.{name}.{key} (no carrier '{name}')")
+            elif key not in options[name]:
+                unknown.append(f"{path.relative_to(ROOT)}: carriers.{name}.{key} (settings: {sorted(options[name])})")
+    assert named > 50, "docs/carriers.md should name the carriers' settings"
+    assert unknown == [], "switches named in the docs that the adapters do not have:\n" + "\n".join(unknown)
+
+
+def _sections() -> set[str]:
+    return set(re.findall(r"^#{2,4}\s+(\d+(?:\.\d+)?)\.?\s", CARRIERS_DOC.read_text(encoding="utf-8"), re.M))
+
+
+def test_carrier_reference_has_the_sections_the_code_cites() -> None:
+    """Every ``§N`` / ``§N.M`` a carrier module, dialect, carrier test or fake cites (or any file that
+    names carriers.md) is a heading of docs/carriers.md; citations of the design document are not ours."""
+    sections = _sections()
+    assert {"2", "3", "4", "5", "6", "8", "9"} <= sections and {f"9.{i}" for i in range(1, 7)} <= sections
+    carrier_dirs = {("carriers",), ("gateway", "dialects"), ("tests", "carriers"), ("tests", "fakes")}
+    missing = []
+    cited = 0
+    for path in _source_files():
+        relative = path.relative_to(ROOT)
+        text = path.read_text(encoding="utf-8")
+        if tuple(relative.parts[:1]) not in carrier_dirs and tuple(relative.parts[:2]) not in carrier_dirs \
+                and "carriers.md" not in text:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            for match in re.finditer(r"§\s?(\d+(?:\.\d+)?)", line):
+                if "design" in line[max(0, match.start() - 40):match.start()].lower():
+                    continue
+                cited += 1
+                if match[1] not in sections:
+                    missing.append(f"{relative}:{number}: §{match[1]}")
+    assert cited > 20
+    assert missing == [], "sections cited but not in docs/carriers.md:\n" + "\n".join(missing)

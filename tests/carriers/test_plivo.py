@@ -125,7 +125,7 @@ def test_v3_signature_strings_match_the_doc() -> None:
     assert signature_string("POST", ANSWER, params) == f"{ANSWER}?{SIGNED_PARAMS}"
     assert signature_string("POST", ANSWER + "?agent=sales", params) == f"{ANSWER}?agent=sales.{SIGNED_PARAMS}"
     assert signature_string("GET", f"{ANSWER}?{GET_QUERY}", {}) == f"{ANSWER}?{GET_QUERY}"
-    # the doc's edge cases: the "." only when there are POST params; GET merges and sorts
+    # docs/carriers.md §9.5 edge cases: the "." only when there are POST params; GET merges and sorts
     assert signature_string("POST", "https://example.com/a?x=1", {}) == "https://example.com/a?x=1"
     assert signature_string("POST", "https://example.com/a", {}) == "https://example.com/a"
     assert signature_string("GET", "https://example.com/a?z=2&a=1", {"b": ["3"]}) == "https://example.com/a?a=1&b=3&z=2"

@@ -4,7 +4,7 @@ Plivo sends ``start`` first (no ``connected``), numeric ``sequenceNumber``/``chu
 ``timestamp`` strings and the ``extra_headers`` string on ``start``/``media``/``dtmf``; it has no
 ``stop`` (the socket just closes) and acknowledges a ``checkpoint`` with ``playedStream`` only when
 the audio before it played (never after a ``clearAudio``, which it answers with ``clearedAudio``).
-The signature is computed here independently of ``carriers.plivo`` (the doc's §5.2 rules).
+The signature is computed here independently of ``carriers.plivo`` (``docs/carriers.md`` §5.2).
 """
 
 from __future__ import annotations
