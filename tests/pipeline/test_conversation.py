@@ -39,8 +39,8 @@ MS_PER_CHAR = 6.0            # how long the tone TTS speaks per character of tex
 
 FAST = ConversationSettings(
     vad_start_ms=40, vad_stop_ms=120, turn_stop_secs=0.45, max_utterance_secs=30.0,
-    stt_timeout_s=0.3, llm_timeout_s=0.3, tts_timeout_s=0.3, provider_retries=1,
-    dtmf_timeout_ms=200, preroll_ms=100,
+    stt_timeout_secs=0.3, llm_timeout_secs=0.3, tts_timeout_secs=0.3, provider_retries=1,
+    dtmf_timeout_ms=200, preroll_ms=100, silence_prompt_secs=0.0,      # no watchdog unless a test asks
     apology_text="Sorry, something broke. Goodbye.",
 )
 SILENT = Persona(greeting="")
@@ -62,7 +62,7 @@ class Hang:
 
 
 HANG = Hang()
-QUICK_TIMEOUTS = dataclasses.replace(FAST, stt_timeout_s=0.15, llm_timeout_s=0.15, tts_timeout_s=0.15)
+QUICK_TIMEOUTS = dataclasses.replace(FAST, stt_timeout_secs=0.15, llm_timeout_secs=0.15, tts_timeout_secs=0.15)
 
 
 # ----------------------------------------------------------------------------------------- providers
@@ -703,8 +703,8 @@ async def test_a_hanging_stt_times_out_like_a_failure() -> None:
         await h.until_event(lambda e: isinstance(e, TranscriptEvent), timeout=3)
         waited = h.time_of(lambda e: isinstance(e, TranscriptEvent)) - speech_end
     assert len(hung.calls) == settings.provider_retries + 1 and len(good.calls) == 1
-    assert waited >= (settings.provider_retries + 1) * settings.stt_timeout_s - 0.02
-    assert waited <= (settings.provider_retries + 1) * settings.stt_timeout_s + 0.5
+    assert waited >= (settings.provider_retries + 1) * settings.stt_timeout_secs - 0.02
+    assert waited <= (settings.provider_retries + 1) * settings.stt_timeout_secs + 0.5
     assert h.of(ErrorEvent) == []
 
 
@@ -717,7 +717,7 @@ async def test_a_hanging_llm_times_out_before_its_first_token() -> None:
         await h.until(lambda: transcripts(h, "assistant") == ["Backup answer."], timeout=3)
     assert len(hung.calls) == settings.provider_retries + 1 and len(good.calls) == 1
     [lat] = h.of(TurnLatency)
-    assert lat.llm_first_token_ms >= (settings.provider_retries + 1) * settings.llm_timeout_s * 1000 - 20
+    assert lat.llm_first_token_ms >= (settings.provider_retries + 1) * settings.llm_timeout_secs * 1000 - 20
 
 
 async def test_an_llm_stalling_between_tokens_fails_the_turn() -> None:
