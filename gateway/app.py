@@ -76,16 +76,6 @@ class Services:
 
 
 
-def conversation_settings(c: Config) -> ConversationSettings:
-    return ConversationSettings(
-        vad_threshold=c.vad_threshold, vad_start_ms=c.vad_start_ms, vad_stop_ms=c.vad_stop_ms,
-        turn_stop_secs=c.turn_stop_secs, max_utterance_secs=c.max_utterance_secs, barge_in=c.barge_in,
-        stt_timeout_s=c.stt_timeout_secs, llm_timeout_s=c.llm_timeout_secs, tts_timeout_s=c.tts_timeout_secs,
-        provider_retries=c.provider_retries, dtmf_timeout_ms=c.dtmf_timeout_ms, apology_text=c.apology_text,
-        silence_prompt_secs=c.silence_prompt_secs, silence_hangup_secs=c.silence_hangup_secs,
-        silence_prompt_text=c.silence_prompt_text, goodbye_text=c.goodbye_text)
-
-
 def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrier], dict[str, str]]:
     """Adapters for every carrier whose credentials are set, and why the others are unavailable."""
     carriers: dict[str, Carrier] = {}
@@ -170,7 +160,7 @@ def create_app(config: Config) -> Starlette:
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,
                 sessions=build_session_store(config),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
-                providers=chain, conversation_settings=conversation_settings(config), metrics=Metrics(),
+                providers=chain, conversation_settings=ConversationSettings.from_config(config), metrics=Metrics(),
                 access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
             services.recordings, services.transcripts = build_storage(config)

@@ -1,0 +1,146 @@
+"""Each stage's providers in order, and calls through them that survive one provider failing.
+
+A call to a stage (STT, LLM, TTS) goes to the first provider; each item it produces must come within the
+stage's timeout. A transient failure (:class:`~pipeline.providers.base.ProviderError` with ``transient``,
+or a timeout) before the first item is retried ``provider_retries`` times, then the next provider is
+tried; a permanent failure goes straight to the next. A failure after output has been produced is never
+retried (the caller would hear words twice). When no provider is left, :class:`ProvidersFailed` says so:
+the conversation apologises and ends the call.
+
+Usage::
+
+    calls = ProviderCalls(ProviderChain(stt=[deepgram], llm=[openai, groq], tts=[cartesia]),
+                          settings=settings, persona=persona)
+    text = await calls.transcribe(pcm, sample_rate=16000)
+    async with contextlib.aclosing(calls.llm_stream(messages)) as deltas:
+        async for delta in deltas:          # str, or a ToolCall
+            ...
+    # any of them: except ProvidersFailed as exc -> apologise with str(exc) in the log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline.providers.base import (
+    LLMProvider,
+    Message,
+    ProviderError,
+    STTProvider,
+    Tool,
+    ToolCall,
+    TTSProvider,
+)
+from pipeline.settings import ConversationSettings, Persona
+
+__all__ = ["ProviderCalls", "ProviderChain", "ProvidersFailed", "first_working"]
+
+_P = TypeVar("_P", STTProvider, LLMProvider, TTSProvider)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChain:
+    """Primary providers, optional fallbacks, and audio to play when no TTS can speak the apology."""
+
+    stt: Sequence[STTProvider]
+    llm: Sequence[LLMProvider]
+    tts: Sequence[TTSProvider]
+    apology_audio: tuple[bytes, int] | None = None   # (pcm, rate), rendered once per process
+
+
+class ProvidersFailed(Exception):
+    """Every provider for a stage failed (or one failed mid-answer): apologise and end the call."""
+
+
+class ProviderCalls:
+    """One call's way to its providers: the chain with the call's limits, language and voice."""
+
+    def __init__(self, chain: ProviderChain, *, settings: ConversationSettings, persona: Persona) -> None:
+        self.chain = chain
+        self._settings = settings
+        self._persona = persona
+
+    async def transcribe(self, pcm: bytes, *, sample_rate: int) -> str:
+        """The first working STT's transcript of ``pcm`` (16-bit mono)."""
+        language = self._persona.language
+
+        async def once(stt: STTProvider) -> AsyncIterator[str]:
+            yield await stt.transcribe(pcm, sample_rate=sample_rate, language=language)
+
+        async with contextlib.aclosing(self._through("speech-to-text", self.chain.stt, once,
+                                                     self._settings.stt_timeout_secs)) as results:
+            async for text in results:
+                return text
+        raise ProvidersFailed("speech-to-text produced nothing")   # no provider returns without a result
+
+    def llm_stream(self, context: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
+        """The answer's text deltas (and tool calls) from the first working LLM."""
+        return self._through("language model", self.chain.llm,
+                             lambda llm: llm.stream(context, tools) if tools else llm.stream(context),
+                             self._settings.llm_timeout_secs)
+
+    def tts_stream(self, text: str) -> AsyncIterator[tuple[bytes, int]]:
+        """``(pcm, sample_rate)`` chunks of ``text`` spoken by the first working TTS."""
+        voice = self._persona.voice
+
+        async def with_rate(tts: TTSProvider) -> AsyncIterator[tuple[bytes, int]]:
+            async with contextlib.aclosing(tts.synthesize(text, voice=voice)) as chunks:
+                async for chunk in chunks:
+                    yield chunk, tts.sample_rate
+        return self._through("text-to-speech", self.chain.tts, with_rate, self._settings.tts_timeout_secs)
+
+    def _through(self, stage: str, providers: Sequence[_P], open_stream: Callable[[_P], AsyncIterator[_T]],
+                 timeout_secs: float) -> AsyncIterator[_T]:
+        return first_working(stage, providers, open_stream, timeout_secs=timeout_secs,
+                             retries=self._settings.provider_retries)
+
+
+async def first_working(stage: str, providers: Sequence[_P], open_stream: Callable[[_P], AsyncIterator[_T]], *,
+                        timeout_secs: float, retries: int) -> AsyncIterator[_T]:
+    """Items from the first provider that works: each item within ``timeout_secs``; a transient failure
+    before the first item is retried ``retries`` times, then the next provider is tried; a failure after
+    output raises :class:`ProvidersFailed` at once, as does running out of providers. Usage::
+
+        chunks = first_working("text-to-speech", [tts_a, tts_b], lambda tts: tts.synthesize("Hi"),
+                               timeout_secs=5.0, retries=1)
+    """
+    errors: list[str] = []
+    for provider in providers:
+        for _ in range(retries + 1):
+            produced = False
+            stream = open_stream(provider)
+            try:
+                while True:
+                    async with asyncio.timeout(timeout_secs):
+                        item = await anext(stream, None)
+                    if item is None:
+                        return
+                    produced = True
+                    yield item
+            except (ProviderError, TimeoutError) as exc:
+                errors.append(_describe(provider.name, exc))
+                if produced:
+                    raise ProvidersFailed(f"{stage} failed mid-answer: {errors[-1]}") from exc
+                if isinstance(exc, ProviderError) and not exc.transient:
+                    break
+            finally:
+                await _aclose(stream)
+    raise ProvidersFailed(f"{stage} failed: " + "; ".join(errors))
+
+
+def _describe(name: str, exc: BaseException) -> str:
+    return f"{name} timed out" if isinstance(exc, TimeoutError) else str(exc)
+
+
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - a broken stream is already being reported
+            pass

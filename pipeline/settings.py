@@ -1,0 +1,80 @@
+"""Who the agent is on a call (:class:`Persona`) and how it takes turns (:class:`ConversationSettings`).
+
+Every field of :class:`ConversationSettings` is the configuration key of the same name, in the same
+unit (``_ms`` milliseconds, ``_secs`` seconds) and with the same default, so the gateway builds it
+from its config in one generic step; only the fields in ``INTERNAL`` have no key.
+
+Usage::
+
+    settings = ConversationSettings.from_config(config)          # any object (or mapping) with the keys
+    fast = dataclasses.replace(ConversationSettings(), vad_stop_ms=120, turn_stop_secs=0.45)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["ConversationSettings", "Persona"]
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """Who the agent is on this call."""
+
+    name: str = "default"
+    system: str = "You are a helpful, friendly voice assistant on a phone call. Keep answers short and conversational."
+    greeting: str = "Hello! How can I help you today?"
+    voice: str | None = None
+    language: str = "en"
+    transfer_targets: Mapping[str, str] = field(default_factory=dict)   # name -> E.164 or sip: URI
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSettings:
+    """Turn-taking, provider limits and the call's last words; see the README's configuration table."""
+
+    # Fields without a configuration key, and why.
+    INTERNAL: ClassVar[Mapping[str, str]] = {
+        "preroll_ms": "audio kept from before the VAD's speech start (which lags it by vad_start_ms) so a "
+                      "turn's first syllable reaches the STT; tuned with the VAD, not per deployment",
+    }
+
+    vad_threshold: float = 0.02
+    vad_start_ms: float = 60
+    vad_stop_ms: float = 400
+    turn_stop_secs: float = 3.0
+    max_utterance_secs: float = 30.0
+    barge_in: bool = True
+    stt_timeout_secs: float = 10.0
+    llm_timeout_secs: float = 10.0
+    tts_timeout_secs: float = 10.0
+    provider_retries: int = 1
+    dtmf_timeout_ms: float = 1500
+    apology_text: str = "I'm sorry, I'm having trouble right now. Please call again later. Goodbye."
+    preroll_ms: float = 300
+    silence_prompt_secs: float = 20.0    # 0 = never ask "are you still there?"
+    silence_hangup_secs: float = 10.0    # after the prompt, this much more silence ends the call
+    silence_prompt_text: str = "Are you still there?"
+    goodbye_text: str = "Thank you for calling. Goodbye."
+
+    @classmethod
+    def from_config(cls, source: Any) -> ConversationSettings:
+        """Every field taken by name from ``source`` (attributes, or keys of a mapping); a field
+        missing from it is an error, except the ``INTERNAL`` ones, which keep their default. Usage::
+
+            ConversationSettings.from_config(Config.load(path, os.environ))
+            ConversationSettings.from_config({**dataclasses.asdict(ConversationSettings()), "barge_in": False})
+        """
+        def has(name: str) -> bool:
+            return name in source if isinstance(source, Mapping) else hasattr(source, name)
+
+        def get(name: str) -> Any:
+            return source[name] if isinstance(source, Mapping) else getattr(source, name)
+
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in cls.INTERNAL and not has(f.name)]
+        if missing:
+            raise KeyError(f"the configuration lacks {', '.join(missing)}")
+        return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls) if has(f.name)})

@@ -1,0 +1,196 @@
+"""Turn-taking: when the caller has started and finished a turn, and what they said or keyed in.
+
+The VAD marks speech starts and stops; a little audio from before each start (``preroll_ms``) joins the
+utterance so its first syllable is kept. At each speech stop the utterance is transcribed at once: words
+that sound complete are a turn now, words that trail off (:func:`~pipeline.text.looks_incomplete`) wait
+until ``turn_stop_secs`` after the speech ended, and speech resuming meanwhile continues the same turn.
+Speech longer than ``max_utterance_secs`` is cut into a turn as it goes. DTMF digits are collected until
+``#`` or a pause of ``dtmf_timeout_ms`` and become a turn ``[DTMF] 123``.
+
+Usage::
+
+    turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=tg.create_task,
+                      on_speech_start=barge_in, on_turn=answer, on_failure=apologise)
+    turns.on_audio(AudioFrame(pcm, 8000))     # per frame, from the transport's reader
+    turns.on_dtmf("5")
+    turns.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.audio import Resampler
+from pipeline.frames import AudioFrame
+from pipeline.provider_chain import ProvidersFailed
+from pipeline.settings import ConversationSettings
+from pipeline.text import looks_incomplete
+from pipeline.vad import EnergyVAD, VadEvent
+
+__all__ = ["PIPELINE_RATE", "Turn", "TurnTaker"]
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_RATE = 16000      # the rate utterances are transcribed at
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What the caller said (or keyed in) in one turn, and when.
+
+    ``speech_end`` is the clock time their speech ended (None for DTMF), ``turn_wait_ms`` how long after
+    it the VAD heard the stop, ``stt_ms`` how long the transcription took; ``spoken_s`` and
+    ``ended_s_ago`` are as in :class:`~pipeline.events.TranscriptEvent`."""
+
+    text: str
+    spoken_s: float = 0.0
+    ended_s_ago: float = 0.0
+    speech_end: float | None = None
+    turn_wait_ms: float = 0.0
+    stt_ms: float = 0.0
+
+
+class Transcribe(Protocol):
+    def __call__(self, pcm: bytes, *, sample_rate: int) -> Awaitable[str]: ...
+
+
+class TurnTaker:
+    """Caller audio and digits in, :class:`Turn` values out; all methods run on the call's event loop.
+
+    ``on_speech_start`` is called when the VAD hears speech begin (before anything else happens: a
+    barge-in goes there), ``on_turn`` with each complete turn, ``on_failure(code, message)`` when no STT
+    could transcribe. Tasks are started with ``spawn`` so the call's TaskGroup owns them."""
+
+    def __init__(self, *, settings: ConversationSettings, transcribe: Transcribe,
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+                 on_speech_start: Callable[[], None], on_turn: Callable[[Turn], None],
+                 on_failure: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._transcribe = transcribe
+        self._spawn = spawn
+        self._on_speech_start = on_speech_start
+        self._on_turn = on_turn
+        self._on_failure = on_failure
+        self._clock = clock
+        self._vad = EnergyVAD(threshold=settings.vad_threshold, start_ms=settings.vad_start_ms,
+                              stop_ms=settings.vad_stop_ms)
+        self._preroll: collections.deque[AudioFrame] = collections.deque()
+        self._preroll_ms = 0.0
+        self._utterance_rate = PIPELINE_RATE
+        self._utterance: list[bytes] | None = None   # PCM of the caller's current turn (transport rate)
+        self._utterance_ms = 0.0
+        self._last_speech_at = 0.0
+        self._turn_task: asyncio.Task[None] | None = None
+        self._digits = ""
+        self._dtmf_task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """The caller is mid-turn: speaking, or their turn is being transcribed or waited on."""
+        return self._utterance is not None or self._turn_task is not None
+
+    def on_audio(self, frame: AudioFrame) -> None:
+        event = self._vad.process(frame.pcm, frame.sample_rate)
+        if event is VadEvent.SPEECH_START:
+            self._speech_started(frame.sample_rate)
+        if self._utterance is not None:
+            self._append(frame)
+            if self._vad.speaking and self._vad.silence_ms == 0.0:
+                self._last_speech_at = self._clock()
+            if self._vad.speaking and self._utterance_ms >= self.settings.max_utterance_secs * 1000.0:
+                self._cut_utterance()
+                return
+        else:
+            self._preroll.append(frame)
+            self._preroll_ms += frame.duration_ms
+            while self._preroll_ms - self._preroll[0].duration_ms >= self.settings.preroll_ms:
+                self._preroll_ms -= self._preroll.popleft().duration_ms
+        if event is VadEvent.SPEECH_STOP and self._utterance is not None:
+            if self._turn_task is not None:
+                self._turn_task.cancel()
+            self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._clock()))
+
+    def on_dtmf(self, digit: str) -> None:
+        if self._dtmf_task is not None:
+            self._dtmf_task.cancel()
+        if digit == "#":
+            self._submit_digits()
+            return
+        self._digits += digit
+        self._dtmf_task = self._spawn(self._dtmf_wait())
+
+    def close(self) -> None:
+        for task in (self._turn_task, self._dtmf_task):
+            if task is not None:
+                task.cancel()
+
+    # ------------------------------------------------------------------------------ speech
+    def _speech_started(self, rate: int) -> None:
+        self._on_speech_start()
+        if self._turn_task is not None:          # the caller went on speaking: same turn
+            self._turn_task.cancel()
+            self._turn_task = None
+        if self._utterance is None:
+            self._utterance, self._utterance_ms = [], 0.0
+            self._utterance_rate = rate
+            for f in self._preroll:
+                self._append(f)
+            self._preroll.clear()
+            self._preroll_ms = 0.0
+        self._last_speech_at = self._clock()
+
+    def _append(self, frame: AudioFrame) -> None:
+        assert self._utterance is not None
+        pcm = frame.pcm       # at the transport's rate; resampled once, when the turn is transcribed
+        self._utterance.append(pcm)
+        self._utterance_ms += frame.duration_ms
+
+    def _cut_utterance(self) -> None:
+        """Speech ran past ``max_utterance_secs``: that part becomes a turn, the rest a new utterance."""
+        logger.info("utterance reached max_utterance_secs=%.0f; taking the turn", self.settings.max_utterance_secs)
+        assert self._utterance is not None
+        self._spawn(self._end_of_speech(self._utterance, self._clock(), complete=True))
+        self._utterance, self._utterance_ms = [], 0.0
+
+    async def _end_of_speech(self, utterance: list[bytes], stopped_at: float, *, complete: bool = False) -> None:
+        """Transcribe at once; answer now if the words sound complete, else wait up to turn_stop_secs."""
+        pcm = b"".join(utterance)
+        if self._utterance_rate != PIPELINE_RATE:
+            pcm = Resampler(self._utterance_rate, PIPELINE_RATE).process(pcm)
+        speech_end = self._last_speech_at
+        t0 = self._clock()
+        try:
+            text = await self._transcribe(pcm, sample_rate=PIPELINE_RATE)
+        except ProvidersFailed as exc:
+            self._on_failure("stt_failed", str(exc))
+            return
+        stt_ms = (self._clock() - t0) * 1000.0
+        if not complete and looks_incomplete(text):
+            remaining = speech_end + self.settings.turn_stop_secs - self._clock()
+            if remaining > 0:
+                await asyncio.sleep(remaining)     # cancelled if the caller speaks again
+        if self._utterance is utterance:
+            self._utterance = None
+            self._turn_task = None
+        if not text.strip():
+            return
+        self._on_turn(Turn(text, spoken_s=len(pcm) / 2 / PIPELINE_RATE,
+                           ended_s_ago=max(0.0, t0 - speech_end + stt_ms / 1000.0), speech_end=speech_end,
+                           turn_wait_ms=(stopped_at - speech_end) * 1000.0, stt_ms=stt_ms))
+
+    # ------------------------------------------------------------------------------ DTMF
+    async def _dtmf_wait(self) -> None:
+        await asyncio.sleep(self.settings.dtmf_timeout_ms / 1000.0)
+        self._dtmf_task = None
+        self._submit_digits()
+
+    def _submit_digits(self) -> None:
+        digits, self._digits = self._digits, ""
+        if digits:
+            self._on_turn(Turn(f"[DTMF] {digits}"))
