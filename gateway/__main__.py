@@ -5,7 +5,7 @@ The only module that reads ``os.environ``, configures logging and runs uvicorn.
 Usage::
 
     voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
-    voxray check-config config.json
+    voxray check-config --config config.json      # or: voxray check-config config.json
     TWILIO_AUTH_TOKEN=... voxray simulate --carrier twilio --url http://127.0.0.1:8000 --calls 5
 """
 
@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
-    check.add_argument("config", type=Path, nargs="?", help="config.json (default: $VOXRAY_CONFIG)")
+    check.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
+    check.add_argument("path", type=Path, nargs="?", help="the same as --config PATH")
     sim = sub.add_parser("simulate", help="place emulated carrier calls against a gateway and print latencies")
     sim.add_argument("--carrier", default="twilio", choices=["twilio", "telnyx", "vonage", "plivo", "exotel"])
     sim.add_argument("--credential", action="append", default=[], metavar="KEY=VALUE",
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     environ = dict(os.environ)
     if args.command == "simulate":
         from gateway.simulate.call import run_simulation
@@ -64,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             credentials.setdefault("account_sid", environ.get("TWILIO_ACCOUNT_SID", ""))
         return run_simulation(url=args.url, public_url=args.public_url, calls=args.calls, turns=args.turns,
                               audio=args.audio, to=args.to, carrier=args.carrier, credentials=credentials)
-    path = getattr(args, "config", None) or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None)
+    if getattr(args, "path", None) and args.config and args.path != args.config:
+        parser.error(f"two config files given ({args.path} and --config {args.config}): pass one")
+    path = (getattr(args, "config", None) or getattr(args, "path", None)
+            or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None))
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
     try:
         config = Config.load(path, environ, overrides)
     except ConfigError as exc:
-        print(f"voxray: configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:       # one line each, all of them
+            print(f"voxray: configuration error: {problem}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         print(json.dumps(config.describe(), indent=2))

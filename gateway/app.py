@@ -39,6 +39,7 @@ from gateway.personas import PersonaBook
 from gateway.storage.recording import RecordingUploader
 from gateway.storage.transcripts import TranscriptWriter
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from gateway.startup_checks import run_startup_checks
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
@@ -152,6 +153,7 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await run_startup_checks(config)   # one warning line per usual first-run mistake (gateway.startup_checks)
         # httpx for the carriers' low-volume REST calls; aiohttp for the per-turn provider requests
         async with (httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as http, open_session() as provider_http):
             chain = await _render_apology(config, build_providers(config, provider_http))

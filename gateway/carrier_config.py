@@ -19,12 +19,16 @@ import inspect
 import json
 import re
 from typing import Any, Iterator, Mapping
+from urllib.parse import urlparse
 
 from carriers import CARRIERS
 
 __all__ = ["CarrierSettings", "CarriersConfig"]
 
-_SECRET = re.compile(r"token|secret|password|private|api_key")
+# Names of settings that hold credentials (auth tokens, API keys, passwords, private keys, signing secrets).
+# Only text (or a mapping of texts) under such a name is masked: numbers and switches such as
+# ``max_token_age_s`` or ``stream_auth_header`` are not secrets; account ids and public keys are not either.
+_SECRET = re.compile(r"token|secret|password|private_key|api_key|auth_value")
 
 
 class _ConfigError(ValueError):
@@ -54,15 +58,22 @@ class CarrierSettings(Mapping[str, Any]):
             raise AttributeError(f"carriers.{self._name} has no setting '{key}'") from None
 
     def masked(self) -> dict[str, Any]:
-        """Values with every secret masked (a mapping of secrets keeps its keys)."""
+        """Values with every secret masked (a mapping of secrets keeps its keys; a URL loses its password).
+
+        Usage::
+
+            CarrierSettings("vonage", {"signature_secret": "s3cr3t", "max_token_age_s": 300.0}).masked()
+            # {"signature_secret": "***", "max_token_age_s": 300.0}
+        """
         out: dict[str, Any] = {}
         for key, value in self._values.items():
-            if not value or not _SECRET.search(key):
-                out[key] = value
-            elif isinstance(value, Mapping):
+            secret = bool(value) and _SECRET.search(key) is not None
+            if isinstance(value, Mapping) and secret:
                 out[key] = {k: "***" for k in value}
+            elif isinstance(value, str):
+                out[key] = "***" if secret else _mask_url(value)
             else:
-                out[key] = "***"
+                out[key] = value
         return out
 
 
@@ -135,6 +146,12 @@ class CarriersConfig(Mapping[str, CarrierSettings]):
 
     def plain(self) -> dict[str, dict[str, Any]]:
         return {name: settings.masked() for name, settings in self._entries.items()}
+
+
+def _mask_url(text: str) -> str:
+    """``redis://:pw@host/0`` -> ``redis://:***@host/0``; other text is returned as it is."""
+    password = urlparse(text).password if "://" in text else None
+    return text.replace(f":{password}@", ":***@") if password else text
 
 
 def _coerce(name: str, value: Any, param: inspect.Parameter) -> Any:

@@ -18,20 +18,70 @@ import difflib
 import ipaddress
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 from urllib.parse import urlparse
 
 from carriers import CARRIERS
-from gateway.carrier_config import CarriersConfig, _ConfigError
+from gateway.carrier_config import CarriersConfig, _ConfigError, _mask_url
 from pipeline.providers import PROVIDERS, ProviderSettings
 
 __all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig"]
 
 
 class ConfigError(Exception):
-    """A setting is missing or wrong; the message names the key and the fix."""
+    """Settings are missing or wrong: one line per problem, each naming the key, where its value came from
+    and the fix.
+
+    Usage::
+
+        try:
+            Config.load(path, os.environ)
+        except ConfigError as exc:
+            for line in exc.problems:    # also str(exc), the lines joined
+                print(line)
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = problems
+
+
+class _Problems:
+    """Every problem found in one load, so the operator sees them all at once.
+
+    ``sources`` maps a key (``"port"``, ``"recording.bucket"``) to where its value came from (a file path,
+    ``VOXRAY_PORT``, ``--port``); a problem naming that key first says so.
+
+    Usage::
+
+        problems = _Problems({"port": "VOXRAY_PORT"})
+        problems.add("'port' must be at most 65535 (got 70000)")   # -> (got 70000 from VOXRAY_PORT)
+        problems.raise_if_any()
+    """
+
+    _KEY = re.compile(r"^(?:unknown config key )?'([a-z0-9_.]+)'")
+    _GOT = re.compile(r"\(got ([^()]*)\)")
+
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        self.sources = sources
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        key = self._KEY.match(message)
+        source = self.sources.get(key.group(1)) if key else None
+        if source is not None:
+            where = f" from {source}"
+            marked = self._GOT.sub(lambda m: f"(got {m.group(1)}{where})", message, count=1)
+            message = marked if marked != message else f"{message} (in {source})"
+        if message not in self.lines:             # e.g. one provider chosen for two stages
+            self.lines.append(message)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(*self.lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +97,7 @@ class RecordingConfig:
     spool_dir: str = ""                  # recordings wait here until uploaded ("" = <tmp>/voxray-recordings)
     endpoint_url: str = ""               # S3-compatible server; else AWS_ENDPOINT_URL, else AWS S3
     region: str = ""                     # else AWS_REGION
+    require_at_start: bool = False       # the bucket must answer at startup (else only a warning is logged)
     retry_base_secs: float = 1.0         # backoff: base, 2x base, 4x base ... between upload attempts
     respool_interval_secs: float = 60.0  # how often recordings left in the spool are tried again
     multipart_threshold_bytes: int = 8 * 1024 * 1024   # larger files upload in parts of this size
@@ -87,6 +138,8 @@ class Config:
     log_level: str = "info"
     log_json: bool = False
     log_transport_debug: bool = False    # at debug, also uvicorn's/websockets' per-frame lines (payloads)
+    log_transcripts: bool = False        # log every utterance's text at INFO (caller speech is personal data)
+    startup_check_timeout_secs: float = 3.0   # startup checks of the bucket, database and provider URLs wait this long
     # HTTP edge: what a client may send before the app sees it
     max_request_body_bytes: int = 262144  # larger request bodies get 413 while being read (never buffered)
     http_header_timeout_secs: float = 10.0   # a connection must complete its request head within this
@@ -184,38 +237,55 @@ class Config:
              overrides: Mapping[str, Any] | None = None) -> Config:
         """config.json (if any), then ``VOXRAY_*`` variables, then ``overrides`` (command-line flags)."""
         raw: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         if path is not None:
             try:
                 raw = json.loads(Path(path).read_text())
             except FileNotFoundError:
-                raise ConfigError(f"config file {path} does not exist; pass an existing path or omit --config") from None
+                raise ConfigError(f"config file {path} does not exist: give the path of an existing file "
+                                  "(--config PATH or VOXRAY_CONFIG), or none to use the defaults") from None
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"config file {path} must hold a JSON object")
-        _apply_environment(raw, environ)
+            sources = {key: str(path) for key in _dotted_keys(raw)}
+        _apply_environment(raw, environ, sources)
         for key, value in (overrides or {}).items():
             if value is not None:
                 raw[key] = value
-        return cls.from_mapping(raw, environ)
+                sources[key] = f"--{key.replace('_', '-')}"
+        return cls.from_mapping(raw, environ, sources)
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-        """Build and validate a Config from plain values (tests use this directly)."""
+    def from_mapping(cls, raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                     sources: Mapping[str, str] | None = None) -> Config:
+        """Build and validate a Config from plain values (tests use this directly); ``sources`` names
+        where each key's value came from, for the error messages. Raises one ConfigError listing every
+        problem."""
         environ = {} if environ is None else environ
+        problems = _Problems(sources or {})
         raw = dict(raw)
         try:
             carriers = CarriersConfig.build(raw.pop("carriers", {}), environ)
         except _ConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        config = dataclasses.replace(_build(cls, raw, ""), carriers=carriers)
+            problems.add(str(exc))
+            carriers = CarriersConfig.build({}, environ)
+        config = dataclasses.replace(_build(cls, raw, "", problems), carriers=carriers)
         config = _with_public_url(config, environ)
         config = _with_aws_defaults(config, environ)
-        _validate(config)
-        return dataclasses.replace(config, providers=_resolve_providers(config, environ))
+        _validate(config, problems)
+        providers = _resolve_providers(config, environ, problems)
+        problems.raise_if_any()
+        return dataclasses.replace(config, providers=providers)
 
     def describe(self) -> dict[str, Any]:
-        """The resolved configuration with every secret masked (``voxray check-config``)."""
+        """The resolved configuration with every secret masked (``voxray check-config``): credentials and
+        the passwords in URLs, never numbers, switches, account ids or plain URLs.
+
+        Usage::
+
+            Config.load(path, os.environ).describe()["carriers"]["twilio"]["auth_token"]   # "***"
+        """
         out = _to_plain(self)
         out["server_api_key"] = "***" if self.server_api_key else ""
         out["api_keys"] = {k: "***" for k in self.api_keys}
@@ -224,16 +294,12 @@ class Config:
         out["carriers"] = self.carriers.plain()
         for name, settings in out["carriers"].items():
             settings["missing"] = self.carriers.missing(name)
-        if self.transcripts.dsn:
-            out["transcripts"]["dsn"] = _mask_url(self.transcripts.dsn)
-        if self.redis_url:
-            out["redis_url"] = _mask_url(self.redis_url)
         p = self.providers
         out["providers"] = {stage: s.masked() for stage, s in
                             (("stt", p.stt), ("llm", p.llm), ("tts", p.tts), ("stt_fallback", p.stt_fallback),
                              ("llm_fallback", p.llm_fallback), ("tts_fallback", p.tts_fallback)) if s}
         out["providers"]["notes"] = list(p.notes)
-        return out
+        return _mask_urls(out)                # transcripts.dsn, redis_url, base_urls ...: passwords in URLs
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -241,50 +307,65 @@ class Config:
 _NESTED_ENV_ALIASES = {"VOXRAY_TRANSCRIPTS_TABLE": ("transcripts", "table_name")}
 
 
-def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """``VOXRAY_<KEY>`` for scalar keys, ``VOXRAY_<SECTION>_<KEY>`` for nested ones."""
+def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"port": 1, "recording": {"bucket": "b"}}`` -> ``["port", "recording", "recording.bucket"]``."""
+    keys = []
+    for key, value in raw.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], sources: dict[str, str]) -> None:
+    """``VOXRAY_<KEY>`` for scalar keys, ``VOXRAY_<SECTION>_<KEY>`` for nested ones; ``sources`` records
+    which variable set which key."""
     hints = get_type_hints(Config)
     for f in fields(Config):
         if f.metadata.get("derived") or f.name == "carriers":   # carriers read VOXRAY_CARRIERS_<NAME>_<KEY>
             continue
         nested = _dataclass_type(hints[f.name])
         if nested is None:
-            value = environ.get(f"VOXRAY_{f.name.upper()}")
-            if value is not None:
-                raw[f.name] = value
+            var = f"VOXRAY_{f.name.upper()}"
+            if var in environ:
+                raw[f.name], sources[f.name] = environ[var], var
             continue
         for sub in fields(nested):
-            value = environ.get(f"VOXRAY_{f.name.upper()}_{sub.name.upper()}")
-            if value is not None:
-                raw.setdefault(f.name, {})[sub.name] = value
+            var = f"VOXRAY_{f.name.upper()}_{sub.name.upper()}"
+            if var in environ:
+                raw.setdefault(f.name, {})[sub.name], sources[f"{f.name}.{sub.name}"] = environ[var], var
     for var, (section, key) in _NESTED_ENV_ALIASES.items():
         if var in environ:
-            raw.setdefault(section, {})[key] = environ[var]
+            raw.setdefault(section, {})[key], sources[f"{section}.{key}"] = environ[var], var
 
 
 def _dataclass_type(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: _Problems) -> Any:
+    """``cls`` from the valid values of ``raw`` (defaults for the rest); each bad key is a problem."""
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls) if not f.metadata.get("derived")}
-    for key in raw:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; remove it or fix its name")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
+            problems.add(f"unknown config key '{name}'{hint}; remove it or fix its name")
+            continue
         tp = hints[key]
         nested = _dataclass_type(tp)
-        name = f"{prefix}{key}"
-        if nested is not None:
-            if not isinstance(value, dict):
+        try:
+            if nested is None:
+                values[key] = _coerce(name, value, tp)
+            elif isinstance(value, dict):
+                values[key] = _build(nested, value, f"{name}.", problems)
+            else:
                 raise ConfigError(f"'{name}' must be an object, e.g. {{\"enable\": true}}")
-            values[key] = _build(nested, value, f"{name}.")
-        else:
-            values[key] = _coerce(name, value, tp)
+        except ConfigError as exc:
+            problems.add(str(exc))
     return cls(**values)
 
 
@@ -356,11 +437,15 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _mask_url(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
+def _mask_urls(value: Any) -> Any:
+    """Every string in plain ``value`` with a URL's password masked (numbers and switches as they are)."""
+    if isinstance(value, str):
+        return _mask_url(value)
+    if isinstance(value, dict):
+        return {k: _mask_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_urls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -375,15 +460,15 @@ _CHOICES = {
 }
 
 
-def _validate(c: Config) -> None:
+def _validate(c: Config, problems: _Problems) -> None:
     for key, choices in _CHOICES.items():
         value = getattr(c, key)
         if value not in choices:
-            raise ConfigError(f"'{key}' must be one of {', '.join(choices)} (got {value!r})")
+            problems.add(f"'{key}' must be one of {', '.join(choices)} (got {value!r})")
     if c.vad_type == "silero":
-        raise ConfigError("'vad_type': 'silero' is not available in this version; use 'energy'")
+        problems.add("'vad_type': 'silero' is not available in this version; use 'energy'")
     if not 0.0 < c.vad_threshold < 1.0:
-        raise ConfigError(f"'vad_threshold' must be between 0 and 1 (RMS, full scale = 1.0); got {c.vad_threshold}")
+        problems.add(f"'vad_threshold' must be between 0 and 1 (RMS, full scale = 1.0); got {c.vad_threshold}")
     positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
@@ -393,97 +478,101 @@ def _validate(c: Config) -> None:
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
                 "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
-                "http_max_header_bytes", "http_keep_alive_timeout_secs")
+                "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
-            raise ConfigError(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
+            problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
     for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs",
                 "media_flood_close_ms"):
         if getattr(c, key) < 0:
-            raise ConfigError(f"'{key}' must be 0 or more (got {getattr(c, key)})")
+            problems.add(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:
-        raise ConfigError("'allow_unauthenticated' is true but 'server_api_key' is set: remove one of them "
-                          "(allow_unauthenticated opens /calls, /sessions and /ws to anyone; for local development only)")
+        problems.add("'allow_unauthenticated' is true but 'server_api_key' is set: remove one of them "
+                     "(allow_unauthenticated opens /calls, /sessions and /ws to anyone; for local development only)")
     if c.port > 65535:
-        raise ConfigError(f"'port' must be at most 65535 (got {c.port})")
+        problems.add(f"'port' must be at most 65535 (got {c.port})")
     if c.vad_stop_ms / 1000.0 > c.turn_stop_secs:
-        raise ConfigError(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
+        problems.add(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
     if c.ws_write_coalesce_ms > 200:
-        raise ConfigError(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
+        problems.add(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
     if c.webrtc_max_sdp_bytes > c.max_request_body_bytes:
-        raise ConfigError(f"'webrtc_max_sdp_bytes' ({c.webrtc_max_sdp_bytes}) must not exceed 'max_request_body_bytes' "
-                          f"({c.max_request_body_bytes}): raise max_request_body_bytes or lower webrtc_max_sdp_bytes")
+        problems.add(f"'webrtc_max_sdp_bytes' ({c.webrtc_max_sdp_bytes}) must not exceed 'max_request_body_bytes' "
+                     f"({c.max_request_body_bytes}): raise max_request_body_bytes or lower webrtc_max_sdp_bytes")
     if c.http_max_header_bytes < 1024:
-        raise ConfigError(f"'http_max_header_bytes' must be at least 1024 (got {c.http_max_header_bytes}); "
-                          "carriers' signed requests carry long headers")
-    _validate_forwarded_allow_ips(c.forwarded_allow_ips)
+        problems.add(f"'http_max_header_bytes' must be at least 1024 (got {c.http_max_header_bytes}); "
+                     "carriers' signed requests carry long headers")
+    _validate_forwarded_allow_ips(c.forwarded_allow_ips, problems)
     if c.public_url:
         parsed = urlparse(c.public_url)
         if parsed.scheme != "https" or not parsed.netloc:
-            raise ConfigError(f"'public_url' must be the https URL your carriers reach, e.g. "
-                              f"https://voice.example.com (got {c.public_url!r})")
+            problems.add(f"'public_url' must be the https URL your carriers reach, e.g. "
+                         f"https://voice.example.com (got {c.public_url!r})")
     if c.session_store == "redis" and not c.redis_url:
-        raise ConfigError("'redis_url' is required when 'session_store' is 'redis': "
-                          "set redis_url (or VOXRAY_REDIS_URL), e.g. redis://127.0.0.1:6379/0")
+        problems.add("'redis_url' is required when 'session_store' is 'redis': "
+                     "set redis_url (or VOXRAY_REDIS_URL), e.g. redis://127.0.0.1:6379/0")
     if c.redis_url and urlparse(c.redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"'redis_url' must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0 "
-                          f"(got {_mask_url(c.redis_url)!r})")
-    _validate_storage(c)
+        problems.add(f"'redis_url' must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0 "
+                     f"(got {_mask_url(c.redis_url)!r})")
+    _validate_storage(c, problems)
     for s in c.webrtc_ice_servers:
         if not isinstance(s, Mapping) or "urls" not in s:
-            raise ConfigError("'webrtc_ice_servers' entries must be objects with 'urls' "
-                              "(and 'username'/'credential' for TURN)")
+            problems.add("'webrtc_ice_servers' entries must be objects with 'urls' "
+                         "(and 'username'/'credential' for TURN)")
+            break
 
 
-def _validate_forwarded_allow_ips(entries: tuple[str, ...]) -> None:
+def _validate_forwarded_allow_ips(entries: tuple[str, ...], problems: _Problems) -> None:
     """IP addresses or networks only: uvicorn would take anything else as a literal that never matches."""
     for entry in entries:
         try:
             ipaddress.ip_network(str(entry), strict=False)
         except ValueError:
-            raise ConfigError(f"'forwarded_allow_ips' entries must be IP addresses or networks of your proxies, "
-                              f"e.g. [\"10.0.0.0/8\", \"192.0.2.7\"] (got {entry!r})") from None
+            problems.add(f"'forwarded_allow_ips' entries must be IP addresses or networks of your proxies, "
+                         f"e.g. [\"10.0.0.0/8\", \"192.0.2.7\"] (got {entry!r})")
 
 
-def _validate_storage(c: Config) -> None:
+def _validate_storage(c: Config, problems: _Problems) -> None:
     r, t = c.recording, c.transcripts
     if r.format != "wav":
-        raise ConfigError(f"'recording.format' must be 'wav' (got {r.format!r})")
+        problems.add(f"'recording.format' must be 'wav' (got {r.format!r})")
     if r.channels not in ("stereo", "mono"):
-        raise ConfigError(f"'recording.channels' must be 'stereo' or 'mono' (got {r.channels!r})")
+        problems.add(f"'recording.channels' must be 'stereo' or 'mono' (got {r.channels!r})")
     for key in ("worker_count", "queue_cap", "retry_base_secs", "respool_interval_secs"):
         if getattr(r, key) <= 0:
-            raise ConfigError(f"'recording.{key}' must be greater than 0 (got {getattr(r, key)})")
+            problems.add(f"'recording.{key}' must be greater than 0 (got {getattr(r, key)})")
     if r.max_retries < 0:
-        raise ConfigError(f"'recording.max_retries' must be 0 or more (got {r.max_retries})")
+        problems.add(f"'recording.max_retries' must be 0 or more (got {r.max_retries})")
     if r.multipart_threshold_bytes < 5 * 1024 * 1024:
-        raise ConfigError("'recording.multipart_threshold_bytes' must be at least 5242880 (S3's smallest part)")
+        problems.add("'recording.multipart_threshold_bytes' must be at least 5242880 (S3's smallest part)")
+    if r.require_at_start and not r.enable:
+        problems.add("'recording.require_at_start' is true but 'recording.enable' is false: enable recording "
+                "or remove require_at_start")
     if r.enable and not r.bucket:
-        raise ConfigError("'recording.bucket' is required when 'recording.enable' is true: set recording.bucket "
-                          "(or VOXRAY_RECORDING_BUCKET) to the S3 bucket name")
+        problems.add("'recording.bucket' is required when 'recording.enable' is true: set recording.bucket "
+                     "(or VOXRAY_RECORDING_BUCKET) to the S3 bucket name")
     if t.driver not in ("postgres", "sqlite"):
-        raise ConfigError(f"'transcripts.driver' must be 'postgres' or 'sqlite' (got {t.driver!r})")
+        problems.add(f"'transcripts.driver' must be 'postgres' or 'sqlite' (got {t.driver!r})")
     for key in ("batch_size", "flush_interval_secs", "retry_base_secs", "max_buffered_rows"):
         if getattr(t, key) <= 0:
-            raise ConfigError(f"'transcripts.{key}' must be greater than 0 (got {getattr(t, key)})")
+            problems.add(f"'transcripts.{key}' must be greater than 0 (got {getattr(t, key)})")
     if not t.table_name.isidentifier():
-        raise ConfigError(f"'transcripts.table_name' must be a plain SQL identifier such as call_transcripts "
-                          f"(got {t.table_name!r})")
+        problems.add(f"'transcripts.table_name' must be a plain SQL identifier such as call_transcripts "
+                     f"(got {t.table_name!r})")
     if t.enable and t.driver == "postgres" and urlparse(t.dsn).scheme not in ("postgres", "postgresql"):
-        raise ConfigError("'transcripts.dsn' must be a postgres:// URL when 'transcripts.driver' is 'postgres', "
-                          "e.g. postgres://voxray:secret@db:5432/voxray (or set driver to 'sqlite')")
+        problems.add("'transcripts.dsn' must be a postgres:// URL when 'transcripts.driver' is 'postgres', "
+                     "e.g. postgres://voxray:secret@db:5432/voxray (or set driver to 'sqlite')")
     if t.enable and t.driver == "sqlite" and not t.dsn:
-        raise ConfigError("'transcripts.dsn' must be a file path when 'transcripts.driver' is 'sqlite', "
-                          "e.g. /var/lib/voxray/transcripts.db")
+        problems.add("'transcripts.dsn' must be a file path when 'transcripts.driver' is 'sqlite', "
+                     "e.g. /var/lib/voxray/transcripts.db")
 
 
 # ---------------------------------------------------------------------------------------------- providers
 
-def _resolve_providers(c: Config, environ: Mapping[str, str]) -> Providers:
+def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problems) -> Providers | None:
     """Stage key -> ``provider`` -> ``"openai"``; falls back to ``local`` only when nothing was set
-    and no OpenAI key exists (the offline first run)."""
+    and no OpenAI key exists (the offline first run). None when a stage's provider is a problem."""
     notes: list[str] = []
-    chosen: dict[str, ProviderSettings] = {}
+    wanted: dict[str, tuple[str, str]] = {}          # stage -> (provider, the key that chose it)
     for stage in ("stt", "llm", "tts"):
         stage_key = f"{stage}_provider"
         name = getattr(c, stage_key) or c.provider
@@ -492,12 +581,21 @@ def _resolve_providers(c: Config, environ: Mapping[str, str]) -> Providers:
         if not explicit and not _api_key(c, "openai", environ):
             name = "local"
             notes.append(f"{stage}: no provider configured and no OPENAI_API_KEY; using the offline 'local' provider")
-        chosen[stage] = _settings(c, stage, name, stage_key if getattr(c, stage_key) else "provider", environ)
-    fallbacks = {stage: _settings(c, stage, getattr(c, f"{stage}_fallback_provider"),
-                                  f"{stage}_fallback_provider", environ)
-                 for stage in ("stt", "llm", "tts") if getattr(c, f"{stage}_fallback_provider")}
-    return Providers(stt=chosen["stt"], llm=chosen["llm"], tts=chosen["tts"], stt_fallback=fallbacks.get("stt"),
-                     llm_fallback=fallbacks.get("llm"), tts_fallback=fallbacks.get("tts"), notes=tuple(notes))
+        wanted[stage] = (name, stage_key if getattr(c, stage_key) else "provider")
+    for stage in ("stt", "llm", "tts"):
+        if getattr(c, f"{stage}_fallback_provider"):
+            wanted[f"{stage}_fallback"] = (getattr(c, f"{stage}_fallback_provider"), f"{stage}_fallback_provider")
+    chosen: dict[str, ProviderSettings] = {}
+    for role, (name, key) in wanted.items():
+        try:
+            chosen[role] = _settings(c, role.removesuffix("_fallback"), name, key, environ)
+        except ConfigError as exc:
+            problems.add(str(exc))
+    if len(chosen) < len(wanted):
+        return None
+    return Providers(stt=chosen["stt"], llm=chosen["llm"], tts=chosen["tts"], stt_fallback=chosen.get("stt_fallback"),
+                     llm_fallback=chosen.get("llm_fallback"), tts_fallback=chosen.get("tts_fallback"),
+                     notes=tuple(notes))
 
 
 def _api_key(c: Config, name: str, environ: Mapping[str, str]) -> str | None:

@@ -35,6 +35,10 @@ export VOXRAY_TEST_REDIS_URL=${VOXRAY_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
 # install` cannot download a browser here), driven by playwright-core from tests/browser (pinned in its
 # package-lock.json). A failed install does not stop the run: those tests then fail naming this step.
 [ -x /usr/bin/chromium ] || apt_install chromium
+# Node.js and npm for `npm ci` in tests/browser: Debian's packages when either is missing.
+{ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; } || apt_install nodejs npm
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+[ "$node_major" -ge 20 ] || echo "warning: Node.js 20+ is needed by playwright-core in tests/browser (found: $(node --version 2>/dev/null || echo none)); the softphone tests will fail" >&2
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   if [ -f tests/browser/package-lock.json ]; then npm_install="npm ci"; else npm_install="npm install"; fi
   (cd tests/browser && $npm_install --no-audit --no-fund --loglevel=error) \

@@ -11,6 +11,9 @@ Transcript rows: one per utterance, numbered per session. A caller's row spans t
 agent began speaking to when its text was complete, and carries the turn's latency breakdown
 (``TurnLatency`` is emitted at the answer's first audio, before its text is complete).
 
+With ``log_transcripts`` on, each utterance's text is also logged at INFO (the call id is on the line,
+gateway.logging); it is off by default because caller speech is personal data.
+
 Usage::
 
     log = CallLog.for_session(services, session, persona="concierge")
@@ -46,8 +49,9 @@ logger = logging.getLogger(__name__)
 class CallLog:
     def __init__(self, session: Session, *, persona: str, carrier: str, recorder: CallRecorder | None = None,
                  uploader: RecordingUploader | None = None, writer: TranscriptWriter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, log_transcripts: bool = False) -> None:
         self.session = session
+        self.log_transcripts = log_transcripts
         self.persona = persona
         self.carrier = carrier
         self.recorder = recorder
@@ -74,7 +78,7 @@ class CallLog:
             except OSError as exc:
                 logger.error("recording could not start (the call goes on unrecorded): %s", exc)
         return cls(session, persona=persona, carrier=carrier, recorder=recorder, uploader=uploader,
-                   writer=getattr(services, "transcripts", None))
+                   writer=getattr(services, "transcripts", None), log_transcripts=services.config.log_transcripts)
 
     # ------------------------------------------------------------------------------ audio
     def caller(self, frame: AudioFrame) -> None:
@@ -87,6 +91,8 @@ class CallLog:
 
     # ------------------------------------------------------------------------------ transcripts
     def observe(self, event: Event) -> None:
+        if self.log_transcripts and isinstance(event, TranscriptEvent) and event.final and event.text:
+            logger.info("%s said: %s", "caller" if event.role == "user" else "agent", event.text)
         if self._writer is None or self._closed:
             return
         now = self._clock()

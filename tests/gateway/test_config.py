@@ -421,3 +421,74 @@ def test_describe_masks_turn_credentials() -> None:
     text = json.dumps(c.describe())
     assert "turn:turn.example.com:3478" in text
     assert "turn-secret-password-42" not in text
+
+
+def test_describe_masks_only_secrets_never_numbers_switches_or_ids() -> None:
+    c = Config.from_mapping({"carriers": {
+        "vonage": {"application_id": "app-1", "signature_secret": "vonage-signing-secret-1234",
+                   "ws_auth_value": "Bearer ws-secret-value-5678", "max_token_age_s": 120.0, "rest_token_ttl_s": 600},
+        "telnyx": {"api_key": "KEYtelnyx-secret-0001", "public_key": "cHVibGljLWtleQ==", "stream_auth_header": False},
+        "plivo": {"auth_id": "MA123", "auth_token": "plivo-secret-token-0001",
+                  "api_base_url": "https://user:url-secret-0001@api.plivo.test"}},
+        "base_urls": {"openai": "https://proxy:base-url-secret-0001@gw.example/v1"}}, OPENAI)
+    described = c.describe()
+    text = json.dumps(described)
+    for secret in ("vonage-signing-secret-1234", "ws-secret-value-5678", "KEYtelnyx-secret-0001",
+                   "plivo-secret-token-0001", "url-secret-0001", "base-url-secret-0001"):
+        assert secret not in text, secret
+    vonage, telnyx, plivo = (described["carriers"][n] for n in ("vonage", "telnyx", "plivo"))
+    assert (vonage["max_token_age_s"], vonage["rest_token_ttl_s"], vonage["application_id"]) == (120.0, 600, "app-1")
+    assert (vonage["signature_secret"], vonage["ws_auth_value"]) == ("***", "***")
+    assert (telnyx["stream_auth_header"], telnyx["public_key"], telnyx["api_key"]) == (False, "cHVibGljLWtleQ==", "***")
+    assert (plivo["auth_id"], plivo["api_base_url"]) == ("MA123", "https://user:***@api.plivo.test")
+    assert plivo["main_auth_token"] is None and telnyx["stream_auth_token"] == ""   # unset: nothing to mask
+    assert described["base_urls"] == {"openai": "https://proxy:***@gw.example/v1"}
+    assert described["providers"]["llm"]["base_url"] == "https://proxy:***@gw.example/v1"
+    assert described["carriers"]["twilio"]["api_base_url"] == "https://api.twilio.com"   # plain URLs stay
+
+
+# ------------------------------------------------------------------------------ every error at once, and its source
+
+def test_every_problem_is_reported_at_once_one_line_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping({"port": "abc", "vad_treshold": 0.1, "turn_stop_secs": 0, "transport": "pigeon",
+                             "recording": {"worker_count": "four"}, "provider": "groq"}, {})
+    lines = info.value.problems
+    assert str(info.value).splitlines() == list(lines)
+    for key in ("'port'", "'vad_treshold'", "'turn_stop_secs'", "'transport'", "'recording.worker_count'",
+                "GROQ_API_KEY"):
+        assert sum(key in line for line in lines) >= 1, (key, lines)
+    assert len(lines) == len(set(lines))                # groq for stt and llm: said once
+
+
+def test_errors_name_the_environment_variable_the_file_or_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, {**OPENAI, "VOXRAY_PORT": "abc"})
+    assert str(info.value) == "'port' must be a whole number (got 'abc' from VOXRAY_PORT)"
+    path = write(tmp_path, {"port": 70000, "recording": {"queue_cap": "lots"}, "vad_treshold": 1})
+    with pytest.raises(ConfigError) as info:
+        Config.load(path, {**OPENAI, "VOXRAY_RECORDING_WORKER_COUNT": "0"})
+    assert set(info.value.problems) == {
+        f"'port' must be at most 65535 (got 70000 from {path})",
+        f"'recording.queue_cap' must be a whole number (got 'lots' from {path})",
+        "'recording.worker_count' must be greater than 0 (got 0 from VOXRAY_RECORDING_WORKER_COUNT)",
+        f"unknown config key 'vad_treshold' (did you mean 'vad_threshold'?); remove it or fix its name (in {path})"}
+    with pytest.raises(ConfigError, match=r"\(got 0 from --port\)"):
+        Config.load(path, OPENAI, overrides={"port": 0})
+
+
+def test_missing_file_message_fits_serve_and_check_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.load(tmp_path / "nope.json", OPENAI)
+    assert "--config PATH" in str(info.value) and "VOXRAY_CONFIG" in str(info.value)
+    assert "omit --config" not in str(info.value)
+
+
+def test_new_keys_are_validated_naming_the_key() -> None:
+    assert "'startup_check_timeout_secs'" in error({"startup_check_timeout_secs": 0}, OPENAI)
+    assert "'log_transcripts'" in error({"log_transcripts": "sometimes"}, OPENAI)
+    message = error({"recording": {"require_at_start": True}}, OPENAI)
+    assert "'recording.require_at_start'" in message and "recording.enable" in message
+    c = Config.from_mapping({"log_transcripts": True, "recording": {"enable": True, "bucket": "b",
+                                                                    "require_at_start": True}}, OPENAI)
+    assert c.log_transcripts and c.recording.require_at_start and c.startup_check_timeout_secs == 3.0

@@ -90,3 +90,32 @@ def test_check_config_missing_key_for_an_explicit_provider_exits_2(tmp_path: Pat
     result = check_config(write(tmp_path, {"provider": "openai"}))
     assert result.returncode == 2
     assert "OPENAI_API_KEY" in result.stderr
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env or clean_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_takes_the_path_like_serve(tmp_path: Path) -> None:
+    path = write(tmp_path, {"port": 9124})
+    for args in (("--config", str(path)), (str(path),)):
+        result = run("check-config", *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["port"] == 9124
+    result = run("check-config", "--config", str(tmp_path / "missing.json"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"voxray: configuration error: config file {tmp_path / 'missing.json'} does not exist: give the path of "
+        "an existing file (--config PATH or VOXRAY_CONFIG), or none to use the defaults"]
+
+
+def test_check_config_prints_every_error_one_line_each_naming_its_source(tmp_path: Path) -> None:
+    path = write(tmp_path, {"vad_treshold": 0.1, "recording": {"queue_cap": 0}})
+    result = run("check-config", "--config", str(path), env={**clean_env(), "VOXRAY_PORT": "abc"})
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("voxray: configuration error: ") for line in lines) and len(lines) == 3
+    assert "voxray: configuration error: 'port' must be a whole number (got 'abc' from VOXRAY_PORT)" in lines
+    assert any("'vad_treshold'" in line and str(path) in line for line in lines)
+    assert any("'recording.queue_cap'" in line and str(path) in line for line in lines)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import sqlite3
 import time
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,6 +19,8 @@ import numpy as np
 import pytest
 
 from gateway.calls.call_log import CallLog
+from gateway.config import Config
+from gateway.logging import CallIdFilter, call_id
 from gateway.sessions import Session
 from gateway.simulate.call import SimulatedCall
 from gateway.storage.transcripts import TranscriptWriter
@@ -127,6 +131,29 @@ async def test_rows_number_utterances_time_the_caller_and_carry_the_turn_latency
     assert [(r["started_at"], r["ended_at"]) for r in rows] == [(100.0, 100.5), (102.0, 103.5), (104.3, 105.0)]
     assert {(r["carrier"], r["call_id"], r["from_number"], r["to_number"], r["persona"]) for r in rows} == {
         ("twilio", "CA1", "+15550001", "+15550002", "concierge")}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_log_transcripts_logs_each_utterance_with_the_call_id_only_when_on(
+        enabled: bool, caplog: pytest.LogCaptureFixture) -> None:
+    services = SimpleNamespace(config=Config.from_mapping({"log_transcripts": enabled}), recordings=None,
+                               transcripts=None)
+    session = Session.new(carrier="twilio", call_id="CA7", from_="+15550001", to="+15550002")
+    log = CallLog.for_session(services, session, persona="concierge", carrier="twilio")  # type: ignore[arg-type]
+    caplog.handler.addFilter(CallIdFilter())
+    token = call_id.set("CA7")
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.call_log"):
+            log.observe(TranscriptEvent("assistant", "Hello! How can I help?"))
+            log.observe(TranscriptEvent("user", "a table for two", final=False))     # partial: not logged
+            log.observe(TranscriptEvent("user", "a table for two tonight", spoken_s=1.0))
+            log.observe(BotSpeaking(True))
+    finally:
+        call_id.reset(token)
+    lines = [(r.levelno, r.call_id, r.getMessage()) for r in caplog.records if r.name == "gateway.call_log"]
+    expected = [(logging.INFO, "CA7", "agent said: Hello! How can I help?"),
+                (logging.INFO, "CA7", "caller said: a table for two tonight")]
+    assert lines == (expected if enabled else [])
 
 
 # ------------------------------------------------------------------------------------------ whole calls
