@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from gateway.http.auth import AccessKey
+from gateway.http.auth import AccessKey, requires_key
 from gateway.http.errors import services_of
 
 if TYPE_CHECKING:
@@ -80,11 +80,10 @@ async def index(request: Request) -> Response:
     })
 
 
+@requires_key
 async def personas(request: Request) -> Response:
     """``GET /personas`` -> ``{"personas": [names...]}`` from the personas file (``server_api_key`` protected)."""
     services = services_of(request)
-    if not services.access.allows_request(request):
-        return services.access.refusal()
     return JSONResponse({"personas": services.personas.names()}, headers={"Cache-Control": "no-store"})
 
 

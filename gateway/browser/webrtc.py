@@ -75,6 +75,7 @@ from gateway.calls.leg import CallSide
 from gateway.logging import call_id
 from gateway.redaction import short_id
 from gateway.personas import PersonaError
+from gateway.http.auth import refusal_for
 from gateway.http.errors import error, services_of
 from gateway.sessions import Session, SessionStoreUnavailable
 from gateway.browser.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
@@ -193,8 +194,9 @@ async def _read_json(request: Request, limit: int, what: str) -> Any:
 def _admit(request: Request, services: Services) -> Response | None:
     """401 without the API key (when ``server_api_key`` is set); 503 while the instance drains (SIGTERM:
     new sessions go to another instance); None when the request may go on."""
-    if not services.access.allows_request(request):
-        return services.access.refusal()
+    refused = refusal_for(request)
+    if refused is not None:
+        return refused
     if getattr(services, "draining", False):
         logger.warning("browser session refused: draining")
         return error(503, "draining: this instance is shutting down")

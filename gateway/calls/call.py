@@ -31,6 +31,7 @@ from gateway.redaction import short_id
 from gateway.sessions import Session
 from pipeline.audio import dtmf_tones
 from pipeline.conversation import Conversation, Event, Persona
+from pipeline.engine import Engine
 from pipeline.frames import AudioFrame, Frame
 from pipeline.playout import Playout
 from pipeline.providers.base import Tool, ToolCall
@@ -55,7 +56,7 @@ class Call:
         self.leg = leg
         self.persona = persona
         self.reason: str | None = None
-        self.conversation: Conversation | None = None
+        self.conversation: Engine | None = None      # the cascade today; a speech-to-speech model later
         self.finalised = asyncio.Event()   # set once the finaliser has run (DELETE waits for it)
         self._ended = asyncio.Event()
         self._finalised = False

@@ -11,22 +11,28 @@ credential: behind a TLS proxy on the same host every request comes from 127.0.0
 Usage::
 
     access = AccessKey.from_config(config)            # in create_app, once
-    if not access.allows_request(request):            # an HTTP handler
-        return access.refusal()
+
+    @requires_key                                     # an HTTP handler: 401 without the key
+    async def place_call(request: Request) -> Response: ...
+
+    refused = refusal_for(request)                    # a handler that decides itself (None: go on)
     access.allows(["<bearer>", "<?token=>"])          # any candidates (a WebSocket's header, query, subprotocol)
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
-from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
 
-__all__ = ["AccessKey", "PROTECTED_ROUTES"]
+from gateway.http.errors import services_of
+
+__all__ = ["AccessKey", "PROTECTED_ROUTES", "refusal_for", "requires_key"]
 
 PROTECTED_ROUTES = "/calls, /sessions, /personas, /ws, WebRTC offers and JSON POST /start"
 _GENERATED_BYTES = 24
@@ -92,3 +98,17 @@ class AccessKey:
     def softphone_url(self, base: str) -> str:
         """The softphone page's URL carrying the key (the page reads and hides ``?token=``)."""
         return f"{base.rstrip('/')}/?token={self.value}" if self.value else f"{base.rstrip('/')}/"
+
+
+def refusal_for(request: HTTPConnection) -> JSONResponse | None:
+    """The 401 to answer when ``request`` lacks the app's API key; None when it may go on."""
+    access = services_of(request).access
+    return None if access.allows_request(request) else access.refusal()
+
+
+def requires_key(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An HTTP handler that answers 401 before running when the request lacks the API key."""
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        return refusal_for(request) or await handler(request)
+    return guarded

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
 from gateway.personas import PersonaError, dialable
+from gateway.http.auth import requires_key
 from gateway.http.errors import error, services_of
 from gateway.http.routes import carrier_or_error, webhook_request
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -107,11 +108,10 @@ async def _stored(services: Services, session_id: str) -> Session | Response:
     return error(404, "no such session") if found is None else found
 
 
+@requires_key
 async def session(request: Request) -> Response:
     """``GET``/``DELETE /sessions/{id}``: inspect or end a session, on whichever instance holds it."""
     services = services_of(request)
-    if not services.access.allows_request(request):
-        return services.access.refusal()
     session_id = request.path_params["session_id"]
     if request.method == "DELETE":
         return await control(services, "end", session_id, {})
@@ -124,10 +124,9 @@ async def session(request: Request) -> Response:
     return Response(json.dumps(body), media_type="application/json")
 
 
+@requires_key
 async def transfer(request: Request) -> Response:
     services = services_of(request)
-    if not services.access.allows_request(request):
-        return services.access.refusal()
     body = await _json_body(request)
     target = body.get("to") if body else None
     if not isinstance(target, str) or not dialable(target):
@@ -135,10 +134,9 @@ async def transfer(request: Request) -> Response:
     return await control(services, "transfer", request.path_params["session_id"], {"to": target})
 
 
+@requires_key
 async def send_dtmf(request: Request) -> Response:
     services = services_of(request)
-    if not services.access.allows_request(request):
-        return services.access.refusal()
     body = await _json_body(request)
     digits = body.get("digits") if body else None
     if not isinstance(digits, str) or not _DIGITS.fullmatch(digits):
@@ -146,12 +144,11 @@ async def send_dtmf(request: Request) -> Response:
     return await control(services, "dtmf", request.path_params["session_id"], {"digits": digits})
 
 
+@requires_key
 async def place_call(request: Request) -> Response:
     """``POST /calls``: mint a session, ask the carrier to dial, stream the answered call into it."""
     services = services_of(request)
     config = services.config
-    if not services.access.allows_request(request):
-        return services.access.refusal()
     if services.draining:
         return error(503, "draining: this instance is shutting down")
     body = await _json_body(request)
