@@ -276,6 +276,7 @@ class Config:
         _validate(config, problems)
         providers = _resolve_providers(config, environ, problems)
         problems.raise_if_any()
+        assert providers is not None        # raise_if_any() raised when they could not be resolved
         return dataclasses.replace(config, providers=providers)
 
     def describe(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -64,7 +65,7 @@ class Metrics:
                                   (self.recording_retries, "recordings", "retries_total"),
                                   (self.recording_uploaded, "recordings", "uploaded_total"),
                                   (self.transcript_backlog, "transcripts", "backlog")):
-            gauge.set_function(lambda name=name, attr=attr: float(getattr(getattr(services, name, None), attr, 0)))
+            gauge.set_function(functools.partial(_read, services, name, attr))
 
     def observe(self, event: Event, *, carrier: str, debug: bool = False) -> None:
         """Count one conversation event (any transport); at debug level, log each turn's timing."""
@@ -89,3 +90,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _read(services: Any, name: str, attr: str) -> float:
+    """``services.<name>.<attr>`` as a gauge value (0 while that store is off)."""
+    return float(getattr(getattr(services, name, None), attr, 0))

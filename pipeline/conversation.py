@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from pipeline.events import (
@@ -69,7 +69,7 @@ class Conversation:
     def __init__(self, *, settings: ConversationSettings, persona: Persona, providers: ProviderChain,
                  playout: Playout, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
                  on_event: Callable[[Event], None], end_call: Callable[[str], None],
-                 context: Sequence[dict[str, str]] = (), clock: Callable[[], float] = time.monotonic,
+                 context: Sequence[Mapping[str, str]] = (), clock: Callable[[], float] = time.monotonic,
                  tools: Sequence[Tool] = (), on_tool: Callable[[ToolCall], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.persona = persona

@@ -45,7 +45,7 @@ def frame_to_pcm(frame: av.AudioFrame) -> bytes:
     if data.dtype.kind == "f":
         data = np.clip(np.rint(data.astype(np.float64) * 32768.0), -32768, 32767)
     elif data.dtype == np.int32:
-        data = data >> 16
+        data = data.astype(np.int32) >> 16
     elif data.dtype == np.uint8:
         data = (data.astype(np.int32) - 128) << 8
     if channels > 1:

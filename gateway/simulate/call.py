@@ -110,7 +110,9 @@ class SimulatedCall:
             kwargs["path"] = self.path
         hook = self.dialect.webhook(self.public_url, extra, **kwargs)
         async with contextlib.AsyncExitStack() as stack:
-            http = self._http or await stack.enter_async_context(httpx.AsyncClient(timeout=10))
+            http = self._http
+            if http is None:
+                http = await stack.enter_async_context(httpx.AsyncClient(timeout=10))
             response = await http.request(hook.method, self.gateway + hook.path, content=hook.body,
                                           headers=dict(hook.headers))
         if response.status_code == 200:
