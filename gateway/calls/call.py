@@ -25,7 +25,7 @@ from carriers.base import CallControlFailed
 from gateway.browser.events import event_message, parse_control
 from gateway.calls.call_log import CallLog
 from gateway.calls.leg import Leg
-from gateway.calls.lifecycle import MediaGate, limit_duration, run_until_ended
+from gateway.calls.lifecycle import MediaGate, run_until_ended
 from gateway.logging import call_id
 from gateway.redaction import short_id
 from gateway.sessions import Session
@@ -127,12 +127,23 @@ class Call:
             playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo
             tasks = [tg.create_task(playout.run(self._send)), *leg.tasks(tg, self),
-                     tg.create_task(limit_duration(self, config))]
+                     tg.create_task(self._limit_duration())]
             convo.start()
             await self._ended.wait()
             convo.close()
             for task in tasks:
                 task.cancel()
+
+    async def _limit_duration(self) -> None:
+        """``max_call_secs``: the goodbye, then the end, even if the goodbye has not finished by
+        ``goodbye_timeout_secs``."""
+        config = self.services.config
+        await asyncio.sleep(config.max_call_secs)
+        logger.info("max_call_secs reached; saying goodbye")
+        if self.conversation is not None:
+            self.conversation.end_with(config.goodbye_text, "max_duration")
+        await asyncio.sleep(config.goodbye_timeout_secs)
+        self.finish("max_duration")
 
     # ------------------------------------------------------------------------------ input (from the leg)
     def hear(self, frame: AudioFrame) -> None:

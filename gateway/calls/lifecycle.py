@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.metrics import Metrics
 
-__all__ = ["MediaGate", "limit_duration", "pause_every", "run_until_ended"]
+__all__ = ["MediaGate", "pause_every", "run_until_ended"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +118,3 @@ def _where(task: asyncio.Task[None]) -> str:
         coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
     return " <- ".join(reversed(chain or frames)) or "unknown"
 
-
-async def limit_duration(call: Any, config: Config) -> None:
-    """``max_call_secs`` for any call: the goodbye, then the end, even if the goodbye has not finished by
-    ``goodbye_timeout_secs``."""
-    await asyncio.sleep(config.max_call_secs)
-    logger.info("max_call_secs reached; saying goodbye")
-    if call.conversation is not None:
-        call.conversation.end_with(config.goodbye_text, "max_duration")
-    await asyncio.sleep(config.goodbye_timeout_secs)
-    call.finish("max_duration")

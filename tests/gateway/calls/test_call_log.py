@@ -143,14 +143,14 @@ def test_log_transcripts_logs_each_utterance_with_the_call_id_only_when_on(
     caplog.handler.addFilter(CallIdFilter())
     token = call_id.set("CA7")
     try:
-        with caplog.at_level(logging.INFO, logger="gateway.call_log"):
+        with caplog.at_level(logging.INFO, logger="gateway.calls.call_log"):
             log.observe(TranscriptEvent("assistant", "Hello! How can I help?"))
             log.observe(TranscriptEvent("user", "a table for two", final=False))     # partial: not logged
             log.observe(TranscriptEvent("user", "a table for two tonight", spoken_s=1.0))
             log.observe(BotSpeaking(True))
     finally:
         call_id.reset(token)
-    lines = [(r.levelno, r.call_id, r.getMessage()) for r in caplog.records if r.name == "gateway.call_log"]
+    lines = [(r.levelno, r.call_id, r.getMessage()) for r in caplog.records if r.name == "gateway.calls.call_log"]
     expected = [(logging.INFO, "CA7", "agent said: Hello! How can I help?"),
                 (logging.INFO, "CA7", "caller said: a table for two tonight")]
     assert lines == (expected if enabled else [])
