@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from carriers import CARRIERS
 from carriers.base import Carrier
+from gateway.admission import Admission
 from gateway.http.auth import AccessKey
 from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
@@ -73,6 +74,7 @@ class Services:
     transcripts: TranscriptWriter | None = None      # transcripts.enable
     calls: CallRegistry = field(default_factory=CallRegistry)
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
+    admission: Admission | None = None   # max_concurrent_calls and the event loop's lag (gateway.admission)
     debug: bool = False
 
 
@@ -174,6 +176,9 @@ def create_app(config: Config) -> Starlette:
             sync = asyncio.create_task(keep_sessions(
                 services.sessions, services.calls.live_sessions, interval_s=config.session_sync_secs,
                 on_state=lambda up: services.metrics.session_store_up.set(1 if up else 0)))
+            services.admission = Admission.from_config(config, count=lambda: len(services.calls),
+                                                       metrics=services.metrics)
+            load = asyncio.create_task(services.admission.watch())
             for note in config.providers.notes:
                 logger.info(note)
             p = config.providers
@@ -189,6 +194,7 @@ def create_app(config: Config) -> Starlette:
                 yield
             finally:
                 sync.cancel()
+                load.cancel()
                 calls = list(services.calls)
                 for call in calls:
                     call.finish("shutdown", code=1001, text="server shutting down")

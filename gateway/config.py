@@ -206,6 +206,10 @@ class Config:
     media_max_bad_messages: int = 10     # malformed messages tolerated per call before it is closed
     media_burst_ms: int = 2000           # caller audio may run this far ahead of real time; the excess is dropped
     media_flood_close_ms: int = 10000    # this much dropped caller audio closes the session (1008)
+    max_concurrent_calls: int = 100      # calls (any transport) this process takes; more are refused (0 = no cap)
+    load_lag_threshold_ms: float = 50.0  # event-loop lag (averaged over load_window_secs) past which new calls are refused
+    load_window_secs: float = 2.0
+    load_sample_ms: float = 100.0        # how often the event loop's lag is sampled
     call_stop_timeout_secs: float = 2.0  # an ending call's tasks get this long to stop, then as long once cancelled
     ws_max_queued_events: int = 1000     # /ws events a client has not read yet; beyond: the session is closed
     ws_write_coalesce_ms: int = 0
@@ -477,14 +481,15 @@ def _validate(c: Config, problems: _Problems) -> None:
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
-                "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events",
+                "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events", "load_lag_threshold_ms",
+                "load_window_secs", "load_sample_ms",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
                 "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs")
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
     for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs",
-                "media_flood_close_ms"):
+                "media_flood_close_ms", "max_concurrent_calls"):
         if getattr(c, key) < 0:
             problems.add(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:

@@ -42,6 +42,10 @@ class Metrics:
         self.media_dropped = Counter("voxray_media_dropped", "Caller audio frames dropped, by reason "
                                      "(faster_than_real_time: past media_burst_ms ahead of real time)",
                                      ["carrier", "reason"], registry=r)
+        self.calls_refused = Counter("voxray_calls_refused", "New calls refused, by reason (draining, max_calls, "
+                                     "overloaded)", ["reason"], registry=r)
+        self.loop_lag = Gauge("voxray_event_loop_lag_seconds", "How late the event loop runs a timer, averaged over "
+                              "load_window_secs", registry=r)
         self.sessions = Gauge("voxray_sessions", "Live sessions held by this instance, by session store",
                               ["store"], registry=r)
         self.session_store_up = Gauge("voxray_session_store_up", "1 when the session store answered the last "

@@ -68,6 +68,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from carriers.base import CallControlFailed
+from gateway.admission import turn_away
 from gateway.browser.events import encode, ready_event
 from gateway.browser.ws import FRAME_MS, StartRequest, parse_start, start_persona
 from gateway.calls.call import Call
@@ -197,9 +198,9 @@ def _admit(request: Request, services: Services) -> Response | None:
     refused = refusal_for(request)
     if refused is not None:
         return refused
-    if getattr(services, "draining", False):
-        logger.warning("browser session refused: draining")
-        return error(503, "draining: this instance is shutting down")
+    if why := turn_away(services):
+        logger.warning("browser session refused: %s", why)
+        return error(503, why)
     return None
 
 

@@ -54,6 +54,7 @@ import numpy as np
 from starlette.websockets import WebSocket
 
 from carriers.base import CallControlFailed
+from gateway.admission import turn_away
 from gateway.browser.events import encode, ready_event
 from gateway.calls.call import Call
 from gateway.calls.leg import CallSide
@@ -99,9 +100,10 @@ async def ws(websocket: WebSocket) -> None:
     chosen = SUBPROTOCOL if SUBPROTOCOL in offered else (offered[0] if offered else None)
     await websocket.accept(subprotocol=chosen)
     io = socket_io(websocket)
-    if services.draining:
-        await io.send(encode({"type": "error", "code": "draining", "message": "this instance is shutting down"}))
-        await io.close(1013, "draining: try again")
+    if why := turn_away(services):
+        code = "draining" if services.draining else "busy"
+        await io.send(encode({"type": "error", "code": code, "message": why}))
+        await io.close(1013, f"{code}: try again")
         return
     origin = websocket.headers.get("origin")
     if not origin_allowed(origin, config.cors_allowed_origins, own=config.public_url):

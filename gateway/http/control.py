@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
+from gateway.admission import turn_away
 from gateway.personas import PersonaError, dialable
 from gateway.http.auth import requires_key
 from gateway.http.errors import error, services_of
@@ -149,8 +150,8 @@ async def place_call(request: Request) -> Response:
     """``POST /calls``: mint a session, ask the carrier to dial, stream the answered call into it."""
     services = services_of(request)
     config = services.config
-    if services.draining:
-        return error(503, "draining: this instance is shutting down")
+    if why := turn_away(services):
+        return error(503, why)
     body = await _json_body(request)
     if body is None:
         return error(400, "body must be a JSON object")

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from carriers.base import CallInfo, CarrierProtocolError, SignatureInvalid, WebhookIgnored, WebhookRequest
+from gateway.admission import turn_away
 from gateway.calls.call import Call
 from gateway.calls.carrier_leg import CarrierLeg
 from gateway.calls.socket import socket_io
@@ -39,6 +40,9 @@ async def ready(request: Request) -> Response:
     services = services_of(request)
     if services.draining:
         return error(503, "draining: this instance is shutting down", active_calls=len(services.calls))
+    busy = services.admission.refusal() if services.admission is not None else None
+    if busy is not None:
+        return error(503, services.admission.explain(busy), active_calls=len(services.calls))  # type: ignore[union-attr]
     if not await services.sessions.ping():
         return error(503, "session store unreachable")
     return JSONResponse({"status": "ready", "active_calls": len(services.calls)})
@@ -74,9 +78,9 @@ async def start(request: Request) -> Response:
     carrier, refused = carrier_or_error(services, name)
     if refused is not None:
         return refused
-    if services.draining and "session" not in request.query_params:   # (a call we placed may still answer)
-        logger.warning("webhook for %s refused: draining", name)
-        return error(503, "draining: this instance is shutting down")
+    if "session" not in request.query_params and (why := turn_away(services)):   # (a call we placed may answer)
+        logger.warning("webhook for %s refused: %s", name, why)
+        return error(503, why)
     if not config.public_url:
         logger.error("webhook for %s refused: public_url is not set", name)
         return error(503, "public_url is not set: set it (or VOXRAY_PUBLIC_URL) to the https URL carriers reach")
