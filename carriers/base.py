@@ -13,8 +13,9 @@ Usage (what ``gateway`` does on ``POST /start/twilio``)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Protocol, Sequence
+from typing import ClassVar, Protocol
 
 from pipeline.frames import Frame
 

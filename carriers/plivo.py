@@ -61,10 +61,11 @@ import logging
 import re
 from array import array
 from collections import OrderedDict
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlparse, urlsplit, urlunparse
 from xml.sax.saxutils import escape
 

@@ -70,10 +70,11 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, quote, urlencode
 from xml.sax.saxutils import escape
 
@@ -102,7 +103,7 @@ logger = logging.getLogger(__name__)
 TOLERANCE_SECS = 300
 _SIGNATURE_HEADER = "telnyx-signature-ed25519"
 _TIMESTAMP_HEADER = "telnyx-timestamp"
-_WS_TOKEN = "x-telnyx-streaming-auth-token"
+_WS_TOKEN = "x-telnyx-streaming-auth-token"  # noqa: S105 - a header name, not a secret
 _ALREADY_ENDED = "90018"
 _DTMF_OUT = re.compile(r"^[0-9*#A-DwW]{1,64}$")
 _TARGET = re.compile(r"^(\+[1-9][0-9]{6,14}|sips?:[^\s<>\"']{3,256})$")

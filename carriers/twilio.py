@@ -30,10 +30,11 @@ import hmac
 import json
 import logging
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 from xml.sax.saxutils import escape
 

@@ -66,10 +66,11 @@ import re
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from importlib import resources
 from string import Template
-from typing import Any, Callable, ClassVar, Literal, Mapping, TypeGuard
+from typing import Any, ClassVar, Literal, TypeGuard
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
@@ -472,7 +473,8 @@ def _vonage_error(response: httpx.Response) -> str:
     if isinstance(data, dict):
         title = _str(data.get("title")) or _str(data.get("error_title"))
         detail = _str(data.get("detail")) or _str(data.get("error_text"))
-    parts = [p for p in (title, detail if detail != title else "") if p] or [response.reason_phrase or "no error message"]
+    parts = ([p for p in (title, detail if detail != title else "") if p]
+             or [response.reason_phrase or "no error message"])
     return f"HTTP {response.status_code}: " + ": ".join(parts)[:300]
 
 
@@ -599,7 +601,8 @@ class VonageMediaStream:
     def encode(self, frame: Frame) -> list[str | bytes]:
         if isinstance(frame, AudioFrame):
             if frame.sample_rate != self.sample_rate:
-                raise ValueError(f"vonage needs {self.sample_rate} Hz audio (got {frame.sample_rate} Hz); resample first")
+                raise ValueError(f"vonage needs {self.sample_rate} Hz audio (got {frame.sample_rate} Hz); "
+                                 "resample first")
             self._require_open()
             pcm, size = frame.pcm, self._frame_bytes
             if len(pcm) == size:  # the playout's usual case

@@ -18,7 +18,8 @@ import difflib
 import inspect
 import json
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from carriers import CARRIERS
@@ -159,7 +160,8 @@ def _coerce(name: str, value: Any, param: inspect.Parameter) -> Any:
     default = param.default
     annotation = str(param.annotation)
     text = isinstance(value, str)
-    choices = re.findall(r"['\"]([^'\"]+)['\"]", m.group(1)) if (m := re.search(r"Literal\[(.*?)\]", annotation)) else []
+    m = re.search(r"Literal\[(.*?)\]", annotation)
+    choices = re.findall(r"['\"]([^'\"]+)['\"]", m.group(1)) if m else []
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -177,7 +179,8 @@ def _coerce(name: str, value: Any, param: inspect.Parameter) -> Any:
             return float(value)
         if isinstance(default, (tuple, list)) or "Sequence" in annotation:
             if text:
-                value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+                value = (json.loads(value) if value.strip().startswith("[")
+                         else [v.strip() for v in value.split(",") if v.strip()])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return tuple(value)

@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipeline.conversation import Persona
 
@@ -43,9 +44,9 @@ class PersonaError(ValueError):
 class PersonaBook:
     """Lookup of personas by name and dialed number, reloaded when the file's mtime changes."""
 
-    def __init__(self, path: Path | None, *, default: Persona = Persona()) -> None:
+    def __init__(self, path: Path | None, *, default: Persona | None = None) -> None:
         self._path = path
-        self._default = default
+        self._default = default if default is not None else Persona()
         self._mtime: float | None = None
         self._personas: dict[str, Persona] = {}
         self._numbers: dict[str, str] = {}

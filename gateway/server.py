@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from types import FrameType
-from typing import Iterator
 
 import uvicorn
 from starlette.applications import Starlette

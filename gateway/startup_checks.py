@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Awaitable
 from urllib.parse import urlparse
 
 import aioboto3
@@ -80,7 +80,8 @@ async def check_recording(r: RecordingConfig, timeout_s: float) -> str | None:
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", "?"))
         fix = {"404": "create it or fix recording.bucket", "NoSuchBucket": "create it or fix recording.bucket",
-               "403": "check the credentials and the bucket's policy"}.get(code, "check recording.* and the credentials")
+               "403": "check the credentials and the bucket's policy"}.get(
+                   code, "check recording.* and the credentials")
         return f"recording: {where} answered {code}: {fix}; recordings stay in the spool until then"
     except (BotoCoreError, OSError) as exc:
         return (f"recording: {where} does not answer ({_one_line(exc)}): check recording.endpoint_url "

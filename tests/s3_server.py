@@ -113,7 +113,7 @@ class WeedS3:
             try:
                 s3.head_bucket(Bucket=self.bucket)
                 return
-            except Exception as exc:  # connection refused, 404 before the bucket exists, 503 ...
+            except Exception as exc:  # noqa: BLE001 - connection refused, 404 before the bucket exists, 503 ...
                 last = exc
                 time.sleep(0.1)
         self.stop()

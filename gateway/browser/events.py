@@ -16,8 +16,9 @@ Usage::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
 from pipeline.jsonutil import loads

@@ -60,8 +60,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import av
-from aiortc import (MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
-                    RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription, sdp)
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+    sdp,
+)
 from aiortc.mediastreams import MediaStreamError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,16 +79,16 @@ from starlette.types import Receive, Scope, Send
 from carriers.base import CallControlFailed
 from gateway.admission import turn_away
 from gateway.browser.events import encode, ready_event
+from gateway.browser.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
 from gateway.browser.ws import FRAME_MS, StartRequest, parse_start, start_persona
 from gateway.calls.call import Call
 from gateway.calls.leg import CallSide
-from gateway.logging import call_id
-from gateway.redaction import short_id
-from gateway.personas import PersonaError
 from gateway.http.auth import refusal_for
 from gateway.http.errors import error, services_of
+from gateway.logging import call_id
+from gateway.personas import PersonaError
+from gateway.redaction import short_id
 from gateway.sessions import Session, SessionStoreUnavailable
-from gateway.browser.webrtc_audio import OPUS_OUTPUT_RATE, PHONE_RATE, OutboundAudioTrack, frame_to_pcm
 from pipeline.conversation import Persona
 from pipeline.frames import AudioFrame, Clear, Frame
 from pipeline.jsonutil import JSONLimitExceeded, loads
@@ -629,5 +638,6 @@ class WebRTCLeg:
         if channel is None or channel.readyState != "open":
             return
         deadline = time.monotonic() + _DRAIN_TIMEOUT_S
-        while channel.bufferedAmount > 0 and time.monotonic() < deadline:
+        # aiortc has no "drained" event to wait on
+        while channel.bufferedAmount > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)

@@ -19,7 +19,8 @@ Server -> client: ``ready`` (``sample_rate``, ``codec``, ``session_id``), ``tran
 ``final``), ``bot_speaking`` (``state``: ``started``/``stopped``), ``interrupted`` (flush your playback
 buffer), ``turn_latency`` (per-stage milliseconds), ``error`` (``code``, ``message``), ``end``.
 
-Authentication (``gateway.http.auth``: ``server_api_key``, or the key generated at startup): ``?token=<key>``, ``Authorization: Bearer <key>``, or
+Authentication (``gateway.http.auth``: ``server_api_key``, or the key generated at startup): ``?token=<key>``,
+``Authorization: Bearer <key>``, or
 the WebSocket subprotocol ``bearer.<key>`` (browsers cannot set headers; offer ``["voxray", "bearer.<key>"]``
 and the server selects ``voxray``, so the key is never echoed back). A wrong key closes with 1008.
 
@@ -300,7 +301,8 @@ class WsLeg:
     # ------------------------------------------------------------------------------ lifecycle
     async def open(self, call: CallSide) -> Mapping[str, str] | None:
         self._call = call
-        await self._send_text(encode(ready_event(call, self.codec, self.sample_rate, input_sample_rate=self.input_rate)))
+        ready = ready_event(call, self.codec, self.sample_rate, input_sample_rate=self.input_rate)
+        await self._send_text(encode(ready))
         logger.info("browser session input_rate=%d codec=%s", self.input_rate, self.codec)
         return {}
 

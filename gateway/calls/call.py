@@ -293,6 +293,7 @@ def _tools(persona: Persona) -> list[Tool]:
         return []
     return [Tool("transfer_call", "Transfer the caller to a person or department when they ask for it or "
                  "when you cannot help. Say a short sentence first, e.g. 'Let me transfer you.'",
-                 {"type": "object", "properties": {"target": {"type": "string", "enum": sorted(persona.transfer_targets)}},
+                 {"type": "object",
+                  "properties": {"target": {"type": "string", "enum": sorted(persona.transfer_targets)}},
                   "required": ["target"]})]
 

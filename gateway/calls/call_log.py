@@ -28,12 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from gateway.storage.recording import CallRecorder, RecordingUploader
 from gateway.sessions import Session
+from gateway.storage.recording import CallRecorder, RecordingUploader
 from gateway.storage.transcripts import TranscriptRow, TranscriptWriter
 from pipeline.conversation import BotSpeaking, Event, TranscriptEvent, TurnLatency
 from pipeline.frames import AudioFrame
@@ -74,7 +75,7 @@ class CallLog:
                 recorder = CallRecorder.for_call(
                     uploader.spool_dir, base_path=r.base_path, session_id=session.id, carrier=carrier,
                     call_id=session.call_id, channels=r.channels,  # type: ignore[arg-type]
-                    started_at=datetime.now(timezone.utc))
+                    started_at=datetime.now(UTC))
             except OSError as exc:
                 logger.error("recording could not start (the call goes on unrecorded): %s", exc)
         return cls(session, persona=persona, carrier=carrier, recorder=recorder, uploader=uploader,

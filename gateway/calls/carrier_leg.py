@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from carriers.base import CallInfo, Carrier, CarrierProtocolError, HangupFailed, MediaStream
 from gateway.calls.leg import CallSide
@@ -192,5 +193,5 @@ class CarrierLeg:
                 logger.error("hang-up through the carrier failed: %s", exc or "timed out")
         try:
             await self.socket.close(code, text)
-        except Exception:  # noqa: BLE001 - the socket may already be gone
+        except Exception:  # noqa: BLE001, S110 - the socket may already be gone
             pass

@@ -27,7 +27,8 @@ Usage (a minimal in-memory leg)::
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.frames import AudioFrame, Frame
 

@@ -10,8 +10,8 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import functools
 import hmac
 import secrets
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response

@@ -20,17 +20,18 @@ import dataclasses
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from carriers.base import CallControlFailed, CarrierProtocolError, DialRequest, SignatureInvalid
 from gateway.admission import turn_away
-from gateway.personas import PersonaError, dialable
 from gateway.http.auth import requires_key
 from gateway.http.errors import error, services_of
 from gateway.http.routes import carrier_or_error, webhook_request
+from gateway.personas import PersonaError, dialable
 from gateway.sessions import Session, SessionStoreUnavailable
 from pipeline.jsonutil import loads
 

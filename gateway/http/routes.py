@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -90,7 +91,8 @@ async def start(request: Request) -> Response:
         call = carrier.parse_call(webhook)
     except SignatureInvalid as exc:
         services.metrics.webhooks_rejected.labels(carrier=name, reason="signature").inc()
-        logger.warning("webhook rejected carrier=%s reason=%s from=%s", name, exc, request.client.host if request.client else "-")
+        logger.warning("webhook rejected carrier=%s reason=%s from=%s", name, exc,
+                       request.client.host if request.client else "-")
         return error(403, "invalid signature")
     except WebhookIgnored as exc:
         logger.info("%s", exc)

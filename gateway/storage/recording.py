@@ -545,7 +545,7 @@ class RecordingUploader:
                 logger.info("recording %s is no longer in the spool (already uploaded?)", path.name)
                 self._waiting.discard(path.name)
                 return
-            except Exception as exc:  # botocore ClientError, connection errors, timeouts, OSError
+            except Exception as exc:  # noqa: BLE001 - botocore ClientError, connection errors, timeouts, OSError
                 if attempt == self.max_retries or self._closing.is_set():
                     self.failures_total += 1
                     logger.error("recording %s upload failed after %d attempt(s) (%s: %s); it stays in %s "

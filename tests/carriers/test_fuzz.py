@@ -21,8 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carriers.base import (CallEvent, CallInfo, CarrierProtocolError, MediaStream, SignatureInvalid,
-                           WebhookIgnored, WebhookRequest)
+from carriers.base import (
+    CallEvent,
+    CallInfo,
+    CarrierProtocolError,
+    MediaStream,
+    SignatureInvalid,
+    WebhookIgnored,
+    WebhookRequest,
+)
 from pipeline.frames import AudioFrame, Dtmf, MarkPlayed, StreamStarted, StreamStopped
 from tests.carriers import test_exotel, test_plivo, test_telnyx, test_twilio, test_vonage
 
@@ -82,7 +89,7 @@ def mutated(draw: st.DrawFn, template: str | bytes) -> str:
             container[key] = draw(st.sampled_from(ODD_NUMBERS))
         elif choice <= 1 and isinstance(old, str) and re.search("[0-9]", old):   # "audio/l16;rate=16000"
             odd = draw(st.sampled_from([n for n in ODD_NUMBERS if isinstance(n, str)]))
-            container[key] = re.sub("[0-9]+", lambda _: odd, old, count=1)
+            container[key] = re.sub("[0-9]+", lambda _, odd=odd: odd, old, count=1)
         else:
             container[key] = draw(st.sampled_from(WORDS) if choice == 2 else json_values)
     return json.dumps(data)

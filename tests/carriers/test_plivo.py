@@ -371,7 +371,7 @@ def test_answer_matches_the_documented_xml() -> None:
         CALL_INFO, WSS, {"sessionId": "3f9c1e", "agent": "sales"})
     assert media_type == "application/xml"
     assert body.startswith('<?xml version="1.0" encoding="UTF-8"?><Response><Stream ')
-    documented = ET.fromstring("""<?xml version="1.0" encoding="UTF-8"?>
+    documented = ET.fromstring(b"""<?xml version="1.0" encoding="UTF-8"?>
         <Response>
           <Stream bidirectional="true" keepCallAlive="true"
                   contentType="audio/x-mulaw;rate=8000"
@@ -379,7 +379,7 @@ def test_answer_matches_the_documented_xml() -> None:
                   statusCallbackUrl="https://gw.example.com/plivo/stream-status"
                   statusCallbackMethod="POST"
                   extraHeaders="sessionId=3f9c1e,agent=sales">wss://gw.example.com/ws/plivo/3f9c1e</Stream>
-        </Response>""".encode())[0]
+        </Response>""")[0]
     stream = stream_element(body)
     assert stream.tag == "Stream" and stream.text == documented.text == WSS
     assert stream.attrib == {**documented.attrib, "audioTrack": "inbound"}

@@ -29,17 +29,18 @@ import hmac
 import itertools
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
 from starlette.applications import Starlette
-
-from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.fakes._server import LocalServer
 
 __all__ = ["FakeExotelREST", "RecordedRequest"]
 

@@ -23,15 +23,16 @@ import hmac
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from starlette.applications import Starlette
-
-from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.fakes._server import LocalServer
 
 __all__ = ["FakePlivoREST", "RecordedRequest"]
 

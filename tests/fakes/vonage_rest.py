@@ -21,16 +21,17 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import jwt
 from starlette.applications import Starlette
-
-from tests.fakes._server import LocalServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.fakes._server import LocalServer
 
 __all__ = ["FakeVonageREST", "RecordedRequest"]
 

@@ -270,7 +270,7 @@ def test_nothing_configured_and_no_keys_uses_local_with_a_note() -> None:
     assert (p.stt.name, p.llm.name, p.tts.name) == ("local", "local", "local")
     assert p.stt.api_key is None
     assert len(p.notes) == 3
-    for stage, note in zip(("stt", "llm", "tts"), p.notes):
+    for stage, note in zip(("stt", "llm", "tts"), p.notes, strict=True):
         assert note.startswith(f"{stage}:") and "local" in note and "OPENAI_API_KEY" in note
 
 

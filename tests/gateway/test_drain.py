@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
-from gateway.simulate.call import SimulatedCall
 from tests.processes import GatewayProcess
 from tests.speech import speech_pcm
 

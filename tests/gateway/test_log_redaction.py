@@ -8,7 +8,8 @@ import json
 import logging
 import re
 import secrets
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +21,8 @@ from gateway.redaction import is_session_id, redact
 from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
-from tests.gateway.browser.test_ws import ws_url
 from tests.fakes.twilio_rest import FakeTwilioREST
+from tests.gateway.browser.test_ws import ws_url
 from tests.processes import GatewayProcess
 from tests.speech import speech_pcm
 

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import socket
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest

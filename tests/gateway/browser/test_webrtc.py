@@ -10,10 +10,11 @@ track (:mod:`gateway.browser.webrtc_audio`) are tested in ``test_webrtc_audio.py
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aioice.ice
 import av

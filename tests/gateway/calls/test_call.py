@@ -15,9 +15,9 @@ import pytest
 
 from carriers.base import CallControlFailed
 from gateway.app import Services, create_app
+from gateway.browser.events import ready_event
 from gateway.calls.call import Call
 from gateway.sessions import Session
-from gateway.browser.events import ready_event
 from pipeline.conversation import Persona
 from pipeline.frames import AudioFrame, Clear, Frame
 from tests.conftest import phone_config

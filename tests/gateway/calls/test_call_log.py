@@ -263,8 +263,8 @@ async def test_browser_sessions_are_recorded_and_transcribed_too(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import aioice.ice
 
-    from tests.gateway.browser.test_ws import open_session
     from tests.gateway.browser.test_webrtc import MIC_RATE, Browser
+    from tests.gateway.browser.test_ws import open_session
 
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
     db = tmp_path / "transcripts.db"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import websockets
 
-from gateway.http.auth import AccessKey
 from gateway.config import Config, ConfigError
+from gateway.http.auth import AccessKey
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.processes import GatewayProcess
