@@ -13,6 +13,10 @@ subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCa
                  inter-arrival gap between consecutive media frames within one answer
 * failures     = calls that failed to dial / connect / get audio, or were closed by the gateway
 
+``--vad energy,silero`` runs everything once per ``vad_type``, each against a fresh gateway, and prints the
+gateway CPU per call-second side by side. The caller then speaks a Piper sentence (``voxray[local]``; trimmed
+to its last voiced sample) in every run, since Silero rightly takes the synthetic voice for no speech.
+
 ``--transports phone,ws,webrtc`` measures browser sessions too (``bench/browsers.py``: ``GET /ws`` PCM16 and
 WebRTC over aiortc), each transport against a fresh gateway process, one after the other in the same run, at
 ``--calls`` (phone), ``--ws-sessions`` and ``--webrtc-sessions`` levels.
@@ -20,6 +24,7 @@ WebRTC over aiortc), each transport against a fresh gateway process, one after t
 Usage::
 
     .venv/bin/python -m bench.load [--calls 1,50,100,150,200] [--seconds 30] [--json out.json]
+    .venv/bin/python -m bench.load --calls 20 --seconds 20 --vad energy,silero
     .venv/bin/python -m bench.load --transports phone,ws,webrtc --calls 1,8,50,100 --ws-sessions 1,8,50,100 \
         --webrtc-sessions 1,4,8,12
 
@@ -90,6 +95,17 @@ def synthetic_speech(seconds: float = 1.2, rate: int = 8000, f0: float = 150.0, 
     fade = int(0.005 * rate)
     x[:fade] *= np.linspace(0.0, 1.0, fade)
     return (np.clip(x, -0.98, 0.98) * 32767).astype("<i2").tobytes()
+
+
+def piper_speech(text: str = TRANSCRIPT, rate: int = 8000) -> bytes:
+    """Real speech (Piper, tests/speech.py) from its first to its last voiced 10 ms (RMS > 0.01), so that, as
+    with :func:`synthetic_speech`, "end of speech" is the moment the last frame is sent."""
+    from tests.speech import speech_pcm
+
+    pcm = speech_pcm(text, sample_rate=rate)
+    step = rate // 100 * 2
+    loud = [i for i in range(0, len(pcm), step) if rms(pcm[i:i + step]) > 0.01]
+    return pcm[loud[0]:loud[-1] + step]
 
 
 def frame_rms_range(pcm: bytes, rate: int = 8000) -> tuple[float, float, float]:
@@ -227,7 +243,7 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
         "provider": "openai", "api_keys": {"openai": "sk-bench"}, "base_urls": {"openai": fake_url},
         "carriers": {"twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
                                 "api_base_url": f"http://127.0.0.1:{closed_port}"}},
-        "vad_stop_ms": args.vad_stop_ms,
+        "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type,
     }
     if transport != "phone":
         config["webrtc_ice_servers"] = []      # host candidates only (never aiortc's default public STUN server)
@@ -566,7 +582,7 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
                 workdir: Path | None = None, fake: Child | None = None, fake_url: str = "") -> dict[str, Any]:
     """One transport's levels against a fresh gateway (and the fake, started here unless given)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="voxray-bench-"))
-    speech = synthetic_speech(args.speech_s)
+    speech = piper_speech() if args.piper_speech else synthetic_speech(args.speech_s)
     rms_min, rms_all, rms_last = frame_rms_range(speech)
     tokens = first_clause_tokens(REPLY)
     fixed_ms = args.vad_stop_ms + args.stt_ms + args.llm_ms + args.tts_ms + (tokens - 1) * args.token_ms
@@ -580,7 +596,8 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
             print(f"\n== {transport}: {TRANSPORTS[transport]} (N = concurrent sessions) ==")
         print(f"gateway pid {gateway.pid} at {url} (idle RSS {idle0_mb:.1f} MB, {threads0} threads); "
               f"fake OpenAI pid {fake.pid} at {fake_url}; logs in {workdir}")
-        print(f"speech: {len(speech) / 16:.0f} ms synthetic voiced PCM, RMS {rms_all:.3f} (min 20 ms frame {rms_min:.3f}, "
+        print(f"vad_type {args.vad_type}; speech: {len(speech) / 16:.0f} ms "
+              f"{'Piper' if args.piper_speech else 'synthetic voiced'} PCM, RMS {rms_all:.3f} (min 20 ms frame {rms_min:.3f}, "
               f"last frame {rms_last:.3f}; VAD threshold 0.02, stop below 0.012)")
         print(f"fixed: vad_stop {args.vad_stop_ms} + stt {args.stt_ms:g} + llm {args.llm_ms:g} + tts {args.tts_ms:g} "
               f"+ {tokens - 1} token waits = {fixed_ms:g} ms subtracted from latency to give 'added'")
@@ -710,6 +727,25 @@ def compare(out: dict[str, Any]) -> None:
                 _f(r["client_cpu_pct"]), _f(r["machine_cpu_pct"])))
 
 
+def compare_vads(by_vad: dict[str, dict[str, Any]]) -> None:
+    """Gateway CPU per call-second of each detector at each level, and what each costs beyond the first."""
+    def levels(out: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if "transports" in out:
+            return [(t, r) for t, result in out["transports"].items() for r in result["levels"]]
+        return [("phone", r) for r in out["levels"]]
+
+    first, *others = by_vad
+    base = {(t, r["calls"]): r["gateway_cpu_ms_per_call_s"] for t, r in levels(by_vad[first])}
+    print(f"\ngateway CPU ms per call-second by vad_type (same run; delta against {first}):")
+    for vad, out in by_vad.items():
+        for transport, r in levels(out):
+            ms, ref = r["gateway_cpu_ms_per_call_s"], base.get((transport, r["calls"]))
+            delta = f" ({ms - ref:+.2f} ms, {100 * (ms - ref) / 1000:+.2f}% of a core per call)" \
+                if vad in others and ref is not None and ms is not None else ""
+            print(f"  {vad:>7} {transport:>7} N={r['calls']}: {_f(ms, '{:.2f}')}{delta}; added p50/p99 "
+                  f"{_f(r['added_ms']['p50'])}/{_f(r['added_ms']['p99'])} ms, failures {r['failures']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", default="1,50,100,150,200", help="comma-separated concurrency levels")
@@ -732,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-ms", type=float, default=5.0, help="fake LLM interval between tokens")
     p.add_argument("--tts-ms-per-char", type=float, default=30.0)
     p.add_argument("--vad-stop-ms", type=int, default=300)
-    p.add_argument("--speech-s", type=float, default=1.2)
+    p.add_argument("--speech-s", type=float, default=1.2, help="length of the synthetic speech (not with silero)")
+    p.add_argument("--vad", default="energy",
+                   help="comma-separated vad_type values (energy, silero): the whole run once per detector, each "
+                        "against a fresh gateway, then their CPU per call-second side by side")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--profile", help="py-spy speedscope profile of the gateway during the last level")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -753,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(t, [int(x) for x in level_args[t].split(",") if x.strip()]) for t in transports]
     if "webrtc" in transports:
         browsers.use_loopback_ice()
+    vads = [v.strip() for v in args.vad.split(",") if v.strip()]
+    if not vads or any(v not in ("energy", "silero") for v in vads):
+        p.error("--vad takes energy, silero")
+    args.piper_speech = "silero" in vads
     if args.nice:
         os.nice(args.nice)       # this client too: the gateway started below inherits normal priority
 
@@ -766,22 +809,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"voxray load benchmark: levels {shown}, {args.seconds:g} s talking per call, client loop {loop_name}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     started = time.time()
+    by_vad: dict[str, dict[str, Any]] = {}
     with asyncio.Runner(loop_factory=factory) as runner:
-        if transports == ["phone"]:
-            out = runner.run(bench(args, levels))
-            report(out["levels"], args)
-        else:
-            by_transport = runner.run(bench_transports(args, plan))
-            for transport, result in by_transport.items():
-                report(result["levels"], args, transport)
-            compare(by_transport)
-            out = {"transports": by_transport}
+        for vad in vads:
+            args.vad_type = vad
+            if len(vads) > 1:
+                print(f"\n==== vad_type {vad} ====")
+            if transports == ["phone"]:
+                out = runner.run(bench(args, levels))
+                report(out["levels"], args)
+            else:
+                by_transport = runner.run(bench_transports(args, plan))
+                for transport, result in by_transport.items():
+                    report(result["levels"], args, transport)
+                compare(by_transport)
+                out = {"transports": by_transport}
+            by_vad[vad] = out
+    if len(vads) > 1:
+        compare_vads(by_vad)
+        out = {"vads": by_vad}
     if args.json:
         meta = {"argv": sys.argv, "started": started, "python": platform.python_version(), "cpus": os.cpu_count(),
                 "machine": platform.platform(), "client_loop": loop_name,
                 "delays_ms": {"stt": args.stt_ms, "llm": args.llm_ms, "tts": args.tts_ms, "token": args.token_ms},
                 "vad_stop_ms": args.vad_stop_ms, "tts_ms_per_char": args.tts_ms_per_char, "transcript": TRANSCRIPT,
-                "reply": REPLY, "seconds": args.seconds, "transports": transports}
+                "reply": REPLY, "seconds": args.seconds, "transports": transports, "vads": vads,
+                "speech": "piper" if args.piper_speech else "synthetic"}
         Path(args.json).write_text(json.dumps({"meta": meta, **out}, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from gateway.storage.transcripts import TranscriptWriter
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.startup_checks import run_startup_checks
 from pipeline.conversation import ConversationSettings, ProviderChain
+from pipeline.silero_vad import SileroModel
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
 
@@ -134,8 +136,6 @@ def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
 
 async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
     """Speak the apology once at startup, so a TTS outage later still has something to play."""
-    import dataclasses
-
     for tts in chain.tts:
         try:
             async with asyncio.timeout(c.tts_timeout_secs):
@@ -145,6 +145,16 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
         except Exception as exc:  # noqa: BLE001 - any provider failure just means no cached apology
             logger.warning("could not pre-render the apology with %s: %s", tts.name, exc or type(exc).__name__)
     return chain
+
+
+async def conversation_settings(config: Config) -> ConversationSettings:
+    """The calls' settings; with vad_type 'silero', the one Silero session they share, loaded off the loop."""
+    settings = ConversationSettings.from_config(config)
+    if config.vad_type != "silero":
+        return settings
+    model = SileroModel()
+    await asyncio.to_thread(model.load)
+    return dataclasses.replace(settings, silero_model=model)
 
 
 def create_app(config: Config) -> Starlette:
@@ -164,7 +174,7 @@ def create_app(config: Config) -> Starlette:
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,
                 sessions=build_session_store(config),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
-                providers=chain, conversation_settings=ConversationSettings.from_config(config), metrics=Metrics(),
+                providers=chain, conversation_settings=await conversation_settings(config), metrics=Metrics(),
                 access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
             services.recordings, services.transcripts = build_storage(config)

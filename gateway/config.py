@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 from carriers import CARRIERS
 from gateway.carrier_config import CarriersConfig, _ConfigError, _mask_url
 from pipeline.providers import PROVIDERS, ProviderSettings
+from pipeline.silero_vad import SileroModel, SileroUnavailable
 
 __all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig"]
 
@@ -471,9 +472,13 @@ def _validate(c: Config, problems: _Problems) -> None:
         if value not in choices:
             problems.add(f"'{key}' must be one of {', '.join(choices)} (got {value!r})")
     if c.vad_type == "silero":
-        problems.add("'vad_type': 'silero' is not available in this version; use 'energy'")
+        try:
+            SileroModel().check()
+        except SileroUnavailable as exc:
+            problems.add(f"'vad_type' is 'silero': {exc} (or use 'energy')")
     if not 0.0 < c.vad_threshold < 1.0:
-        problems.add(f"'vad_threshold' must be between 0 and 1 (RMS, full scale = 1.0); got {c.vad_threshold}")
+        problems.add(f"'vad_threshold' must be between 0 and 1 (RMS, full scale = 1.0; Silero's speech probability "
+                     f"when vad_type is 'silero'); got {c.vad_threshold}")
     positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",

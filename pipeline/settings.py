@@ -15,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pipeline.silero_vad import SileroModel
 
 __all__ = ["ConversationSettings", "Persona"]
 
@@ -40,7 +43,11 @@ class ConversationSettings:
     INTERNAL: ClassVar[Mapping[str, str]] = {
         "preroll_ms": "audio kept from before the VAD's speech start (which lags it by vad_start_ms) so a "
                       "turn's first syllable reaches the STT; tuned with the VAD, not per deployment",
+        "silero_model": "the process's one Silero ONNX session, shared by every call: a runtime object the "
+                        "gateway's lifespan makes when vad_type is 'silero', not a setting (None: each call loads one)",
     }
+
+    vad_type: str = "energy"             # "silero": pipeline.silero_vad, vad_threshold as its speech probability
 
     vad_threshold: float = 0.02
     vad_start_ms: float = 60
@@ -59,6 +66,7 @@ class ConversationSettings:
     silence_hangup_secs: float = 10.0    # after the prompt, this much more silence ends the call
     silence_prompt_text: str = "Are you still there?"
     goodbye_text: str = "Thank you for calling. Goodbye."
+    silero_model: SileroModel | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, source: Any) -> ConversationSettings:

@@ -31,9 +31,10 @@ from pipeline.frames import AudioFrame
 from pipeline.provider_chain import ProvidersFailed
 from pipeline.settings import ConversationSettings
 from pipeline.text import looks_incomplete
-from pipeline.vad import EnergyVAD, VadEvent
+from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
+from pipeline.vad import EnergyVAD, Vad, VadEvent
 
-__all__ = ["PIPELINE_RATE", "Turn", "TurnTaker"]
+__all__ = ["PIPELINE_RATE", "Turn", "TurnTaker", "new_vad"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,19 @@ class Turn:
     speech_end: float | None = None
     turn_wait_ms: float = 0.0
     stt_ms: float = 0.0
+
+
+def new_vad(settings: ConversationSettings) -> Vad:
+    """The call's detector of ``settings.vad_type``, over the shared ``settings.silero_model`` for Silero.
+    Usage::
+
+        new_vad(ConversationSettings())                                   # EnergyVAD at RMS 0.02
+        new_vad(replace(settings, vad_type="silero", silero_model=model))  # SileroVAD at probability 0.5
+    """
+    if settings.vad_type == "silero":
+        return SileroVAD(settings.silero_model or SileroModel(), threshold=silero_threshold(settings.vad_threshold),
+                         start_ms=settings.vad_start_ms, stop_ms=settings.vad_stop_ms)
+    return EnergyVAD(threshold=settings.vad_threshold, start_ms=settings.vad_start_ms, stop_ms=settings.vad_stop_ms)
 
 
 class Transcribe(Protocol):
@@ -78,8 +92,7 @@ class TurnTaker:
         self._on_turn = on_turn
         self._on_failure = on_failure
         self._clock = clock
-        self._vad = EnergyVAD(threshold=settings.vad_threshold, start_ms=settings.vad_start_ms,
-                              stop_ms=settings.vad_stop_ms)
+        self._vad = new_vad(settings)
         self._preroll: collections.deque[AudioFrame] = collections.deque()
         self._preroll_ms = 0.0
         self._utterance_rate = PIPELINE_RATE

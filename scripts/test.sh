@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[local,test]'
+.venv/bin/python -m pip install --quiet -e '.[local,silero,test]'
+.venv/bin/python -m pip install --quiet --no-deps 'silero-vad==6.2.3'   # its ONNX model only: it declares torch (see pyproject.toml)
 
 # Services. The fake provider and carrier servers are started per test. The tests that stop and
 # restart a server start their own: redis-server on a free port (tests/processes.py), a private

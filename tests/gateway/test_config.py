@@ -51,6 +51,11 @@ def test_defaults_match_the_documented_contract() -> None:
         assert getattr(c, key) == ""
 
 
+def test_vad_type_silero_is_accepted_when_installed() -> None:
+    """Its refusal without onnxruntime or silero-vad: tests/pipeline/test_silero_vad.py (the check it runs)."""
+    assert Config.from_mapping({"vad_type": "silero", "vad_threshold": 0.6}).vad_type == "silero"
+
+
 def test_http_edge_defaults_and_proxies_from_the_environment() -> None:
     c = Config.from_mapping({}, OPENAI)
     assert (c.max_request_body_bytes, c.http_header_timeout_secs, c.http_max_header_bytes,
