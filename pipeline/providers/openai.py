@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import contextlib
 import logging
 from typing import AsyncIterator, Sequence
 
@@ -80,14 +81,15 @@ class OpenAILLM(HTTPClient):
             async with self._http.post(f"{self._url}/chat/completions", json=body, headers=self._headers,
                                        timeout=self._timeout) as response:
                 await raise_for_status(self.settings, response)
-                async for _event, data in sse_events(response):
-                    if data == b"[DONE]":
-                        done = True
-                        await response.read()       # to the end, so the connection is reused
-                        break
-                    delta = _delta(self.name, data, calls)
-                    if delta:
-                        yield delta
+                async with contextlib.aclosing(sse_events(response)) as events:
+                    async for _event, data in events:
+                        if data == b"[DONE]":
+                            done = True
+                            await response.read()       # to the end, so the connection is reused
+                            break
+                        delta = _delta(self.name, data, calls)
+                        if delta:
+                            yield delta
         if not done:
             raise ProviderError(self.name, "the stream ended before [DONE]", transient=True)
         for name, arguments in calls.values():
