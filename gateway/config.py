@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from carriers import CARRIERS
 from gateway.carrier_config import CarriersConfig, _ConfigError, _mask_url
-from pipeline.providers import PROVIDERS, ProviderSettings
+from pipeline.providers import PROVIDERS, ProviderSettings, lookup
 from pipeline.silero_vad import SileroModel, SileroUnavailable
 
 __all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig"]
@@ -610,14 +610,16 @@ def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problem
 
 
 def _api_key(c: Config, name: str, environ: Mapping[str, str]) -> str | None:
-    spec = PROVIDERS.get(name)
-    if c.api_keys.get(name):
-        return c.api_keys[name]
-    return environ.get(spec.key_env) if spec and spec.key_env else None
+    """``api_keys.<name>`` (or an alias's entry), then the provider's key variables in order."""
+    spec = lookup(name)
+    names = (spec.name, *spec.aliases) if spec else (name,)
+    if key := next((c.api_keys[n] for n in names if c.api_keys.get(n)), None):
+        return key
+    return next((environ[v] for v in spec.key_envs if environ.get(v)), None) if spec else None
 
 
 def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, str]) -> ProviderSettings:
-    spec = PROVIDERS.get(name)
+    spec = lookup(name)
     if spec is None:
         raise ConfigError(f"'{key}': unknown provider {name!r}; supported: {', '.join(sorted(PROVIDERS))}")
     if stage not in spec.stages:
@@ -625,15 +627,18 @@ def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, 
         raise ConfigError(f"'{key}': provider {name!r} has no {stage.upper()}; for {stage} use one of {', '.join(offer)}")
     api_key = _api_key(c, name, environ)
     if spec.key_env and not api_key:
-        raise ConfigError(f"'{key}' is {name!r} but no key is set: set {spec.key_env} or api_keys.{name}")
-    if name == "local":
+        raise ConfigError(f"'{key}' is {name!r} but no key is set: set {' or '.join(spec.key_envs)} "
+                          f"or api_keys.{spec.name}")
+    if spec.name == "local":
         _require_local_packages(stage)
-    base = c.base_urls.get(name) or (environ.get(spec.base_url_env, "") if spec.base_url_env else "") or spec.default_base_url
-    if base and urlparse(base).path in ("", "/"):
-        base = base.rstrip("/") + "/v1"   # WHISPER_BASE_URL=http://localhost:9000 style roots
+    base = (c.base_urls.get(spec.name) or c.base_urls.get(name)
+            or (environ.get(spec.base_url_env, "") if spec.base_url_env else "") or spec.default_base_url)
+    if base and spec.api_root and urlparse(base).path in ("", "/"):
+        base = base.rstrip("/") + spec.api_root   # WHISPER_BASE_URL=http://localhost:9000 style roots
     model = {"stt": c.stt_model, "llm": c.model, "tts": c.tts_model}[stage] or spec.default_models[stage]
     voice = (c.tts_voice or spec.default_voice) if stage == "tts" else None
-    return ProviderSettings(name=name, model=model, api_key=api_key, base_url=base, voice=voice)
+    return ProviderSettings(name=spec.name, model=model, api_key=api_key, base_url=base, voice=voice,
+                            key_env=spec.key_env)
 
 
 def _require_local_packages(stage: str) -> None:

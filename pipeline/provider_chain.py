@@ -3,7 +3,8 @@
 A call to a stage (STT, LLM, TTS) goes to the first provider; each item it produces must come within the
 stage's timeout. A transient failure (:class:`~pipeline.providers.base.ProviderError` with ``transient``,
 or a timeout) before the first item is retried ``provider_retries`` times, then the next provider is
-tried; a permanent failure goes straight to the next. A failure after output has been produced is never
+tried; a permanent failure goes straight to the next. A vendor's ``retry-after`` is honoured: the retry
+waits that long, unless it is longer than the stage's timeout, when the next provider is tried at once. A failure after output has been produced is never
 retried (the caller would hear words twice). When no provider is left, :class:`ProvidersFailed` says so:
 the conversation apologises and ends the call.
 
@@ -128,6 +129,11 @@ async def first_working(stage: str, providers: Sequence[_P], open_stream: Callab
                     raise ProvidersFailed(f"{stage} failed mid-answer: {errors[-1]}") from exc
                 if isinstance(exc, ProviderError) and not exc.transient:
                     break
+                wait = exc.retry_after if isinstance(exc, ProviderError) else None
+                if wait is not None:
+                    if wait > timeout_secs:
+                        break                       # a caller will not wait that long: the next provider
+                    await asyncio.sleep(wait)
             finally:
                 await _aclose(stream)
     raise ProvidersFailed(f"{stage} failed: " + "; ".join(errors))

@@ -118,3 +118,57 @@ def test_carrier_reference_has_the_sections_the_code_cites() -> None:
                     missing.append(f"{relative}:{number}: §{match[1]}")
     assert cited > 20
     assert missing == [], "sections cited but not in docs/carriers.md:\n" + "\n".join(missing)
+
+
+# ------------------------------------------------------------------------------------------- providers
+
+PROVIDERS_DOC = ROOT / "docs" / "providers.md"
+
+
+def _provider_rows() -> dict[str, list[str]]:
+    """docs/providers.md's table: provider name -> its cells."""
+    rows = {}
+    for line in PROVIDERS_DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 8:
+            rows[re.match(r"`([^`]+)`", cells[0])[1]] = cells
+    return rows
+
+
+def test_the_provider_table_matches_the_registry() -> None:
+    """Every registered provider has a row with its stages, key and base-URL variables, defaults and
+    aliases; no row names a provider the registry does not have."""
+    from pipeline.providers import PROVIDERS
+
+    rows = _provider_rows()
+    assert sorted(rows) == sorted(PROVIDERS), "docs/providers.md's rows differ from the registry's providers"
+    for name, spec in PROVIDERS.items():
+        provider, stages, keys, base_env, base, models, voice, _options = rows[name]
+        assert set(re.findall(r"`([^`]+)`", provider)) == {name, *spec.aliases}, name
+        assert set(stages.replace(",", " ").split()) == spec.stages, name
+        assert re.findall(r"`([^`]+)`", keys) == list(spec.key_envs), name
+        assert re.findall(r"`([^`]+)`", base_env) == ([spec.base_url_env] if spec.base_url_env else []), name
+        assert re.findall(r"`([^`]+)`", base) == ([spec.default_base_url] if spec.default_base_url else []), name
+        assert dict(re.findall(r"(\w+): `([^`]+)`", models)) == dict(spec.default_models), name
+        assert re.findall(r"`([^`]+)`", voice) == ([spec.default_voice] if spec.default_voice else []), name
+
+
+def test_contributing_names_files_and_interfaces_that_exist() -> None:
+    """CONTRIBUTING.md's four steps point at real files, and the names it uses are real interfaces."""
+    import pipeline.providers as registry
+    import pipeline.providers._http as http
+    import pipeline.providers.base as base
+
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"`((?:pipeline|tests|docs|gateway)/[\w/.]+\.(?:py|md))`", text))
+    assert len(paths) >= 8 and sorted(p for p in paths if not (ROOT / p).exists()) == []
+    for name in ("STTProvider", "LLMProvider", "TTSProvider", "ProviderSpec", "ProviderSettings", "BuildOptions",
+                 "ProviderError", "ToolCall"):
+        assert name in text and hasattr(base, name), name
+    for name in ("HTTPClient", "provider_errors", "raise_for_status", "sse_events"):
+        assert name in text and hasattr(http, name), name
+    assert "PROVIDERS" in text and hasattr(registry, "PROVIDERS")
+    assert {"stream", "synthesize", "transcribe", "retry_after", "transient"} <= set(re.findall(r"\w+", text))
+    fields = {f for f in base.ProviderSpec.__dataclass_fields__}
+    assert set(re.findall(r"`(\w+)`", text.split("**Register it in that module**")[1].split("3.")[0])) & fields >= \
+        {"key_env", "base_url_env", "default_base_url", "default_models", "default_voice", "aliases", "options"}

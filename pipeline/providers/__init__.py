@@ -1,9 +1,15 @@
-"""Provider registry: which provider serves which stage, its key variable, base URL and defaults.
+"""Provider registry: which provider serves which stage, its key variable, base URL, defaults and builders.
+
+Every module in this package whose name does not start with ``_`` (``base`` aside) is a provider
+module: it declares ``SPECS``, a tuple of :class:`ProviderSpec`, and the registry collects them at
+import. Provider modules import only core dependencies; a vendor SDK is imported inside a builder,
+when that provider is configured. Adding a provider is adding one module (see CONTRIBUTING.md).
 
 Usage::
 
     spec = PROVIDERS["groq"]
-    spec.key_env          # "GROQ_API_KEY"
+    spec.key_env                      # "GROQ_API_KEY"
+    lookup("grok").name               # "xai": aliases resolve to their provider
     stt = build_stt(ProviderSettings(name="openai", model="whisper-1", api_key="sk-..."), http, timeout_s=10)
     stt = build_stt(ProviderSettings(name="local", model="pocketsphinx-en-us"), http, timeout_s=10,
                     local_processes=2, local_max_pending=8)   # the offline recogniser's worker processes
@@ -11,12 +17,23 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import importlib
+import pkgutil
+from types import MappingProxyType
 from typing import Mapping
 
 import aiohttp
 
-from pipeline.providers.base import LLMProvider, ProviderError, ProviderSettings, STTProvider, TTSProvider
+from pipeline.providers.base import (
+    BuildOptions,
+    LLMProvider,
+    ProviderError,
+    ProviderSettings,
+    ProviderSpec,
+    STTProvider,
+    TTSProvider,
+)
 
 __all__ = [
     "PROVIDERS",
@@ -25,84 +42,68 @@ __all__ = [
     "build_llm",
     "build_stt",
     "build_tts",
+    "lookup",
+    "provider_modules",
 ]
 
-
-@dataclass(frozen=True, slots=True)
-class ProviderSpec:
-    """Static facts about one provider."""
-
-    name: str
-    stages: frozenset[str]
-    key_env: str | None  # None: no key needed
-    base_url_env: str | None
-    default_base_url: str
-    default_models: Mapping[str, str]
-    default_voice: str | None = None
+_NOT_PROVIDERS = {"base"}
+_STAGE_NAMES = {"stt": "speech-to-text", "llm": "a language model", "tts": "text-to-speech"}
 
 
-def _spec(name: str, stages: str, key_env: str | None, base_env: str | None, base: str,
-          models: Mapping[str, str], voice: str | None = None) -> ProviderSpec:
-    return ProviderSpec(name, frozenset(stages.split()), key_env, base_env, base, models, voice)
+def provider_modules() -> list[str]:
+    """The provider modules' names, sorted (``_``-prefixed helpers and ``base`` are not providers)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if not m.name.startswith("_") and m.name not in _NOT_PROVIDERS)
 
 
-PROVIDERS: Mapping[str, ProviderSpec] = {
-    s.name: s
-    for s in (
-        _spec("openai", "stt llm tts", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1",
-              {"stt": "whisper-1", "llm": "gpt-4o-mini", "tts": "tts-1"}, "alloy"),
-        _spec("groq", "stt llm", "GROQ_API_KEY", "GROQ_BASE_URL", "https://api.groq.com/openai/v1",
-              {"stt": "whisper-large-v3", "llm": "llama-3.1-8b-instant"}),
-        _spec("cerebras", "llm", "CEREBRAS_API_KEY", "CEREBRAS_BASE_URL", "https://api.cerebras.ai/v1",
-              {"llm": "llama3.1-8b"}),
-        _spec("ollama", "llm", None, "OLLAMA_BASE_URL", "http://localhost:11434/v1", {"llm": "llama3.2"}),
-        _spec("deepseek", "llm", "DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "https://api.deepseek.com/v1",
-              {"llm": "deepseek-chat"}),
-        _spec("mistral", "llm", "MISTRAL_API_KEY", "MISTRAL_BASE_URL", "https://api.mistral.ai/v1",
-              {"llm": "mistral-small-latest"}),
-        _spec("whisper", "stt", None, "WHISPER_BASE_URL", "http://localhost:9000/v1", {"stt": "whisper-1"}),
-        _spec("local", "stt llm tts", None, None, "", {"stt": "pocketsphinx-en-us", "llm": "echo",
-                                                      "tts": "piper-joe-medium"}),
-    )
-}
+def _collect() -> Mapping[str, ProviderSpec]:
+    specs: dict[str, ProviderSpec] = {}
+    for module_name in provider_modules():
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        declared = getattr(module, "SPECS", None)
+        if not declared:
+            raise ImportError(f"{module.__name__} is a provider module but declares no SPECS")
+        for spec in declared:
+            for name in (spec.name, *spec.aliases):
+                if name in specs or any(name in s.aliases for s in specs.values()):
+                    raise ImportError(f"provider name {name!r} is declared twice ({module.__name__})")
+            specs[spec.name] = spec
+    return MappingProxyType(dict(sorted(specs.items())))
+
+
+PROVIDERS: Mapping[str, ProviderSpec] = _collect()   # name -> spec; aliases are in each spec, see lookup()
+
+
+def lookup(name: str) -> ProviderSpec | None:
+    """The provider called ``name`` or known by it as an alias (``grok`` -> ``xai``); None if unknown."""
+    return PROVIDERS.get(name) or next((s for s in PROVIDERS.values() if name in s.aliases), None)
+
+
+def _build(stage: str, settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> object:
+    spec = lookup(settings.name)
+    if spec is None:
+        raise ProviderError(settings.name, f"unknown provider; known: {', '.join(PROVIDERS)}")
+    builder = getattr(spec, stage)
+    if builder is None:
+        raise ProviderError(settings.name, f"does not offer {_STAGE_NAMES[stage]}")
+    if settings.key_env is None and spec.key_env:
+        settings = dataclasses.replace(settings, key_env=spec.key_env)
+    return builder(settings, http, options)
 
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
               local_processes: int = 1, local_max_pending: int = 8) -> STTProvider:
     """Instantiate the STT provider named by ``settings`` (``local_*``: the pocketsphinx pool's size)."""
-    if settings.name == "local":
-        from pipeline.providers.local import PocketsphinxSTT
-
-        return PocketsphinxSTT(processes=local_processes, max_pending=local_max_pending)
-    if "stt" in PROVIDERS[settings.name].stages:
-        from pipeline.providers.openai import OpenAISTT
-
-        return OpenAISTT(settings, http, timeout_s=timeout_s)
-    raise ProviderError(settings.name, "does not offer speech-to-text")
+    options = BuildOptions(timeout_s, local_processes=local_processes, local_max_pending=local_max_pending)
+    return _build("stt", settings, http, options)  # type: ignore[return-value]
 
 
 def build_llm(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
               max_tokens: int | None = None) -> LLMProvider:
-    """Instantiate the LLM provider named by ``settings`` (every remote one speaks OpenAI's chat API)."""
-    if settings.name == "local":
-        from pipeline.providers.local import EchoLLM
-
-        return EchoLLM()
-    if "llm" in PROVIDERS[settings.name].stages:
-        from pipeline.providers.openai import OpenAILLM
-
-        return OpenAILLM(settings, http, timeout_s=timeout_s, max_tokens=max_tokens)
-    raise ProviderError(settings.name, "does not offer a language model")
+    """Instantiate the LLM provider named by ``settings`` (``max_tokens``: the answer's limit)."""
+    return _build("llm", settings, http, BuildOptions(timeout_s, max_tokens=max_tokens))  # type: ignore[return-value]
 
 
 def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float) -> TTSProvider:
     """Instantiate the TTS provider named by ``settings``."""
-    if settings.name == "local":
-        from pipeline.providers.local import PiperTTS
-
-        return PiperTTS()
-    if "tts" in PROVIDERS[settings.name].stages:
-        from pipeline.providers.openai import OpenAITTS
-
-        return OpenAITTS(settings, http, timeout_s=timeout_s)
-    raise ProviderError(settings.name, "does not offer text-to-speech")
+    return _build("tts", settings, http, BuildOptions(timeout_s))  # type: ignore[return-value]

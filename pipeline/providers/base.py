@@ -1,7 +1,10 @@
 """Provider interfaces: speech-to-text, language model, text-to-speech.
 
-One provider is one module under ``pipeline/providers``. Each maps its vendor's failures once,
-at its boundary, to :class:`ProviderError` (``transient`` says whether a retry may help).
+One provider is one module under ``pipeline/providers``: it implements the stage interfaces below and
+declares ``SPECS``, a tuple of :class:`ProviderSpec` (name, key variable, base URL, defaults and one
+builder per stage it offers); ``pipeline.providers`` discovers the modules and registers their specs.
+Each provider maps its vendor's failures once, at its boundary, to :class:`ProviderError`
+(``transient`` says whether a retry may help; ``retry_after`` how long the vendor asked us to wait).
 
 Usage::
 
@@ -15,9 +18,13 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
 
-__all__ = ["LLMProvider", "Message", "ProviderError", "ProviderSettings", "STTProvider", "TTSProvider", "Tool", "ToolCall"]
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["BuildOptions", "LLMProvider", "Message", "ProviderError", "ProviderSettings", "ProviderSpec", "STTProvider",
+           "TTSProvider", "Tool", "ToolCall"]
 
 Message = Mapping[str, str]
 
@@ -46,12 +53,19 @@ class ProviderError(Exception):
         provider: provider name (``"openai"``, ``"local"`` ...).
         message: what happened, without secrets.
         transient: True when retrying the same request may succeed (timeouts, 429, 5xx).
+        retry_after: seconds the vendor asked us to wait before retrying (``retry-after``), if it said.
+
+    Usage::
+
+        raise ProviderError("anthropic", "HTTP 429: rate limited", transient=True, retry_after=2.0)
     """
 
-    def __init__(self, provider: str, message: str, *, transient: bool = False) -> None:
+    def __init__(self, provider: str, message: str, *, transient: bool = False,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{provider}: {message}")
         self.provider = provider
         self.transient = transient
+        self.retry_after = retry_after
 
 
 class STTProvider(Protocol):
@@ -88,8 +102,62 @@ class ProviderSettings:
     api_key: str | None = None
     base_url: str = ""
     voice: str | None = None
+    key_env: str | None = None    # named in a refused-key error (the registry's builders fill it in)
 
     def masked(self) -> dict[str, str | None]:
         key = None if not self.api_key else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***"
         return {"name": self.name, "model": self.model, "api_key": key, "base_url": self.base_url or None,
                 "voice": self.voice}
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """What a builder needs besides the settings: the stage's timeout and the app's limits."""
+
+    timeout_s: float
+    max_tokens: int | None = None        # LLM answer limit
+    local_processes: int = 1             # the offline recogniser's worker processes
+    local_max_pending: int = 8
+
+
+if TYPE_CHECKING:
+    STTBuilder = Callable[[ProviderSettings, aiohttp.ClientSession, BuildOptions], STTProvider]
+    LLMBuilder = Callable[[ProviderSettings, aiohttp.ClientSession, BuildOptions], LLMProvider]
+    TTSBuilder = Callable[[ProviderSettings, aiohttp.ClientSession, BuildOptions], TTSProvider]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """Static facts about one provider, and how to build it for each stage it offers.
+
+    A provider module declares these in ``SPECS``; a builder imports any vendor SDK inside itself, so
+    the module stays importable with the core dependencies alone. Usage::
+
+        SPECS = (ProviderSpec("acme", key_env="ACME_API_KEY", base_url_env="ACME_BASE_URL",
+                              default_base_url="https://api.acme.example/v1", default_models={"llm": "acme-1"},
+                              llm=lambda settings, http, options: AcmeLLM(settings, http, timeout_s=options.timeout_s)),)
+    """
+
+    name: str
+    key_env: str | None                     # None: no key needed
+    base_url_env: str | None
+    default_base_url: str
+    default_models: Mapping[str, str]
+    default_voice: str | None = None
+    aliases: tuple[str, ...] = ()           # other names config accepts for it (``grok`` for ``xai``)
+    key_env_fallbacks: tuple[str, ...] = ()  # read in order when ``key_env`` is unset (``GEMINI_API_KEY``)
+    api_root: str = "/v1"                   # appended to a configured base URL that has no path ("": none)
+    options: str = ""                       # what else the provider reads, for docs/providers.md
+    stt: "STTBuilder | None" = None
+    llm: "LLMBuilder | None" = None
+    tts: "TTSBuilder | None" = None
+
+    @property
+    def stages(self) -> frozenset[str]:
+        """The stages this provider offers: those it has a builder for."""
+        return frozenset(stage for stage in ("stt", "llm", "tts") if getattr(self, stage) is not None)
+
+    @property
+    def key_envs(self) -> tuple[str, ...]:
+        """Every variable the key is read from, in order."""
+        return ((self.key_env,) if self.key_env else ()) + self.key_env_fallbacks

@@ -36,13 +36,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from pipeline.audio import rms
 from pipeline.pocketsphinx_worker import SILENCE_RMS, Decoded, decode, init_worker
-from pipeline.providers.base import Message, ProviderError, Tool
+from pipeline.providers.base import BuildOptions, Message, ProviderError, ProviderSettings, ProviderSpec, Tool
 
-__all__ = ["EchoLLM", "PiperTTS", "PocketsphinxSTT"]
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["SPECS", "EchoLLM", "PiperTTS", "PocketsphinxSTT"]
 
 logger = logging.getLogger(__name__)
 
@@ -327,3 +330,23 @@ class EchoLLM:
         for word in re.findall(r"\S+\s*", self.reply(messages)):
             yield word
             await asyncio.sleep(0)
+
+
+def _build_stt(_settings: ProviderSettings, _http: aiohttp.ClientSession, options: BuildOptions) -> PocketsphinxSTT:
+    return PocketsphinxSTT(processes=options.local_processes, max_pending=options.local_max_pending)
+
+
+def _build_llm(_settings: ProviderSettings, _http: aiohttp.ClientSession, _options: BuildOptions) -> EchoLLM:
+    return EchoLLM()
+
+
+def _build_tts(_settings: ProviderSettings, _http: aiohttp.ClientSession, _options: BuildOptions) -> PiperTTS:
+    return PiperTTS()
+
+
+SPECS = (
+    ProviderSpec(NAME, key_env=None, base_url_env=None, default_base_url="",
+                 default_models={"stt": "pocketsphinx-en-us", "llm": "echo", "tts": "piper-joe-medium"},
+                 options=f"offline, no key: `{INSTALL_HINT}`; `local_stt_processes`, `local_stt_max_pending`",
+                 stt=_build_stt, llm=_build_llm, tts=_build_tts),
+)

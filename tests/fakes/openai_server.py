@@ -7,7 +7,8 @@ In-process (tests)::
     async with FakeOpenAI(transcripts=["hello there"], replies=["Hi! How can I help you today?"],
                           stt_delay_ms=0, llm_delay_ms=0, tts_delay_ms=0, api_key="sk-test") as fake:
         fake.base_url                   # "http://127.0.0.1:<port>/v1"
-        fake.state.fail["llm"] = "500"  # "500" | "hang" | "401" | any HTTP status | None
+        fake.state.fail["llm"] = "500"  # "500" | "hang" | "401" | any HTTP status (429: with retry-after) | None
+        fake.state.fail["llm"] = "cut"  # LLM only: half the deltas, then the connection drops ("truncate": no [DONE])
         fake.state.fail_once["stt"] = "hang"
         fake.state.calls["tts"], fake.state.stt_requests[0]["rms"]
 
@@ -186,6 +187,13 @@ class _App:
             return _err(503, "The server is shutting down", "server_error")
         if mode == "401" or (st.api_key and request.headers.get("authorization") != f"Bearer {st.api_key}"):
             return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if mode in ("cut", "truncate"):
+            request.state.stream_fault = mode
+            return None
+        if mode == "429":
+            response = _err(429, "Rate limit reached for requests", "requests", "rate_limit_exceeded")
+            response.headers["retry-after"] = "3"
+            return response
         if mode:
             status = int(mode) if str(mode).isdigit() else 500
             return _err(status, "The server had an error", "server_error")
@@ -251,11 +259,16 @@ class _App:
                    "choices": choices, **extra}
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
+        fault = getattr(request.state, "stream_fault", None)
+
         async def events() -> AsyncIterator[bytes]:
             yield chunk({"role": "assistant"})
-            for i, token in enumerate(re.findall(r"\S+\s*", text)):
+            tokens = re.findall(r"\S+\s*", text)
+            for i, token in enumerate(tokens):
                 if i:
                     await _sleep_ms(self.state.llm_token_interval_ms)
+                if fault == "cut" and i == max(1, len(tokens) // 2):
+                    raise ConnectionResetError("fake: the connection dropped mid-stream")
                 yield chunk({"content": token})
             for index, call in enumerate(tool_calls):   # streamed as OpenAI does: name first, arguments in pieces
                 arguments = json.dumps(call.get("arguments", {}))
@@ -266,7 +279,8 @@ class _App:
             yield chunk({}, "tool_calls" if tool_calls else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield chunk(None, usage=usage)
-            yield b"data: [DONE]\n\n"
+            if fault != "truncate":
+                yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 

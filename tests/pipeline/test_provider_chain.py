@@ -198,6 +198,19 @@ async def test_chain_falls_back_after_the_retries_and_names_every_failure() -> N
     assert await collect([Source("a", [permanent("a")]), c], retries=2) == ["z"] and c.opened == 1
 
 
+async def test_chain_waits_the_vendors_retry_after_unless_it_is_longer_than_the_timeout() -> None:
+    from pipeline.providers.base import ProviderError
+
+    limited = ProviderError("a", "HTTP 429: slow down", transient=True, retry_after=0.05)
+    a = Source("a", [limited], ["x"])
+    started = time.monotonic()
+    assert await collect([a]) == ["x"] and a.opened == 2
+    assert time.monotonic() - started >= 0.05
+    too_long = ProviderError("a", "HTTP 429: slow down", transient=True, retry_after=30)
+    a, b = Source("a", [too_long], ["x"]), Source("b", ["y"])
+    assert await collect([a, b]) == ["y"] and a.opened == 1         # the caller is not kept waiting 30 s
+
+
 async def test_chain_never_retries_after_output() -> None:
     a, b = Source("a", ["x", transient("a")]), Source("b", ["never"])
     got: list[Any] = []
