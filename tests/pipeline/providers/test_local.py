@@ -344,7 +344,11 @@ async def test_pocketsphinx_does_not_stall_the_event_loop() -> None:
         elapsed = time.perf_counter() - t0
     print(f"\n17 s utterance: {elapsed:.2f} s, loop late at most {late_s * 1000:.0f} ms "
           f"(first transcription, starting the pool: {cold_late_s * 1000:.0f} ms)")
-    assert {"order", "account", "delivered"} <= set(text.split()), text
+    # a real transcription of the whole utterance (Piper renders differently each run, so which content
+    # words pocketsphinx hears varies: ask for several of them, not particular ones)
+    heard = set(text.split()) & {"order", "account", "delivered", "number", "week", "monday", "tracking", "thank",
+                                 "help", "calling", "placed", "arrive", "check", "happened", "prepared"}
+    assert len(text.split()) >= 20 and len(heard) >= 4, text
     assert late_s < MAX_LATE_S      # (the pool's start is reported, not asserted: it competes for a busy CPU)
 
 
