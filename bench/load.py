@@ -483,7 +483,7 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
             lo, hi = bisect.bisect_left(times, t.first), bisect.bisect_right(times, t.quiet)
             seg = times[lo:hi]
             if len(seg) > 1:
-                gap, at = max((b - a, a) for a, b in zip(seg, seg[1:]))
+                gap, at = max((b - a, a) for a, b in zip(seg, seg[1:], strict=False))
                 max_gap_ms = max(max_gap_ms, gap * 1000.0)
                 if gap * 1000.0 > args.target_gap_ms:
                     late_offsets.append((at - t.first) * 1000.0)    # where in the answer the gap opened
@@ -597,7 +597,8 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
         print(f"gateway pid {gateway.pid} at {url} (idle RSS {idle0_mb:.1f} MB, {threads0} threads); "
               f"fake OpenAI pid {fake.pid} at {fake_url}; logs in {workdir}")
         print(f"vad_type {args.vad_type}; speech: {len(speech) / 16:.0f} ms "
-              f"{'Piper' if args.piper_speech else 'synthetic voiced'} PCM, RMS {rms_all:.3f} (min 20 ms frame {rms_min:.3f}, "
+              f"{'Piper' if args.piper_speech else 'synthetic voiced'} PCM, RMS {rms_all:.3f} "
+              f"(min 20 ms frame {rms_min:.3f}, "
               f"last frame {rms_last:.3f}; VAD threshold 0.02, stop below 0.012)")
         print(f"fixed: vad_stop {args.vad_stop_ms} + stt {args.stt_ms:g} + llm {args.llm_ms:g} + tts {args.tts_ms:g} "
               f"+ {tokens - 1} token waits = {fixed_ms:g} ms subtracted from latency to give 'added'")
@@ -621,7 +622,8 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
                 for i, stage, error in r["failure_details"][:3]:
                     print(f"     failure: call {i} at {stage}: {error}", flush=True)
         return {"workdir": str(workdir), "fixed_ms": fixed_ms, "first_clause_tokens": tokens,
-                "speech": {"ms": len(speech) / 16, "rms": rms_all, "min_frame_rms": rms_min, "last_frame_rms": rms_last},
+                "speech": {"ms": len(speech) / 16, "rms": rms_all, "min_frame_rms": rms_min,
+                           "last_frame_rms": rms_last},
                 "gateway_idle_rss_mb": idle0_mb, "gateway_idle_threads": threads0, "levels": results}
     finally:
         for child in (gateway, fake if own_fake else None):

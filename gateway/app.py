@@ -16,9 +16,9 @@ import contextlib
 import dataclasses
 import gc
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import httpx
@@ -30,23 +30,22 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from carriers import CARRIERS
 from carriers.base import Carrier
 from gateway.admission import Admission
-from gateway.http.auth import AccessKey
 from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
-from gateway.http.routes import BrowserStart
+from gateway.http.auth import AccessKey
 from gateway.http.limits import BodyLimit
+from gateway.http.routes import BrowserStart
 from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
-from gateway.storage.recording import RecordingUploader
-from gateway.storage.transcripts import TranscriptWriter
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.startup_checks import run_startup_checks
+from gateway.storage.recording import RecordingUploader
+from gateway.storage.transcripts import TranscriptWriter
 from pipeline.conversation import ConversationSettings, ProviderChain
-from pipeline.silero_vad import SileroModel
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
-
+from pipeline.silero_vad import SileroModel
 
 __all__ = ["Services", "create_app"]
 
@@ -129,7 +128,8 @@ def build_providers(c: Config, http: aiohttp.ClientSession) -> ProviderChain:
     p = c.providers
     stt = [build_stt(s, http, timeout_s=c.stt_timeout_secs, local_processes=c.local_stt_processes,
                      local_max_pending=c.local_stt_max_pending) for s in (p.stt, p.stt_fallback) if s]
-    llm = [build_llm(s, http, timeout_s=c.llm_timeout_secs, max_tokens=c.llm_max_tokens) for s in (p.llm, p.llm_fallback) if s]
+    llm = [build_llm(s, http, timeout_s=c.llm_timeout_secs, max_tokens=c.llm_max_tokens)
+           for s in (p.llm, p.llm_fallback) if s]
     tts = [build_tts(s, http, timeout_s=c.tts_timeout_secs) for s in (p.tts, p.tts_fallback) if s]
     return ProviderChain(stt=stt, llm=llm, tts=tts)
 
@@ -158,7 +158,8 @@ async def conversation_settings(config: Config) -> ConversationSettings:
 
 
 def create_app(config: Config) -> Starlette:
-    from gateway.browser import softphone, ws as browser_ws
+    from gateway.browser import softphone
+    from gateway.browser import ws as browser_ws
     from gateway.http import control, routes
 
     access = AccessKey.from_config(config)
@@ -225,7 +226,8 @@ def create_app(config: Config) -> Starlette:
     middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
-                                     allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"]))
+                                     allow_methods=["GET", "POST", "DELETE"],
+                                     allow_headers=["Authorization", "Content-Type"]))
     return Starlette(routes=[
         Route("/", softphone.index),
         Route("/personas", softphone.personas),
@@ -255,7 +257,7 @@ def _announce_access(config: Config, access: AccessKey) -> None:
     else:
         logger.info("%s", access.describe())
     if access.source == "generated":
-        host = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
+        host = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host  # noqa: S104 - a comparison
         base = config.public_url or f"http://{host}:{config.port}"
         print(f"voxray: no server_api_key is set, so this run's API key was generated. Open the softphone at\n"
               f"    {access.softphone_url(base)}\n"

@@ -19,9 +19,10 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 from urllib.parse import urlparse
 
 from carriers import CARRIERS
@@ -133,7 +134,7 @@ class Providers:
 @dataclass(frozen=True, slots=True)
 class Config:
     # server
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # noqa: S104 - a server's default; carriers must reach it
     port: int = 8000
     public_url: str = ""                 # https base the carriers reach, e.g. https://voice.example.com
     log_level: str = "info"
@@ -208,7 +209,7 @@ class Config:
     media_burst_ms: int = 2000           # caller audio may run this far ahead of real time; the excess is dropped
     media_flood_close_ms: int = 10000    # this much dropped caller audio closes the session (1008)
     max_concurrent_calls: int = 100      # calls (any transport) this process takes; more are refused (0 = no cap)
-    load_lag_threshold_ms: float = 50.0  # event-loop lag (averaged over load_window_secs) past which new calls are refused
+    load_lag_threshold_ms: float = 50.0  # event-loop lag (mean over load_window_secs) past which new calls are refused
     load_window_secs: float = 2.0
     load_sample_ms: float = 100.0        # how often the event loop's lag is sampled
     call_stop_timeout_secs: float = 2.0  # an ending call's tasks get this long to stop, then as long once cancelled
@@ -226,7 +227,7 @@ class Config:
     cluster_request_timeout_secs: float = 2.0   # wait for the instance holding a call to answer (DELETE, transfer)
     # shutdown
     drain_timeout_secs: float = 30.0     # on SIGTERM, live calls may run this long before a goodbye ends them
-    storage_flush_secs: float = 10.0     # at shutdown, uploads and transcript writes get this long (the rest is spooled)
+    storage_flush_secs: float = 10.0     # at shutdown, uploads and transcript writes get this long (the rest spools)
     # browser transports: limits
     webrtc_connect_timeout_secs: float = 20.0   # a peer that has not connected by then is closed
     webrtc_idle_timeout_secs: float = 30.0      # a connected peer sending no audio this long is closed
@@ -305,7 +306,7 @@ class Config:
                             (("stt", p.stt), ("llm", p.llm), ("tts", p.tts), ("stt_fallback", p.stt_fallback),
                              ("llm_fallback", p.llm_fallback), ("tts_fallback", p.tts_fallback)) if s}
         out["providers"]["notes"] = list(p.notes)
-        return _mask_urls(out)                # transcripts.dsn, redis_url, base_urls ...: passwords in URLs
+        return dict(_mask_urls(out))          # transcripts.dsn, redis_url, base_urls ...: passwords in URLs
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -401,7 +402,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
         if origin is tuple:
             if text:
-                value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+                value = (json.loads(value) if value.strip().startswith("[")
+                         else [v.strip() for v in value.split(",") if v.strip()])
             if not isinstance(value, list):
                 raise ValueError
             return tuple(value)
@@ -413,7 +415,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return dict(value)
     except (ValueError, TypeError):
         pass
-    kind = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}.get(tp, "a list" if origin is tuple else "an object of strings")
+    kinds = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+    kind = kinds.get(tp, "a list" if origin is tuple else "an object of strings")
     raise ConfigError(f"'{name}' must be {kind} (got {value!r})")
 
 
@@ -624,7 +627,8 @@ def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, 
         raise ConfigError(f"'{key}': unknown provider {name!r}; supported: {', '.join(sorted(PROVIDERS))}")
     if stage not in spec.stages:
         offer = sorted(p for p, s in PROVIDERS.items() if stage in s.stages)
-        raise ConfigError(f"'{key}': provider {name!r} has no {stage.upper()}; for {stage} use one of {', '.join(offer)}")
+        raise ConfigError(f"'{key}': provider {name!r} has no {stage.upper()}; "
+                          f"for {stage} use one of {', '.join(offer)}")
     api_key = _api_key(c, name, environ)
     if spec.key_env and not api_key:
         raise ConfigError(f"'{key}' is {name!r} but no key is set: set {' or '.join(spec.key_envs)} "

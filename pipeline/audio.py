@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import struct
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def ulaw_decode(data: bytes) -> bytes:
 
 def ulaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 µ-law bytes (one per sample)."""
-    return _ULAW_ENC[np.frombuffer(pcm, "<u2")].tobytes()
+    return bytes(_ULAW_ENC[np.frombuffer(pcm, "<u2")].tobytes())   # bytes(): typed for mypy, no copy
 
 
 def alaw_decode(data: bytes) -> bytes:
@@ -100,7 +100,7 @@ def alaw_decode(data: bytes) -> bytes:
 
 def alaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 A-law bytes (one per sample)."""
-    return _ALAW_ENC[np.frombuffer(pcm, "<u2")].tobytes()
+    return bytes(_ALAW_ENC[np.frombuffer(pcm, "<u2")].tobytes())
 
 
 # --------------------------------------------------------------------------- resampling
@@ -109,7 +109,7 @@ _ATTEN_DB = 80.0  # stopband attenuation of the Kaiser design
 _TRANSITION = 0.25  # transition width as a fraction of the lower Nyquist, centred on it
 
 
-@lru_cache(maxsize=None)
+@cache
 def _design(in_rate: int, out_rate: int) -> tuple[int, int, int, np.ndarray, float]:
     """Polyphase filter for in_rate -> out_rate: (L, M, taps per phase, F.T, delay_ms).
 
@@ -194,7 +194,7 @@ class Resampler:
         self._skip = stop - full * up
         np.rint(y, out=y)
         np.clip(y, -32768.0, 32767.0, out=y)
-        return y.astype("<i2").tobytes()
+        return bytes(y.astype("<i2").tobytes())
 
 
 # --------------------------------------------------------------------------- helpers

@@ -79,7 +79,8 @@ class Conversation:
         self._emit = on_event
         self._end_call = end_call
         self._clock = clock
-        self.messages: list[dict[str, str]] = [dict(m) for m in context] or [{"role": "system", "content": persona.system}]
+        self.messages: list[dict[str, str]] = ([dict(m) for m in context]
+                                               or [{"role": "system", "content": persona.system}])
         calls = ProviderCalls(providers, settings=settings, persona=persona)
         self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
                                 on_speech_start=self._speech_started, on_turn=self._take_turn,

@@ -7,8 +7,8 @@ Imports only the standard library. Frames compare by value, so tests can write::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
 __all__ = [
     "AudioFrame",
@@ -89,4 +89,4 @@ class StreamStopped:
     reason: str = "stop"
 
 
-Frame = Union[AudioFrame, Dtmf, Mark, MarkPlayed, Clear, StreamStarted, StreamStopped]
+Frame = AudioFrame | Dtmf | Mark | MarkPlayed | Clear | StreamStarted | StreamStopped

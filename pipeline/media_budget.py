@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["MediaBudget"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from pipeline.frames import AudioFrame, Clear, Frame, Mark
 

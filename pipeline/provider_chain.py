@@ -4,16 +4,16 @@ A call to a stage (STT, LLM, TTS) goes to the first provider; each item it produ
 stage's timeout. A transient failure (:class:`~pipeline.providers.base.ProviderError` with ``transient``,
 or a timeout) before the first item is retried ``provider_retries`` times, then the next provider is
 tried; a permanent failure goes straight to the next. A vendor's ``retry-after`` is honoured: the retry
-waits that long, unless it is longer than the stage's timeout, when the next provider is tried at once. A failure after output has been produced is never
-retried (the caller would hear words twice). When no provider is left, :class:`ProvidersFailed` says so:
-the conversation apologises and ends the call.
+waits that long, unless it is longer than the stage's timeout, when the next provider is tried at once.
+A failure after output has been produced is never retried (the caller would hear words twice). When no
+provider is left, :class:`ProvidersFailed` says so: the conversation apologises and ends the call.
 
 Usage::
 
     calls = ProviderCalls(ProviderChain(stt=[deepgram], llm=[openai, groq], tts=[cartesia]),
                           settings=settings, persona=persona)
     text = await calls.transcribe(pcm, sample_rate=16000)
-    async with contextlib.aclosing(calls.llm_stream(messages)) as deltas:
+    async with closing(calls.llm_stream(messages)) as deltas:
         async for delta in deltas:          # str, or a ToolCall
             ...
     # any of them: except ProvidersFailed as exc -> apologise with str(exc) in the log
@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +34,7 @@ from pipeline.providers.base import (
     Tool,
     ToolCall,
     TTSProvider,
+    closing,
 )
 from pipeline.settings import ConversationSettings, Persona
 
@@ -73,7 +73,7 @@ class ProviderCalls:
         async def once(stt: STTProvider) -> AsyncIterator[str]:
             yield await stt.transcribe(pcm, sample_rate=sample_rate, language=language)
 
-        async with contextlib.aclosing(self._through("speech-to-text", self.chain.stt, once,
+        async with closing(self._through("speech-to-text", self.chain.stt, once,
                                                      self._settings.stt_timeout_secs)) as results:
             async for text in results:
                 return text
@@ -90,7 +90,7 @@ class ProviderCalls:
         voice = self._persona.voice
 
         async def with_rate(tts: TTSProvider) -> AsyncIterator[tuple[bytes, int]]:
-            async with contextlib.aclosing(tts.synthesize(text, voice=voice)) as chunks:
+            async with closing(tts.synthesize(text, voice=voice)) as chunks:
                 async for chunk in chunks:
                     yield chunk, tts.sample_rate
         return self._through("text-to-speech", self.chain.tts, with_rate, self._settings.tts_timeout_secs)
@@ -148,5 +148,5 @@ async def _aclose(stream: AsyncIterator[Any]) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except Exception:  # noqa: BLE001 - a broken stream is already being reported
+        except Exception:  # noqa: BLE001, S110 - a broken stream is already being reported
             pass

@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -30,7 +29,7 @@ from pipeline.audio import Resampler
 from pipeline.events import BargeIn, BotSpeaking, Event, TranscriptEvent, TurnLatency
 from pipeline.playout import Playout
 from pipeline.provider_chain import ProviderCalls, ProvidersFailed
-from pipeline.providers.base import Tool, ToolCall
+from pipeline.providers.base import Tool, ToolCall, closing
 from pipeline.text import ClauseSplitter, truncate_words
 
 __all__ = ["Clause", "Responder", "Response", "heard"]
@@ -191,7 +190,7 @@ class Responder:
         context = list(self._messages[:-1])
         t0 = self._clock()
         parts: list[str] = []
-        async with contextlib.aclosing(self._providers.llm_stream(context, self._tools)) as deltas:
+        async with closing(self._providers.llm_stream(context, self._tools)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, ToolCall):
                     tool_calls.append(delta)
@@ -242,7 +241,7 @@ class Responder:
     async def _synthesise_into(self, text: str, chunks: asyncio.Queue[Any]) -> None:
         """Feed a clause's audio into ``chunks`` as it arrives; then None, or the failure."""
         try:
-            async with contextlib.aclosing(self._providers.tts_stream(text)) as stream:
+            async with closing(self._providers.tts_stream(text)) as stream:
                 async for chunk in stream:
                     chunks.put_nowait(chunk)
         except ProvidersFailed as exc:
@@ -251,7 +250,8 @@ class Responder:
         chunks.put_nowait(None)
 
     async def _speak_clause(self, response: Response, text: str,
-                            chunks: AsyncIterator[tuple[bytes, int]] | None = None, started: float | None = None) -> None:
+                            chunks: AsyncIterator[tuple[bytes, int]] | None = None,
+                            started: float | None = None) -> None:
         clause = Clause(f"r{response.index}-c{len(response.clauses)}", text, start_ms=self._written_ms())
         response.clauses.append(clause)
         t0 = self._clock() if started is None else started
@@ -270,7 +270,7 @@ class Responder:
         Raises :class:`ProvidersFailed` when no TTS could speak it."""
         resampler: Resampler | None = None
         spoke = False
-        async with contextlib.aclosing(source if source is not None else self._providers.tts_stream(text)) as chunks:
+        async with closing(source if source is not None else self._providers.tts_stream(text)) as chunks:
             async for pcm, rate in chunks:
                 if not spoke and on_first is not None:
                     on_first()

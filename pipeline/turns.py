@@ -30,8 +30,8 @@ from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame
 from pipeline.provider_chain import ProvidersFailed
 from pipeline.settings import ConversationSettings
-from pipeline.text import looks_incomplete
 from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
+from pipeline.text import looks_incomplete
 from pipeline.vad import EnergyVAD, Vad, VadEvent
 
 __all__ = ["PIPELINE_RATE", "Turn", "TurnTaker", "new_vad"]

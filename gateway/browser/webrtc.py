@@ -408,7 +408,7 @@ class _Peer:
     async def answer(self) -> str:
         """Set the answer (gathers our candidates, starts ICE) and return its SDP."""
         await self.pc.setLocalDescription(self._answer)
-        return self.pc.localDescription.sdp  # type: ignore[no-any-return]
+        return str(self.pc.localDescription.sdp)
 
     @property
     def remote_track(self) -> MediaStreamTrack | None:

@@ -52,7 +52,7 @@ def frame_to_pcm(frame: av.AudioFrame) -> bytes:
         data = np.rint(data.astype(np.float64).mean(axis=0))
     else:
         data = data[0]
-    return data.astype("<i2").tobytes()
+    return bytes(data.astype("<i2").tobytes())
 
 
 def pcm_to_frame(pcm: bytes, sample_rate: int, pts: int) -> av.AudioFrame:
@@ -136,7 +136,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.frames += 1
         return frame
 
-    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+    async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         now = self._clock()

@@ -312,7 +312,7 @@ def synthetic_voice(seconds: float = 1.2, rate: int = 8000) -> bytes:
     voiced = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 8))
     envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * t) ** 2
     signal = 0.25 * voiced / np.max(np.abs(voiced)) * envelope
-    return (signal * 32767).astype("<i2").tobytes()
+    return bytes((signal * 32767).astype("<i2").tobytes())
 
 
 async def _simulate(*, url: str, public_url: str | None, calls: int, turns: int, pcm: bytes, to: str,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import aiohttp
 

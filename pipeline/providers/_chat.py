@@ -10,7 +10,7 @@ Not a provider (the registry skips ``_`` modules). Usage::
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.providers.base import Message
 

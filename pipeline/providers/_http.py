@@ -24,14 +24,16 @@ import email.utils
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
 
 import aiohttp
 
 from pipeline.jsonutil import loads
 from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall
 
-__all__ = ["HTTPClient", "json_event", "open_session", "provider_errors", "raise_for_status", "retry_after", "sse_events",
+__all__ = ["HTTPClient", "json_event", "open_session", "provider_errors", "raise_for_status", "retry_after",
+           "sse_events",
            "tool_call"]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientR
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
     """``(event, data)`` per server-sent event (``event`` is "" when the event has no name; data lines
     are joined with newlines); comments and ids are skipped."""
-    event, data = "", []
+    event, data = "", list[bytes]()
     async for raw in response.content:
         line = raw.rstrip(b"\r\n")
         if not line:

@@ -17,15 +17,24 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 
 from pipeline.providers._chat import split_system
 from pipeline.providers._http import HTTPClient, json_event, provider_errors, raise_for_status, sse_events, tool_call
-from pipeline.providers.base import BuildOptions, Message, ProviderError, ProviderSettings, ProviderSpec, Tool, ToolCall
+from pipeline.providers.base import (
+    BuildOptions,
+    Message,
+    ProviderError,
+    ProviderSettings,
+    ProviderSpec,
+    Tool,
+    ToolCall,
+    closing,
+)
 
 __all__ = ["SPECS", "AnthropicLLM"]
 
@@ -67,7 +76,7 @@ class AnthropicLLM(HTTPClient):
             async with self._http.post(f"{self._url}/v1/messages", json=self._body(messages, tools),
                                        headers=self._headers, timeout=self._timeout) as response:
                 await raise_for_status(self.settings, response)
-                async with contextlib.aclosing(sse_events(response)) as events:
+                async with closing(sse_events(response)) as events:
                     async for event, data in events:
                         payload = json_event(self.name, data)
                         kind = event or payload.get("type", "")
@@ -80,7 +89,8 @@ class AnthropicLLM(HTTPClient):
                             if delta.get("type") == "text_delta" and delta.get("text"):
                                 yield str(delta["text"])
                             elif delta.get("type") == "input_json_delta":
-                                calls.setdefault(int(payload.get("index", 0)), ["", ""])[1] += delta.get("partial_json", "")
+                                call = calls.setdefault(int(payload.get("index", 0)), ["", ""])
+                                call[1] += delta.get("partial_json", "")
                         elif kind == "error":
                             raise _stream_error(self.name, payload)
                         elif kind == "message_stop":
@@ -90,8 +100,8 @@ class AnthropicLLM(HTTPClient):
         if not stopped:
             raise ProviderError(self.name, "the stream ended before message_stop", transient=True)
         for name, arguments in calls.values():
-            if (call := tool_call(self.name, name, arguments)) is not None:
-                yield call
+            if (found := tool_call(self.name, name, arguments)) is not None:
+                yield found
 
 
 def _stream_error(name: str, payload: dict[str, Any]) -> ProviderError:

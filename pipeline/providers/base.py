@@ -17,14 +17,18 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["BuildOptions", "LLMProvider", "Message", "ProviderError", "ProviderSettings", "ProviderSpec", "STTProvider",
-           "TTSProvider", "Tool", "ToolCall"]
+_T = TypeVar("_T")
+
+__all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderSettings",
+           "ProviderSpec", "STTProvider", "Tool", "ToolCall", "TTSProvider"]
 
 Message = Mapping[str, str]
 
@@ -105,7 +109,8 @@ class ProviderSettings:
     key_env: str | None = None    # named in a refused-key error (the registry's builders fill it in)
 
     def masked(self) -> dict[str, str | None]:
-        key = None if not self.api_key else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***"
+        key = (None if not self.api_key
+               else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***")
         return {"name": self.name, "model": self.model, "api_key": key, "base_url": self.base_url or None,
                 "voice": self.voice}
 
@@ -135,7 +140,8 @@ class ProviderSpec:
 
         SPECS = (ProviderSpec("acme", key_env="ACME_API_KEY", base_url_env="ACME_BASE_URL",
                               default_base_url="https://api.acme.example/v1", default_models={"llm": "acme-1"},
-                              llm=lambda settings, http, options: AcmeLLM(settings, http, timeout_s=options.timeout_s)),)
+                              llm=lambda settings, http, options: AcmeLLM(settings, http,
+                                                                          timeout_s=options.timeout_s)),)
     """
 
     name: str
@@ -148,9 +154,9 @@ class ProviderSpec:
     key_env_fallbacks: tuple[str, ...] = ()  # read in order when ``key_env`` is unset (``GEMINI_API_KEY``)
     api_root: str = "/v1"                   # appended to a configured base URL that has no path ("": none)
     options: str = ""                       # what else the provider reads, for docs/providers.md
-    stt: "STTBuilder | None" = None
-    llm: "LLMBuilder | None" = None
-    tts: "TTSBuilder | None" = None
+    stt: STTBuilder | None = None
+    llm: LLMBuilder | None = None
+    tts: TTSBuilder | None = None
 
     @property
     def stages(self) -> frozenset[str]:
@@ -161,3 +167,21 @@ class ProviderSpec:
     def key_envs(self) -> tuple[str, ...]:
         """Every variable the key is read from, in order."""
         return ((self.key_env,) if self.key_env else ()) + self.key_env_fallbacks
+
+
+@contextlib.asynccontextmanager
+async def closing(stream: AsyncIterator[_T]) -> AsyncGenerator[AsyncIterator[_T], None]:
+    """``contextlib.aclosing`` for any async iterator: a provider's stream is closed (its HTTP response
+    released, its worker told to stop) when the consumer leaves early — an interruption, a timeout.
+
+    Usage::
+
+        async with closing(llm.stream(messages)) as deltas:
+            async for delta in deltas: ...
+    """
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

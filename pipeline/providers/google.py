@@ -20,14 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from pipeline.providers._chat import split_system
 from pipeline.providers._http import HTTPClient, json_event, provider_errors, raise_for_status, sse_events
-from pipeline.providers.base import BuildOptions, Message, ProviderError, ProviderSettings, ProviderSpec, Tool, ToolCall
+from pipeline.providers.base import (
+    BuildOptions,
+    Message,
+    ProviderError,
+    ProviderSettings,
+    ProviderSpec,
+    Tool,
+    ToolCall,
+    closing,
+)
 
 __all__ = ["SPECS", "GeminiLLM"]
 
@@ -63,14 +73,15 @@ class GeminiLLM(HTTPClient):
         return body
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
-        url = f"{self._url}/{API_VERSION}/models/{quote(self.settings.model.removeprefix('models/'), safe='')}:streamGenerateContent?alt=sse"
+        model = quote(self.settings.model.removeprefix("models/"), safe="")
+        url = f"{self._url}/{API_VERSION}/models/{model}:streamGenerateContent?alt=sse"
         calls: list[ToolCall] = []
         finished = False
         with provider_errors(self.name):
             async with self._http.post(url, json=self._body(messages, tools), headers=self._headers,
                                        timeout=self._timeout) as response:
                 await raise_for_status(self.settings, response, refused_key=_refused_key, delay=_retry_delay)
-                async with contextlib.aclosing(sse_events(response)) as events:
+                async with closing(sse_events(response)) as events:
                     async for _event, data in events:
                         chunk = json_event(self.name, data)
                         for text in _parts(self.name, chunk, calls):

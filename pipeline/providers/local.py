@@ -33,10 +33,11 @@ import multiprocessing
 import re
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pipeline.audio import rms
 from pipeline.pocketsphinx_worker import SILENCE_RMS, Decoded, decode, init_worker

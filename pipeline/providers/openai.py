@@ -14,9 +14,8 @@ Usage::
 from __future__ import annotations
 
 import json
-import contextlib
 import logging
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 
@@ -30,7 +29,16 @@ from pipeline.providers._http import (
     sse_events,
     tool_call,
 )
-from pipeline.providers.base import BuildOptions, Message, ProviderError, ProviderSettings, ProviderSpec, Tool, ToolCall
+from pipeline.providers.base import (
+    BuildOptions,
+    Message,
+    ProviderError,
+    ProviderSettings,
+    ProviderSpec,
+    Tool,
+    ToolCall,
+    closing,
+)
 
 __all__ = ["SPECS", "OpenAILLM", "OpenAISTT", "OpenAITTS", "build_llm", "build_stt", "build_tts", "open_session"]
 
@@ -81,7 +89,7 @@ class OpenAILLM(HTTPClient):
             async with self._http.post(f"{self._url}/chat/completions", json=body, headers=self._headers,
                                        timeout=self._timeout) as response:
                 await raise_for_status(self.settings, response)
-                async with contextlib.aclosing(sse_events(response)) as events:
+                async with closing(sse_events(response)) as events:
                     async for _event, data in events:
                         if data == b"[DONE]":
                             done = True

@@ -106,7 +106,7 @@ class FakeAnthropic(LLMFake):
                        for w in words(text)]
             frames.append(_event("content_block_stop", index=0))
             index = 1
-        for index, call in enumerate(tool_calls, index):
+        for index, call in enumerate(tool_calls, index):  # noqa: B020 - numbering continues after the text block
             arguments = json.dumps(call.get("arguments", {}))
             frames.append(_event("content_block_start", index=index, content_block={
                 "type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": call["name"], "input": {}}))

@@ -251,7 +251,7 @@ class Harness:
 
     # observations
     def audio(self, after: float = 0.0) -> list[AudioFrame]:
-        return [f for f, t in zip(self.frames, self.frame_times) if isinstance(f, AudioFrame) and t >= after]
+        return [f for f, t in zip(self.frames, self.frame_times, strict=False) if isinstance(f, AudioFrame) and t >= after]
 
     def audio_ms(self, after: float = 0.0) -> float:
         return sum(f.duration_ms for f in self.audio(after))
@@ -260,7 +260,7 @@ class Harness:
         return [e for e in self.events if isinstance(e, kind)]
 
     def time_of(self, pred: Callable[[Any], bool]) -> float:
-        return next(t for e, t in zip(self.events, self.event_times) if pred(e))
+        return next(t for e, t in zip(self.events, self.event_times, strict=False) if pred(e))
 
     async def until(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
         async with asyncio.timeout(timeout):

@@ -37,7 +37,7 @@ def test_a_flood_is_flooding_once_enough_audio_was_dropped() -> None:
     clock = Clock()
     budget = MediaBudget(burst_ms=100, close_after_dropped_ms=1000, clock=clock)
     admitted = 0
-    for i in range(200):                       # 4 s of audio in 0.2 s (20x real time)
+    for _ in range(200):                       # 4 s of audio in 0.2 s (20x real time)
         clock.now += 0.001
         admitted += budget.admit(20)
         if budget.flooding:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -95,7 +95,7 @@ async def test_writes_of_any_size_are_reframed_and_the_tail_waits_for_end_of_aud
     data = rng.integers(-2000, 2000, 2330).astype("<i2").tobytes()   # 291.25 ms: 14 frames and a tail
     async with running(playout, Sink()) as sink:
         cuts = [0, 2, 50, 320, 321 * 2, 2000, 4000, len(data) - 100, len(data)]
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:], strict=False):
             await playout.write(data[a:b])
         await wait_for(lambda: len(sink.audio()) == 14)
         await asyncio.sleep(0.05)

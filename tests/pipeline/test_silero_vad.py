@@ -114,9 +114,9 @@ def test_state_is_kept_across_frames_of_any_size(rate: int) -> None:
     assert probabilities(7) == pytest.approx(whole, abs=1e-6)
     window = round(rate * window_ms / 1000) * 2
     fresh = [silero() for _ in range(0, len(audio), window)]
-    for vad, i in zip(fresh, range(0, len(audio), window)):
+    for vad, i in zip(fresh, range(0, len(audio), window), strict=False):
         vad.process(audio[i:i + window], rate)
-    assert max(abs(a - v.probability) for a, v in zip(whole, fresh)) > 0.2
+    assert max(abs(a - v.probability) for a, v in zip(whole, fresh, strict=False)) > 0.2
 
 
 def test_calls_sharing_the_model_do_not_share_state() -> None:

