@@ -103,20 +103,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace, environ: dict[str, str], config: Config | None) -> int:
     """``voxray simulate``: against ``--url``, or a gateway started here from ``config``."""
+    from gateway.logging import configure_logging
     from gateway.simulate.run import Options, run_simulation
 
     credentials = dict(item.partition("=")[::2] for item in args.credential)
     if args.carrier == "twilio" and args.url:
         credentials.setdefault("auth_token", environ.get("TWILIO_AUTH_TOKEN", ""))
         credentials.setdefault("account_sid", environ.get("TWILIO_ACCOUNT_SID", ""))
-    if config is not None:
-        from gateway.logging import configure_logging
-
-        configure_logging("info" if args.verbose else "warning", json_lines=config.log_json)
     options = Options(carrier=args.carrier, url=args.url, public_url=args.public_url, credentials=credentials,
                       calls=args.calls, turns=args.turns, say=tuple(args.say), audio=args.audio, to=args.to,
                       answer_timeout_s=args.answer_timeout, verbose=args.verbose)
-    return run_simulation(options, config)
+    json_lines = config is not None and config.log_json
+    return run_simulation(options, config, setup_logging=lambda: configure_logging(
+        "info" if args.verbose else "warning", json_lines=json_lines))
 
 
 if __name__ == "__main__":

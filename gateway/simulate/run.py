@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
 
 import httpx
 import websockets
@@ -306,13 +306,14 @@ async def _place_calls(options: Options, utterances: Sequence[Utterance], board:
     return list(await asyncio.gather(*(c.run(utterances, turns) for c in callers)))
 
 
-async def _in_process(options: Options, config: Config, out: TextIO) -> int:
+async def _in_process(options: Options, config: Config, out: TextIO, setup_logging: Callable[[], None]) -> int:
     from gateway.simulate.local_gateway import DevCredentials, GatewayStartError, LocalGateway, TranscriptTap
 
     _check_offline_packages(config)
     utterances = await _utterances(options)
     dev = DevCredentials.generate(options.carrier)
     board = _Board(out, options.calls)
+    setup_logging()
     try:
         async with LocalGateway(config, dev, start_timeout_s=options.start_timeout_s) as gateway:
             c = gateway.config
@@ -348,15 +349,16 @@ async def _external(options: Options, out: TextIO) -> int:
 
 
 def run_simulation(options: Options, config: Config | None = None, *, out: TextIO | None = None,
-                   err: TextIO | None = None) -> int:
+                   err: TextIO | None = None, setup_logging: Callable[[], None] = lambda: None) -> int:
     """Run ``voxray simulate``: against ``options.url``, or (``url`` None) a gateway started in this
-    process from ``config``. Returns the exit code (0: every turn answered)."""
+    process from ``config``, after ``setup_logging()`` (once the caller's audio is ready). Returns the
+    exit code (0: every turn answered)."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         if options.url is None:
             if config is None:
                 raise SimulationError("no --url and no configuration to start a gateway with")
-            return asyncio.run(_in_process(options, config, out))
+            return asyncio.run(_in_process(options, config, out, setup_logging))
         return asyncio.run(_external(options, out))
     except (SimulationError, CallerAudioError) as exc:
         print(f"voxray simulate: {exc}", file=err, flush=True)
