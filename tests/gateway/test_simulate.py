@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -196,3 +197,40 @@ def test_the_dev_config_configures_the_emulated_carrier_and_nothing_real(carrier
     assert config.carriers[carrier]["api_base_url"].startswith("http://127.0.0.1:")
     again = DevCredentials.generate(carrier)
     assert again.gateway != DevCredentials.generate(carrier).gateway     # a new credential every run
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("voice", "code", "expected"), [
+    (["--say", "I would like to pay my bill."], 0, r"^\[call 1\] turn 1: answered, \d+ ms"),
+    (["--audio", "silence"], 1, r"^\[call 1\] turn 1: NO ANSWER: no agent audio within 3 s of the end of speech"),
+])
+async def test_an_external_gateway_gets_latencies_and_a_late_or_missing_answer_fails(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, voice: list[str], code: int, expected: str) -> None:
+    if voice[0] == "--audio":
+        voice = ["--audio", str(write_wav(tmp_path / "silence.wav", np.zeros((8000, 1)), rate=8000))]
+    creds = {"account_sid": "AC" + "2" * 32, "auth_token": "external-token"}
+    config = Config.from_mapping({"public_url": PUBLIC_URL, "carriers": {"twilio": creds}, "vad_stop_ms": 400,
+                                  "allow_unauthenticated": True}, environ={})
+    async with running_gateway(config) as url:
+        got = await asyncio.to_thread(main, [
+            "simulate", "--url", url, "--public-url", PUBLIC_URL, "--credential", f"auth_token={creds['auth_token']}",
+            "--credential", f"account_sid={creds['account_sid']}", "--answer-timeout", "3", *voice])
+    out = capsys.readouterr().out
+    assert got == code, out
+    assert re.search(expected, out, re.MULTILINE), out
+    assert "agent said" not in out and "transcripts are shown only for a gateway in this process" in out
+
+
+def test_missing_offline_packages_are_one_line(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The configuration check names them (as for ``serve``) before any gateway starts."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pocketsphinx" else real(name, *a))
+    for var in [v for v in os.environ if v.startswith("VOXRAY_") or v.endswith("_API_KEY")]:
+        monkeypatch.delenv(var)
+    assert main(["simulate"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["voxray: configuration error: the offline 'local' stt provider needs pocketsphinx: install it "
+                     "with pip install 'voxray[local]', or configure a provider and its key"]
