@@ -16,9 +16,9 @@ Failures raise :class:`CallerAudioError` with one line that names the cause and 
 from __future__ import annotations
 
 import wave
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -37,7 +37,8 @@ class CallerAudioError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Utterance:
-    """One turn's caller audio: ``label`` says what it is (the sentence, or the file), ``pcm`` is PCM16 mono at 8 kHz."""
+    """One turn's caller audio: ``label`` says what it is (the sentence, or the file), ``pcm`` is PCM16
+    mono at 8 kHz."""
 
     label: str
     pcm: bytes

@@ -29,9 +29,10 @@ import re
 import secrets
 import socket
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from gateway.carrier_config import CarriersConfig
 from gateway.config import Config
@@ -142,7 +143,8 @@ class LocalGateway:
                     await asyncio.sleep(0.02)
         except TimeoutError:
             await self._stop()
-            raise GatewayStartError(f"the in-process gateway did not start within {self._start_timeout:.0f} s") from None
+            raise GatewayStartError(
+                f"the in-process gateway did not start within {self._start_timeout:.0f} s") from None
         if not self._server.started:
             problem = self._task.exception() if not self._task.cancelled() else None
             await self._stop()

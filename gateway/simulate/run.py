@@ -26,9 +26,10 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import httpx
 import websockets
@@ -277,7 +278,8 @@ class _Caller:
             return _Turn(latency)
         if said:
             why = self.not_answers[_normal(said[-1])]
-            return _Turn(latency, f"the agent only said {said[-1]!r}" + (f" ({why})" if why else self._heard_hint(start)))
+            hint = f" ({why})" if why else self._heard_hint(start)
+            return _Turn(latency, f"the agent only said {said[-1]!r}{hint}")
         return _Turn(latency, "the agent played audio but said nothing the gateway logged")
 
     def _heard_hint(self, start: float) -> str:
