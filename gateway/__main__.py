@@ -1,4 +1,4 @@
-"""The ``voxray`` command: ``serve``, ``check-config``.
+"""The ``voxray`` command: ``serve``, ``check-config``, ``simulate``.
 
 The only module that reads ``os.environ``, configures logging and runs uvicorn.
 
@@ -6,6 +6,8 @@ Usage::
 
     voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
     voxray check-config --config config.json      # or: voxray check-config config.json
+    voxray simulate                               # a gateway in this process, one emulated call, the transcript
+    voxray simulate --carrier vonage --say "What time do you open tomorrow?" --say "Thank you very much."
     TWILIO_AUTH_TOKEN=... voxray simulate --carrier twilio --url http://127.0.0.1:8000 --calls 5
 """
 
@@ -38,18 +40,30 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
     check.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
     check.add_argument("path", type=Path, nargs="?", help="the same as --config PATH")
-    sim = sub.add_parser("simulate", help="place emulated carrier calls against a gateway and print latencies")
+    sim = sub.add_parser(
+        "simulate", help="place emulated carrier calls (against a gateway started here, or --url) and print them",
+        description="Without --url, starts a gateway in this process from your configuration (config file, "
+                    "VOXRAY_* variables) with a throw-away carrier credential, places an emulated call, and prints "
+                    "what was said and each turn's latency. Exits 1 when a turn gets no real answer.")
+    sim.add_argument("--config", type=Path, help="config.json for the in-process gateway (default: $VOXRAY_CONFIG)")
     sim.add_argument("--carrier", default="twilio", choices=["twilio", "telnyx", "vonage", "plivo", "exotel"])
+    sim.add_argument("--url", help="an already running gateway, e.g. http://127.0.0.1:8000 (default: start one here)")
     sim.add_argument("--credential", action="append", default=[], metavar="KEY=VALUE",
-                     help="the emulated carrier's signing credentials (e.g. auth_token=..., signature_secret=..., "
-                          "signing_key=<base64 Ed25519 seed>, basic_auth_user=...); Twilio's default to "
-                          "TWILIO_AUTH_TOKEN / TWILIO_ACCOUNT_SID")
-    sim.add_argument("--url", required=True, help="the gateway's address, e.g. http://127.0.0.1:8000")
-    sim.add_argument("--public-url", help="the public_url the gateway signs against (default: --url)")
-    sim.add_argument("--calls", type=int, default=1)
-    sim.add_argument("--turns", type=int, default=2, help="utterances per call")
-    sim.add_argument("--audio", type=Path, help="WAV of the caller's utterance (default: a synthetic voice)")
+                     help="with --url: the emulated carrier's signing credentials, the gateway's own (e.g. "
+                          "auth_token=..., signature_secret=..., signing_key=<base64 Ed25519 seed>, "
+                          "basic_auth_user=...); Twilio's default to TWILIO_AUTH_TOKEN / TWILIO_ACCOUNT_SID")
+    sim.add_argument("--public-url", help="with --url: the public_url the gateway signs against (default: --url)")
+    sim.add_argument("--calls", type=int, default=1, help="calls placed at once")
+    sim.add_argument("--turns", type=int, help="utterances per call (default: one per --say, else 2)")
+    voice = sim.add_mutually_exclusive_group()
+    voice.add_argument("--say", action="append", default=[], metavar="TEXT",
+                       help="a sentence the caller speaks (offline voice), one per turn; repeat for more turns")
+    voice.add_argument("--audio", type=Path, help="a WAV recording the caller plays each turn (any rate, mono/stereo)")
     sim.add_argument("--to", default="+14155550100", help="the dialed number (selects the persona)")
+    sim.add_argument("--answer-timeout", type=float, default=15.0, metavar="SECS",
+                     help="end of speech -> first agent audio; later is no answer (default: 15; with --url keep it "
+                          "below the gateway's silence_prompt_secs)")
+    sim.add_argument("--verbose", action="store_true", help="also show the in-process gateway's log")
     return parser
 
 
@@ -57,15 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     environ = dict(os.environ)
-    if args.command == "simulate":
-        from gateway.simulate.call import run_simulation
-
-        credentials = dict(item.partition("=")[::2] for item in args.credential)
-        if args.carrier == "twilio":
-            credentials.setdefault("auth_token", environ.get("TWILIO_AUTH_TOKEN", ""))
-            credentials.setdefault("account_sid", environ.get("TWILIO_ACCOUNT_SID", ""))
-        return run_simulation(url=args.url, public_url=args.public_url, calls=args.calls, turns=args.turns,
-                              audio=args.audio, to=args.to, carrier=args.carrier, credentials=credentials)
+    if args.command == "simulate" and args.url:
+        return _simulate(args, environ, None)
     if getattr(args, "path", None) and args.config and args.path != args.config:
         parser.error(f"two config files given ({args.path} and --config {args.config}): pass one")
     path = (getattr(args, "config", None) or getattr(args, "path", None)
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:       # one line each, all of them
             print(f"voxray: configuration error: {problem}", file=sys.stderr)
         return 2
+    if args.command == "simulate":
+        return _simulate(args, environ, config)
     if args.command == "check-config":
         print(json.dumps(config.describe(), indent=2))
         for note in config.providers.notes:
@@ -90,6 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     server = build_server(create_app(config), config)
     server.run()
     return 0
+
+
+def _simulate(args: argparse.Namespace, environ: dict[str, str], config: Config | None) -> int:
+    """``voxray simulate``: against ``--url``, or a gateway started here from ``config``."""
+    from gateway.logging import configure_logging
+    from gateway.simulate.run import Options, run_simulation
+
+    credentials = dict(item.partition("=")[::2] for item in args.credential)
+    if args.carrier == "twilio" and args.url:
+        credentials.setdefault("auth_token", environ.get("TWILIO_AUTH_TOKEN", ""))
+        credentials.setdefault("account_sid", environ.get("TWILIO_ACCOUNT_SID", ""))
+    options = Options(carrier=args.carrier, url=args.url, public_url=args.public_url, credentials=credentials,
+                      calls=args.calls, turns=args.turns, say=tuple(args.say), audio=args.audio, to=args.to,
+                      answer_timeout_s=args.answer_timeout, verbose=args.verbose)
+    json_lines = config is not None and config.log_json
+    return run_simulation(options, config, setup_logging=lambda: configure_logging(
+        "info" if args.verbose else "warning", json_lines=json_lines))
 
 
 if __name__ == "__main__":

@@ -303,9 +303,10 @@ class SimulatedCall:
         return bytes(self.received.audio)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- test audio
 def synthetic_voice(seconds: float = 1.2, rate: int = 8000) -> bytes:
-    """A voiced, syllable-modulated signal well above the VAD threshold that ends exactly at its last sample."""
+    """A voiced, syllable-modulated signal well above the VAD threshold that ends exactly at its last sample
+    (it opens turns and barges in; no recogniser understands it: ``voxray simulate`` speaks real sentences)."""
     import numpy as np
 
     t = np.arange(int(seconds * rate)) / rate
@@ -313,52 +314,3 @@ def synthetic_voice(seconds: float = 1.2, rate: int = 8000) -> bytes:
     envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * t) ** 2
     signal = 0.25 * voiced / np.max(np.abs(voiced)) * envelope
     return bytes((signal * 32767).astype("<i2").tobytes())
-
-
-async def _simulate(*, url: str, public_url: str | None, calls: int, turns: int, pcm: bytes, to: str,
-                    carrier: str, credentials: Mapping[str, str]) -> list[list[float]]:
-    async def one(i: int) -> list[float]:
-        call = SimulatedCall(gateway=url, public_url=public_url, carrier=carrier, credentials=credentials, to=to)
-        response = await call.dial()
-        if response.status_code != 200:
-            raise RuntimeError(f"call {i}: webhook answered {response.status_code}: {response.text[:200]}")
-        await call.connect()
-        latencies = []
-        try:
-            await call.wait_audio(after=0, timeout=20)
-            await call.wait_quiet(600, timeout=60)
-            for _ in range(turns):
-                end = await call.speak(pcm)
-                try:
-                    first = await call.wait_audio(after=end, timeout=30)
-                except TimeoutError:
-                    print(f"call {i + 1}: no answer within 30 s (was the utterance understood?)")
-                    continue
-                latencies.append((first - end) * 1000.0)
-                await call.wait_quiet(600, timeout=60)
-        finally:
-            await call.hang_up()
-        return latencies
-
-    return list(await asyncio.gather(*(one(i) for i in range(calls))))
-
-
-def run_simulation(*, url: str, public_url: str | None, calls: int, turns: int, audio: Any, to: str,
-                   carrier: str = "twilio", credentials: Mapping[str, str] | None = None) -> int:
-    """``voxray simulate``: place calls, print each turn's end-of-speech → first-audio latency."""
-    from pipeline.audio import Resampler, wav_to_pcm
-
-    if audio is not None:
-        pcm, rate = wav_to_pcm(audio.read_bytes())
-        pcm = pcm if rate == 8000 else Resampler(rate, 8000).process(pcm)
-    else:
-        pcm = synthetic_voice()
-    results = asyncio.run(_simulate(url=url, public_url=public_url, calls=calls, turns=turns, pcm=pcm, to=to,
-                                    carrier=carrier, credentials=credentials or {}))
-    flat = sorted(x for r in results for x in r)
-    for i, r in enumerate(results):
-        print(f"call {i + 1}: " + ", ".join(f"{x:.0f} ms" for x in r))
-    if flat:
-        print(f"{len(flat)} turns: p50 {flat[len(flat) // 2]:.0f} ms, max {flat[-1]:.0f} ms "
-              "(end of speech -> first agent audio, including the turn wait and the providers)")
-    return 0
