@@ -46,4 +46,8 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
     || echo "warning: '$npm_install' failed in tests/browser (Node.js 20+ and npm needed); the softphone tests will fail" >&2
 fi
 
+# Static checks first (pyproject.toml says which rules and why): a lint or type error fails the run.
+.venv/bin/python -m ruff check .
+.venv/bin/python -m mypy
+
 exec .venv/bin/python -m pytest -q "$@"

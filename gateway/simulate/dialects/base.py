@@ -15,8 +15,9 @@ Usage (what SimulatedCall does)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Protocol
+from typing import ClassVar, Protocol
 
 __all__ = ["Dialect", "Inbound", "Webhook"]
 

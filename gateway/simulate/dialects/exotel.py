@@ -16,7 +16,8 @@ import binascii
 import json
 import secrets
 import time
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from gateway.simulate.dialects.base import Inbound, Webhook

@@ -19,7 +19,8 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from array import array
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from carriers.plivo import decode_extra_headers, signature_v3

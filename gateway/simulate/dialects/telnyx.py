@@ -15,7 +15,8 @@ import secrets
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np

@@ -6,7 +6,8 @@ import base64
 import json
 import secrets
 import xml.etree.ElementTree as ET
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator

@@ -13,7 +13,8 @@ import json
 import time
 import uuid
 import warnings
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import jwt
