@@ -226,7 +226,7 @@ def _hook_rtp_arrivals() -> None:
             sink._on_rtp(packet.timestamp)
         await original(self, packet, arrival_time_ms=arrival_time_ms)
 
-    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]  # the RTP arrival hook
     _hooked = True
 
 
@@ -252,7 +252,7 @@ def _mic_track() -> Any:
             self.spoken = asyncio.Event()
             self.spoken_at = 0.0
 
-        async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+        async def recv(self) -> av.AudioFrame:
             if self.readyState != "live":
                 raise MediaStreamError
             now = time.monotonic()

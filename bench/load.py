@@ -357,7 +357,7 @@ async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech
         stage = "turn"
         loop_end = time.monotonic() + seconds
         while time.monotonic() < loop_end:
-            if call._closed.is_set():                                  # noqa: SLF001
+            if call._closed.is_set():   # noqa: SLF001 - part of the surface both call kinds share (bench/browsers.py)
                 raise CallFailed(f"closed by the gateway (code {call.close_code} {call.close_reason!r})")
             async with asyncio.timeout(speech_s + 10):
                 end = await call.speak(speech)

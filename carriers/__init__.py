@@ -28,7 +28,10 @@ class CarrierSpec:
 
     def load(self) -> type:
         module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        loaded = getattr(importlib.import_module(module), cls)
+        if not isinstance(loaded, type):
+            raise TypeError(f"{self.target} is not a class")
+        return loaded
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The constructor's keyword settings (``http`` and injected callables such as clocks excluded)."""

@@ -425,8 +425,8 @@ def _call_fields(response: httpx.Response) -> dict[str, str]:
     if isinstance(data, dict) and isinstance(call := data.get("Call"), dict):
         return {k: str(v) for k, v in call.items() if v is not None}
     try:
-        # Exotel's own REST answer; expat never fetches external entities and limits expansion (>= 2.4)
-        node = ET.fromstring(response.content).find(".//Call")  # noqa: S314
+        # expat (>= 2.4) never fetches external entities and limits entity expansion
+        node = ET.fromstring(response.content).find(".//Call")  # noqa: S314 - Exotel's own REST answer
     except ET.ParseError:
         node = None
     if node is None:

@@ -13,19 +13,20 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 # One event loop per process does all the audio work; a multi-threaded BLAS would spin extra cores
 # on the resampler's small matrix products. Set before numpy is imported (the operator may override).
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from gateway.config import Config, ConfigError  # noqa: E402
 
 __all__ = ["main"]
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     path = (getattr(args, "config", None) or getattr(args, "path", None)
             or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None))
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    from gateway.config import Config, ConfigError  # after the thread limits above (it imports numpy)
+
     try:
         config = Config.load(path, environ, overrides)
     except ConfigError as exc:

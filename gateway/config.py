@@ -236,7 +236,7 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     transcripts: TranscriptsConfig = field(default_factory=TranscriptsConfig)
     # derived
-    providers: Providers = field(default=None, metadata={"derived": True})  # type: ignore[assignment]
+    providers: Providers = field(default=None, metadata={"derived": True})  # type: ignore[assignment]  # load() always sets it
 
     @classmethod
     def load(cls, path: Path | None, environ: Mapping[str, str],

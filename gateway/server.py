@@ -20,14 +20,19 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 from gateway.config import Config
 from gateway.http.protocol import guarded_http_protocol
+
+if TYPE_CHECKING:
+    from gateway.app import Services
 
 __all__ = ["build_server"]
 
@@ -45,7 +50,7 @@ class _Server(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets=sockets)
 
@@ -60,12 +65,12 @@ class _Server(uvicorn.Server):
         logger.info("received %s: draining", signal.Signals(sig).name)
         self._loop.call_soon_threadsafe(self._start_drain, services)
 
-    def _start_drain(self, services: object) -> None:
+    def _start_drain(self, services: Services) -> None:
         from gateway.drain import drain
 
         async def drain_then_exit() -> None:
             try:
-                await drain(services)  # type: ignore[arg-type]
+                await drain(services)
             finally:
                 self.should_exit = True
 
@@ -82,7 +87,7 @@ class _Server(uvicorn.Server):
 
 def build_server(app: Starlette, config: Config, *, handle_signals: bool = True,
                  **overrides: object) -> uvicorn.Server:
-    options: dict[str, object] = dict(
+    options: dict[str, Any] = dict(        # Any: uvicorn.Config's keywords each have their own type
         host=config.host, port=config.port, log_config=None, lifespan="on", access_log=False,
         # the protocol layer refuses frames past the limit (close 1009); the call checks it too
         ws_max_size=config.ws_max_message_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
@@ -93,4 +98,4 @@ def build_server(app: Starlette, config: Config, *, handle_signals: bool = True,
         proxy_headers=bool(config.forwarded_allow_ips), forwarded_allow_ips=list(config.forwarded_allow_ips),
         timeout_graceful_shutdown=5)
     options.update(overrides)
-    return _Server(uvicorn.Config(app, **options), handle_signals=handle_signals, app=app)  # type: ignore[arg-type]
+    return _Server(uvicorn.Config(app, **options), handle_signals=handle_signals, app=app)

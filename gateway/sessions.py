@@ -290,7 +290,7 @@ class RedisSessionStore(SessionStore):
         try:
             await self._redis.delete(self._key(session_id))
             self._unremoved.discard(session_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure: remembered, the removal is retried at resync
             self._unremoved.add(session_id)
             logger.warning("session store: could not remove session %s… (retried when Redis is back): %s",
                            session_id[:6], _describe(exc))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,56 @@ def test_the_server_never_imports_the_simulator() -> None:
             reachable.add(m)
             todo.extend(graph.get(m, ()))
     assert len(reachable) > 10 and not {m for m in reachable if m.startswith("gateway.simulate.call")}
+
+
+# ------------------------------------------------------------------------------- suppressions carry reasons
+SUPPRESSED_DIRS = ("gateway", "pipeline", "carriers", "twiml", "bench", "tests")
+# the markers are assembled so that this module's own source never holds them literally
+_NOQA, _IGNORE = "# " + "noqa", "type" + ": ignore"
+_REASONED = re.compile(
+    "|".join((re.escape(_NOQA) + r": [A-Z]+[0-9]+(?:, ?[A-Z]+[0-9]+)* +(?:[-–]|#) *\S",
+              re.escape(_IGNORE) + r"\[[a-z0-9-]+(?:, ?[a-z0-9-]+)*\] +[-#] *\S")))
+
+
+def unexplained_suppressions(source: str) -> list[tuple[int, str]]:
+    """(line, text) of each suppression comment (ruff's noqa, mypy's ignore) without an error code and a reason."""
+    found = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string
+        if (_NOQA in text.lower() or _IGNORE in text) and not _REASONED.search(text):
+            found.append((token.start[0], text))
+    return found
+
+
+def suppression_files() -> list[Path]:
+    return sorted(p for d in SUPPRESSED_DIRS for p in (ROOT / d).rglob("*.py") if "node_modules" not in p.parts)
+
+
+def test_every_suppression_names_its_code_and_reason() -> None:
+    files = suppression_files()
+    assert len(files) > 50
+    bad = [f"{p.relative_to(ROOT)}:{line}: {text}" for p in files
+           for line, text in unexplained_suppressions(p.read_text())]
+    assert bad == [], "a suppression comment without a code and a reason:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("comment", [
+    _NOQA, f"{_NOQA}: E402", f"{_NOQA}: BLE001 -", f"{_NOQA}: BLE001 because", f"{_NOQA.upper()}: E402",
+    f"# {_IGNORE}", f"# {_IGNORE}[arg-type]", f"# {_IGNORE}[arg-type]  #", f"# {_IGNORE}  # no code",
+])
+def test_the_suppression_checker_catches_bare_ones(comment: str) -> None:
+    assert unexplained_suppressions(f"x = 1  {comment}\n")
+
+
+@pytest.mark.parametrize("line", [
+    f"x = 1  {_NOQA}: BLE001 - any failure means not ready\n",
+    f"x = 1  {_NOQA}: BLE001, S110 - the socket may already be gone\n",
+    f"x = 1  {_NOQA}: S104  # a server's default\n",
+    f"x = 1  # {_IGNORE}[assignment]  # load() sets it\n",
+    f"x = 1  # {_IGNORE}[arg-type, misc] - a wrong type on purpose\n",
+    f"x = '{_NOQA}'  # a string, not a comment\n",
+])
+def test_the_suppression_checker_accepts_reasoned_ones(line: str) -> None:
+    assert unexplained_suppressions(line) == []

@@ -638,6 +638,5 @@ class WebRTCLeg:
         if channel is None or channel.readyState != "open":
             return
         deadline = time.monotonic() + _DRAIN_TIMEOUT_S
-        # aiortc has no "drained" event to wait on
-        while channel.bufferedAmount > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while channel.bufferedAmount > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - aiortc has no drained event
             await asyncio.sleep(0.01)

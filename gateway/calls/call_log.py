@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 from gateway.sessions import Session
-from gateway.storage.recording import CallRecorder, RecordingUploader
+from gateway.storage.recording import CallRecorder, Channels, RecordingUploader
 from gateway.storage.transcripts import TranscriptRow, TranscriptWriter
 from pipeline.conversation import BotSpeaking, Event, TranscriptEvent, TurnLatency
 from pipeline.frames import AudioFrame
@@ -74,7 +74,7 @@ class CallLog:
             try:
                 recorder = CallRecorder.for_call(
                     uploader.spool_dir, base_path=r.base_path, session_id=session.id, carrier=carrier,
-                    call_id=session.call_id, channels=r.channels,  # type: ignore[arg-type]
+                    call_id=session.call_id, channels=cast(Channels, r.channels),  # Config.load checked it
                     started_at=datetime.now(UTC))
             except OSError as exc:
                 logger.error("recording could not start (the call goes on unrecorded): %s", exc)
@@ -111,13 +111,14 @@ class CallLog:
                 self._write("assistant", event.text, self._speaking_since or now, now, self._latency)
                 self._speaking_since, self._latency = None, None
 
-    def _write(self, role: str, text: str, started: float, ended: float, latency: TurnLatency | None) -> None:
+    def _write(self, role: Literal["user", "assistant"], text: str, started: float, ended: float,
+               latency: TurnLatency | None) -> None:
         assert self._writer is not None
         self._seq += 1
         s = self.session
         self._writer.add(TranscriptRow(
             session_id=s.id, seq=self._seq, carrier=self.carrier, call_id=s.call_id, from_number=s.from_,
-            to_number=s.to, persona=self.persona, role=role, text=text,  # type: ignore[arg-type]
+            to_number=s.to, persona=self.persona, role=role, text=text,
             started_at=started, ended_at=ended,
             latency={k: float(v) for k, v in asdict(latency).items()} if latency is not None else None))
 

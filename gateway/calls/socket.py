@@ -30,7 +30,7 @@ class SocketIO:
 
 def socket_io(websocket: WebSocket) -> SocketIO:
     """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
-    receive, send = websocket._receive, websocket._send  # noqa: SLF001
+    receive, send = websocket._receive, websocket._send  # noqa: SLF001 - Starlette exposes no public raw ASGI channel
     closed = False
     peer_code: int | None = None
 

@@ -37,7 +37,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes: int | None = None           # bytes read since a request began, until its head is complete
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # narrows BaseTransport as uvicorn does
         super().connection_made(transport)
         self._await_head()
 

@@ -41,9 +41,9 @@ async def ready(request: Request) -> Response:
     services = services_of(request)
     if services.draining:
         return error(503, "draining: this instance is shutting down", active_calls=len(services.calls))
-    busy = services.admission.refusal() if services.admission is not None else None
-    if busy is not None:
-        return error(503, services.admission.explain(busy), active_calls=len(services.calls))  # type: ignore[union-attr]
+    admission = services.admission
+    if admission is not None and (busy := admission.refusal()) is not None:
+        return error(503, admission.explain(busy), active_calls=len(services.calls))
     if not await services.sessions.ping():
         return error(503, "session store unreachable")
     return JSONResponse({"status": "ready", "active_calls": len(services.calls)})

@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 import aiohttp
 
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 _NOT_PROVIDERS = {"base"}
+_Builder = TypeVar("_Builder")
 _STAGE_NAMES = {"stt": "speech-to-text", "llm": "a language model", "tts": "text-to-speech"}
 
 
@@ -79,31 +81,37 @@ def lookup(name: str) -> ProviderSpec | None:
     return PROVIDERS.get(name) or next((s for s in PROVIDERS.values() if name in s.aliases), None)
 
 
-def _build(stage: str, settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> object:
+def _builder(stage: str, settings: ProviderSettings,
+             builder_of: Callable[[ProviderSpec], _Builder | None]) -> tuple[_Builder, ProviderSettings]:
+    """The named provider's builder for ``stage`` (``builder_of`` picks it from the spec), and the settings
+    to build with (the provider's key variable filled in)."""
     spec = lookup(settings.name)
     if spec is None:
         raise ProviderError(settings.name, f"unknown provider; known: {', '.join(PROVIDERS)}")
-    builder = getattr(spec, stage)
+    builder = builder_of(spec)
     if builder is None:
         raise ProviderError(settings.name, f"does not offer {_STAGE_NAMES[stage]}")
     if settings.key_env is None and spec.key_env:
         settings = dataclasses.replace(settings, key_env=spec.key_env)
-    return builder(settings, http, options)
+    return builder, settings
 
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
               local_processes: int = 1, local_max_pending: int = 8) -> STTProvider:
     """Instantiate the STT provider named by ``settings`` (``local_*``: the pocketsphinx pool's size)."""
     options = BuildOptions(timeout_s, local_processes=local_processes, local_max_pending=local_max_pending)
-    return _build("stt", settings, http, options)  # type: ignore[return-value]
+    build, settings = _builder("stt", settings, lambda spec: spec.stt)
+    return build(settings, http, options)
 
 
 def build_llm(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float,
               max_tokens: int | None = None) -> LLMProvider:
     """Instantiate the LLM provider named by ``settings`` (``max_tokens``: the answer's limit)."""
-    return _build("llm", settings, http, BuildOptions(timeout_s, max_tokens=max_tokens))  # type: ignore[return-value]
+    build, settings = _builder("llm", settings, lambda spec: spec.llm)
+    return build(settings, http, BuildOptions(timeout_s, max_tokens=max_tokens))
 
 
 def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeout_s: float) -> TTSProvider:
     """Instantiate the TTS provider named by ``settings``."""
-    return _build("tts", settings, http, BuildOptions(timeout_s))  # type: ignore[return-value]
+    build, settings = _builder("tts", settings, lambda spec: spec.tts)
+    return build(settings, http, BuildOptions(timeout_s))

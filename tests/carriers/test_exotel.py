@@ -67,7 +67,9 @@ def pcm(samples: list[int]) -> bytes:
 def carrier(http: httpx.AsyncClient | None = None, **kwargs: Any) -> ExotelCarrier:
     kwargs.setdefault("basic_auth_user", USER)
     kwargs.setdefault("basic_auth_password", PASSWORD if kwargs["basic_auth_user"] else "")  # user "": no Basic
-    return ExotelCarrier(sid=SID, api_key=API_KEY, api_token=API_TOKEN, http=http or httpx.AsyncClient(), **kwargs)
+    kwargs.setdefault("api_key", API_KEY)
+    kwargs.setdefault("api_token", API_TOKEN)
+    return ExotelCarrier(sid=SID, http=http or httpx.AsyncClient(), **kwargs)
 
 
 def hook(headers: dict[str, str] | None = None, query: str = "CallSid=c1&CallFrom=09876543210&CallTo=08047491899",
@@ -583,7 +585,7 @@ def test_encode_errors() -> None:
         stream.encode(AudioFrame(pcm(TONE8_PCM), 16000))
     for frame in (Dtmf("1"), MarkPlayed("m"), StreamStopped(), StreamStarted("MZ", "CA")):
         with pytest.raises(ValueError, match="cannot send"):
-            stream.encode(frame)  # type: ignore[arg-type]
+            stream.encode(frame)
     assert stream.encode(AudioFrame(b"", 8000)) == []
 
 
@@ -648,8 +650,7 @@ async def test_dial_lowercase_path_switch() -> None:
 async def test_dial_bad_credentials(json_suffix: bool, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     async with FakeExotelREST(SID, API_KEY, API_TOKEN) as fake, httpx.AsyncClient() as http:
-        c = rest_carrier(http, fake, json_suffix=json_suffix)
-        c._api_token = "wrong-token-value"  # noqa: SLF001
+        c = rest_carrier(http, fake, json_suffix=json_suffix, api_token="wrong-token-value")
         with pytest.raises(CallControlFailed, match="^exotel dial failed: HTTP 401: Authentication failed") as info:
             await c.dial(DIAL)
         assert fake.dialed == [] and fake.requests[0].auth_ok is False
@@ -739,8 +740,7 @@ async def test_transfer_failures() -> None:
         with pytest.raises(CallControlFailed, match="^exotel transfer of c1 failed: HTTP 500: Internal error$"):
             await c.transfer(INBOUND, "+918000000001")
         fake.force_error = None
-        bad = rest_carrier(http, fake)
-        bad._api_key = "nobody"  # noqa: SLF001
+        bad = rest_carrier(http, fake, api_key="nobody")
         with pytest.raises(CallControlFailed, match="HTTP 401"):
             await bad.transfer(INBOUND, "+918000000001")
         assert fake.transfers == []
@@ -775,8 +775,7 @@ async def test_rest_hang_up_failures(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     async with FakeExotelREST(SID, API_KEY, API_TOKEN) as fake, httpx.AsyncClient() as http:
         fake.known_calls = {"c1"}
-        c = rest_carrier(http, fake, rest_hangup=True)
-        c._api_token = "wrong-token-value"  # noqa: SLF001
+        c = rest_carrier(http, fake, rest_hangup=True, api_token="wrong-token-value")
         with pytest.raises(HangupFailed, match="^exotel hang-up of c1 failed: HTTP 401: Authentication failed$"):
             await c.hang_up(INBOUND)
         good = rest_carrier(http, fake, rest_hangup=True)

@@ -12,6 +12,7 @@ import sys
 import time
 import wave
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -126,7 +127,9 @@ async def test_chat_stream_chunks() -> None:
 
 @pytest.mark.asyncio
 async def test_chat_non_stream_and_callable_reply() -> None:
-    replies = lambda msgs: "echo: " + msgs[-1]["content"]  # noqa: E731
+    def replies(msgs: list[dict[str, Any]]) -> str:
+        return f"echo: {msgs[-1]['content']}"
+
     async with fake(replies=replies) as f, httpx.AsyncClient() as c:
         body = {"model": "m", "messages": [{"role": "user", "content": "ping"}]}
         r = await c.post(f"{f.base_url}/chat/completions", headers=AUTH, json=body)

@@ -67,7 +67,7 @@ def test_http_edge_defaults_and_proxies_from_the_environment() -> None:
 def test_config_is_immutable() -> None:
     c = Config.from_mapping({}, OPENAI)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        c.port = 1  # type: ignore[misc]
+        c.port = 1  # type: ignore[misc]  # the frozen dataclass must refuse it
 
 
 def test_load_without_a_file_uses_defaults() -> None:

@@ -190,8 +190,8 @@ class Ended:
 
 @dataclass
 class Harness:
-    convo: Conversation = None  # type: ignore[assignment]
-    playout: Playout = None  # type: ignore[assignment]
+    convo: Conversation = None  # type: ignore[assignment]  # set by call() before the call starts
+    playout: Playout = None  # type: ignore[assignment]  # set by call() before the call starts
     frames: list[Frame] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
@@ -202,6 +202,7 @@ class Harness:
     speech: list[bytes] = field(default_factory=list)     # frames the caller will send before silence
     mark_acks: bool = True
     _mark_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    tg: asyncio.TaskGroup = None  # type: ignore[assignment]  # set by call() before the call starts
 
     # the transport (a carrier that acknowledges marks once the audio before them has played)
     async def send(self, frame: Frame) -> None:
@@ -281,7 +282,7 @@ async def call(*, stt: Sequence[STTProvider] = (), llm: Sequence[LLMProvider] = 
     try:
         async with asyncio.timeout(15):
             async with asyncio.TaskGroup() as tg:
-                h.tg = tg  # type: ignore[attr-defined]
+                h.tg = tg
                 h.playout = Playout(sample_rate=OUT_RATE, lead_ms=lead_ms, max_buffer_ms=10000,
                                     on_speaking=lambda s, at: h.convo.on_speaking(s, at))
                 chain = ProviderChain(stt=list(stt), llm=list(llm) or [ScriptedLLM(["Ok."])],

@@ -164,7 +164,7 @@ async def test_responder_barge_in_keeps_what_was_heard_in_the_context() -> None:
     messages = [dict(SYSTEM)]
     tts = ToneTTS()
     calls = ProviderCalls(ProviderChain(stt=[], llm=[], tts=[tts]), settings=FAST, persona=Persona())
-    responder = Responder(playout=playout, providers=calls, messages=messages,  # type: ignore[arg-type]
+    responder = Responder(playout=playout, providers=calls, messages=messages,  # type: ignore[arg-type]  # FakePlayout
                           spawn=asyncio.ensure_future, on_event=events.append, on_failure=lambda c, m: None)
     response = responder.say("One two. Three four five six.")
     assert response.task is not None

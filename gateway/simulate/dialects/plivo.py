@@ -168,7 +168,7 @@ class PlivoDialect:
         except ValueError:
             return [Inbound("invalid", text=f"not JSON: {message[:200]}")]
         event = data.get("event") if isinstance(data, dict) else None
-        expected = _EXPECTED.get(event)  # type: ignore[arg-type]
+        expected = _EXPECTED.get(event) if isinstance(event, str) else None
         keys = set(data) - {"streamId"} if event == "playAudio" else set(data) if isinstance(data, dict) else set()
         if expected is None or keys != expected or data.get("streamId", self.stream_id) != self.stream_id:
             return [Inbound("invalid", text=message[:200])]

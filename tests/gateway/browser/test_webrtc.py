@@ -13,8 +13,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import aioice.ice
 import av
@@ -31,6 +31,8 @@ from pipeline.audio import rms
 from tests.conftest import phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.speech import speech_pcm
+
+T = TypeVar("T")
 
 TRANSCRIPT = "I would like to book a table"
 REPLY = "Sure. For what time?"
@@ -88,7 +90,7 @@ class Mic(MediaStreamTrack):
         self._start: float | None = None
         self._drained = asyncio.Event()
 
-    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+    async def recv(self) -> av.AudioFrame:
         if self.dead:
             await asyncio.Event().wait()
         if self._start is None:
@@ -157,21 +159,21 @@ class Browser:
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp  # type: ignore[no-any-return]
+        return self.pc.localDescription.sdp
 
     async def connect(self, http: httpx.AsyncClient, url: str, **body: Any) -> dict[str, Any]:
         """POST the offer to ``url`` (with ``body``'s extra fields) and apply the answer."""
         response = await http.post(url, json={"sdp": await self.offer(), "type": "offer", **body})
         assert response.status_code == 200, response.text
-        answer = response.json()
+        answer: dict[str, Any] = response.json()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        return answer  # type: ignore[no-any-return]
+        return answer
 
     def send(self, message: dict[str, Any]) -> None:
         assert self.channel is not None
         self.channel.send(json.dumps(message))
 
-    async def until(self, predicate: Any, timeout: float = 5.0) -> Any:
+    async def until(self, predicate: Callable[[], T | None], timeout: float = 5.0) -> T:
         async with asyncio.timeout(timeout):
             while not (found := predicate()):
                 self._changed.clear()
@@ -180,14 +182,14 @@ class Browser:
 
     async def event(self, type_: str, after: float = 0.0, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
         return await self.until(lambda: next((e for t, e in self.events if t >= after and e.get("type") == type_
-                                              and all(e.get(k) == v for k, v in fields.items())), None), timeout)  # type: ignore[no-any-return]
+                                              and all(e.get(k) == v for k, v in fields.items())), None), timeout)
 
     def pcm(self, after: float = 0.0, before: float = float("inf")) -> bytes:
         return b"".join(p for t, p, _ in self.audio if after <= t < before)
 
     async def loud_audio_after(self, after: float, timeout: float = 5.0) -> float:
         """When the first clearly audible frame arrived after ``after``."""
-        return await self.until(lambda: next((t for t, p, _ in self.audio if t >= after and rms(p) > 0.05), None),  # type: ignore[no-any-return]
+        return await self.until(lambda: next((t for t, p, _ in self.audio if t >= after and rms(p) > 0.05), None),
                                 timeout)
 
     async def quiet(self, ms: float = 300, timeout: float = 10.0) -> float:

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import pytest
 import websockets
+from websockets.typing import Origin
 
 from gateway.browser.ws import looks_like_float32, parse_start
 from pipeline.audio import rms
 from tests.conftest import PUBLIC_URL, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.speech import speech_pcm
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,7 +68,7 @@ class Client:
         self.closed = (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
         self._changed.set()
 
-    async def until(self, predicate: Any, timeout: float = 5.0) -> Any:
+    async def until(self, predicate: Callable[[], T | None], timeout: float = 5.0) -> T:
         async with asyncio.timeout(timeout):
             while True:
                 found = predicate()
@@ -77,13 +81,13 @@ class Client:
         def find() -> dict[str, Any] | None:
             return next((e for t, e in self.events if t >= after and e.get("type") == type_
                          and all(e.get(k) == v for k, v in fields.items())), None)
-        return await self.until(find, timeout)  # type: ignore[no-any-return]
+        return await self.until(find, timeout)
 
     def of(self, type_: str) -> list[dict[str, Any]]:
         return [e for _, e in self.events if e.get("type") == type_]
 
     async def audio_after(self, after: float, timeout: float = 5.0) -> float:
-        return await self.until(lambda: next((t for t, _ in self.audio if t >= after), None), timeout)  # type: ignore
+        return await self.until(lambda: next((t for t, _ in self.audio if t >= after), None), timeout)
 
     async def quiet(self, ms: float = 400, timeout: float = 10.0) -> None:
         """Wait until no audio has arrived for ``ms``."""
@@ -110,7 +114,7 @@ class Client:
         return end
 
     async def closed_with(self, timeout: float = 5.0) -> tuple[int | None, str]:
-        return await self.until(lambda: self.closed, timeout)  # type: ignore[no-any-return]
+        return await self.until(lambda: self.closed, timeout)
 
 
 async def open_session(url: str, rate: int = 16000, **start: Any) -> Client:
@@ -375,20 +379,20 @@ async def test_cross_origin_websocket_is_refused() -> None:
     async with FakeOpenAI() as fake:
         async with running_gateway(config(fake, cors_allowed_origins=list(allowed))) as url:
             own = url.removeprefix("http://")
-            async with websockets.connect(ws_url(url), origin="https://evil.example.test") as ws:  # type: ignore[arg-type]
+            async with websockets.connect(ws_url(url), origin=Origin("https://evil.example.test")) as ws:
                 assert await Client(ws).closed_with() == (1008, "origin not allowed")
             # a page whose origin equals the request's Host (DNS rebinding sets both) is no longer trusted
-            async with websockets.connect(ws_url(url), origin=f"http://{own}") as ws:  # type: ignore[arg-type]
+            async with websockets.connect(ws_url(url), origin=Origin(f"http://{own}")) as ws:
                 assert await Client(ws).closed_with() == (1008, "origin not allowed")
-            for origin in ("https://app.example.test", PUBLIC_URL, None):   # listed, public_url's, not a browser
-                async with websockets.connect(ws_url(url), origin=origin) as ws:  # type: ignore[arg-type]
+            for origin in (Origin("https://app.example.test"), Origin(PUBLIC_URL), None):   # listed, public_url's, not a browser
+                async with websockets.connect(ws_url(url), origin=origin) as ws:
                     await ws.send(json.dumps({"type": "start"}))
                     client = Client(ws)
                     await client.event("ready")
                     await ws.send(json.dumps({"type": "end"}))
                     assert await client.closed_with() == (1000, "session ended")
         async with running_gateway(config(fake)) as url:                   # no list: any origin
-            async with websockets.connect(ws_url(url), origin="https://evil.example.test") as ws:  # type: ignore[arg-type]
+            async with websockets.connect(ws_url(url), origin=Origin("https://evil.example.test")) as ws:
                 await ws.send(json.dumps({"type": "start"}))
                 client = Client(ws)
                 await client.event("ready")

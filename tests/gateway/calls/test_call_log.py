@@ -139,7 +139,7 @@ def test_log_transcripts_logs_each_utterance_with_the_call_id_only_when_on(
     services = SimpleNamespace(config=Config.from_mapping({"log_transcripts": enabled}), recordings=None,
                                transcripts=None)
     session = Session.new(carrier="twilio", call_id="CA7", from_="+15550001", to="+15550002")
-    log = CallLog.for_session(services, session, persona="concierge", carrier="twilio")  # type: ignore[arg-type]
+    log = CallLog.for_session(services, session, persona="concierge", carrier="twilio")  # type: ignore[arg-type]  # Services stand-in
     caplog.handler.addFilter(CallIdFilter())
     token = call_id.set("CA7")
     try:

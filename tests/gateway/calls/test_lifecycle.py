@@ -77,8 +77,9 @@ async def test_work_that_stops_is_awaited_and_its_failure_comes_out() -> None:
 
 
 # ----------------------------------------------------------------------------------- floods
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
+def _rss_mb(gw: GatewayProcess) -> float:
+    assert gw.process is not None, "the gateway process is not running"
+    with open(f"/proc/{gw.process.pid}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -149,7 +150,7 @@ async def test_a_flood_is_dropped_and_closed_while_a_real_call_keeps_its_latency
     speech = speech_pcm("Where is my order?", 8000)
     call = await _legit_call(gw, twilio)
     normal = await _answer_s(call, speech)
-    baseline_mb = _rss_mb(gw.process.pid)           # type: ignore[union-attr]
+    baseline_mb = _rss_mb(gw)
     options = {"token": KEY} if kind == "ws" else {"public_url": PUBLIC_URL, "auth_token": AUTH_TOKEN,
                                                     "account_sid": ACCOUNT_SID}
     with Probe(gw.url) as probe:
@@ -169,7 +170,7 @@ async def test_a_flood_is_dropped_and_closed_while_a_real_call_keeps_its_latency
                if line.startswith(f'voxray_media_dropped_total{{carrier="{label}",reason="faster_than_real_time"}}')]
     assert dropped and float(dropped[0].split()[-1]) > 500
     assert 'reason="media_flood"' in metrics
-    assert _rss_mb(gw.process.pid) - baseline_mb < 30      # type: ignore[union-attr]
+    assert _rss_mb(gw) - baseline_mb < 30
     await call.hang_up()
 
 
@@ -179,7 +180,7 @@ async def test_a_flooding_session_ends_on_delete_within_a_second() -> None:
         raw = {"provider": "openai", "api_keys": {"openai": "sk-test"}, "base_urls": {"openai": fake.base_url},
                "server_api_key": KEY, "media_flood_close_ms": 0}     # never closed for flooding: only DELETE ends it
         async with GatewayProcess(raw) as gw, httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=10) as http:
-            baseline_mb = _rss_mb(gw.process.pid)       # type: ignore[union-attr]
+            baseline_mb = _rss_mb(gw)
             with Probe(gw.url) as probe:
                 flood = await Flood.start("ws", url=gw.url, frames=30000, rate=10000, token=KEY)
                 session_id = await flood.session_id()
@@ -192,4 +193,4 @@ async def test_a_flooding_session_ends_on_delete_within_a_second() -> None:
                 result = await flood.result(timeout_s=30)
             assert result["close_code"] == 1000 and result["sent"] < 30000
             assert max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
-            assert _rss_mb(gw.process.pid) - baseline_mb < 30      # type: ignore[union-attr]
+            assert _rss_mb(gw) - baseline_mb < 30

