@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         for note in config.providers.notes:
             print(f"note: {note}", file=sys.stderr)
         return 0
+    refusal = _required_at_start(config)
+    if refusal is not None:
+        print(f"voxray: {refusal}", file=sys.stderr)
+        return 2
     from gateway.app import create_app
     from gateway.logging import configure_logging
     from gateway.server import build_server
@@ -102,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     server = build_server(create_app(config), config)
     server.run()
     return 0
+
+
+def _required_at_start(config: Config) -> str | None:
+    """What ``recording.require_at_start`` refuses to start without, as one line (before the server runs:
+    a failed lifespan would end in uvicorn's traceback); None when there is nothing to check or it answered."""
+    if not (config.recording.enable and config.recording.require_at_start):
+        return None
+    import asyncio
+
+    from gateway.startup_checks import check_recording
+
+    problem = asyncio.run(check_recording(config.recording, config.startup_check_timeout_secs))
+    return None if problem is None else f"{problem} (recording.require_at_start is true: not starting)"
 
 
 def _simulate(args: argparse.Namespace, environ: dict[str, str], config: Config | None) -> int:

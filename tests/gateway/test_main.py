@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,21 @@ def test_check_config_prints_every_error_one_line_each_naming_its_source(tmp_pat
     assert "voxray: configuration error: 'port' must be a whole number (got 'abc' from VOXRAY_PORT)" in lines
     assert any("'vad_treshold'" in line and str(path) in line for line in lines)
     assert any("'recording.queue_cap'" in line and str(path) in line for line in lines)
+
+
+def test_serve_refuses_in_one_line_when_a_required_recording_bucket_does_not_answer(tmp_path: Path) -> None:
+    """recording.require_at_start: one line naming the problem and the key, exit 2, no traceback."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                  # nothing listens there
+    path = write(tmp_path, {"port": 9125, "host": "127.0.0.1", "startup_check_timeout_secs": 2,
+                            "recording": {"enable": True, "bucket": "calls", "require_at_start": True,
+                                          "endpoint_url": f"http://127.0.0.1:{port}"}})
+    env = {**clean_env(), "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxray: ") and "recording.require_at_start" in lines[0], lines
+    assert "Traceback" not in result.stderr and "test-secret" not in result.stderr
