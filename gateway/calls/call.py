@@ -27,6 +27,7 @@ from gateway.calls.call_log import CallLog
 from gateway.calls.leg import Leg
 from gateway.calls.lifecycle import MediaGate, run_until_ended
 from gateway.logging import call_id
+from gateway.personas import PersonaError
 from gateway.redaction import short_id
 from gateway.sessions import Session
 from pipeline.audio import dtmf_tones
@@ -106,9 +107,13 @@ class Call:
         if parameters is None or self._ended.is_set():
             return
         if self.persona is None:
-            self.persona = self.services.personas.resolve(
-                to=self.session.to, parameters={**self.session.parameters, **parameters},
-                context=self.session.context or None)
+            try:
+                self.persona = self.services.personas.resolve(
+                    to=self.session.to, parameters={**self.session.parameters, **parameters},
+                    context=self.session.context or None)
+            except PersonaError as exc:     # a broken personas file must not drop a live call
+                logger.error("persona lookup failed, using the default: %s", exc)
+                self.persona = self.services.personas.resolve()
         logger.info("%s started persona=%s", self.leg.label, self.persona.name)
         await self._converse(self.persona)
 
