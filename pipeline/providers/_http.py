@@ -30,11 +30,10 @@ from typing import Any
 import aiohttp
 
 from pipeline.jsonutil import loads
-from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall
+from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall, closing
 
-__all__ = ["HTTPClient", "json_event", "open_session", "provider_errors", "raise_for_status", "retry_after",
-           "sse_events",
-           "tool_call"]
+__all__ = ["HTTPClient", "json_event", "open_session", "pcm_chunks", "provider_errors", "raise_for_status",
+           "retry_after", "sse_events", "tool_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,24 @@ class HTTPClient:
     def auth_headers(api_key: str) -> dict[str, str]:
         """The headers that carry the key (OpenAI's bearer token unless a vendor says otherwise)."""
         return {"Authorization": f"Bearer {api_key}"}
+
+    async def post_pcm(self, url: str, body: Mapping[str, Any], *, params: Mapping[str, str] | None = None,
+                       message_of: Callable[[Any], Any] | None = None) -> AsyncIterator[bytes]:
+        """POST ``body`` as JSON and stream the raw PCM16 answer in whole samples (a TTS vendor's speech
+        endpoint); failures leave as ProviderError, errors through ``raise_for_status(message_of=...)``.
+
+        Usage (in a TTS provider)::
+
+            def synthesize(self, text, *, voice=None):
+                return self.post_pcm(f"{self._url}/v1/speak", {"text": text}, params={"encoding": "linear16"})
+        """
+        with provider_errors(self.name):
+            async with self._http.post(url, json=body, params=params, headers=self._headers,
+                                       timeout=self._timeout) as response:
+                await raise_for_status(self.settings, response, message_of=message_of or _error_message)
+                async with closing(pcm_chunks(response)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
 
 
 @contextlib.contextmanager
@@ -98,20 +115,35 @@ def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> floa
         return None
 
 
+def _error_message(payload: Any) -> Any:
+    """The message of an OpenAI-style error body, ``{"error": {"message": ...}}`` (Anthropic, Gemini too)."""
+    return payload["error"]["message"]
+
+
 async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientResponse, *,
                            refused_key: Callable[[Any], bool] = lambda _payload: False,
-                           delay: Callable[[Any], float | None] = lambda _payload: None) -> None:
+                           delay: Callable[[Any], float | None] = lambda _payload: None,
+                           message_of: Callable[[Any], Any] = _error_message) -> None:
     """Raise the ProviderError for an HTTP failure: 401/403 (or ``refused_key(body)``) is a refused key,
     not transient, naming the key variable; 408, 429 and 5xx are transient with the vendor's retry delay
-    (``retry-after``, else ``delay(body)``); anything else is permanent. The key is never in the text."""
+    (``retry-after``, else ``delay(body)``); anything else is permanent. ``message_of(body)`` picks the
+    vendor's message out of its JSON error (the raw body when it has none). The key is never in the text.
+
+    Usage (a vendor whose errors are ``{"detail": {"message": ...}}``)::
+
+        await raise_for_status(self.settings, response, message_of=lambda body: body["detail"]["message"])
+    """
     if response.status < 400:
         return
     body = (await response.read())[:2000]
     try:
         payload: Any = json.loads(body)
-        message = str(payload["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        payload, message = None, body[:500].decode("utf-8", "replace")
+    except ValueError:
+        payload = None
+    try:
+        message = str(message_of(payload))
+    except (KeyError, TypeError, IndexError, AttributeError):
+        message = body[:500].decode("utf-8", "replace")
     if settings.api_key:
         message = message.replace(settings.api_key, "***")
     name = settings.name
@@ -123,6 +155,24 @@ async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientR
         raise ProviderError(name, f"HTTP {response.status}: {message}", transient=True,
                             retry_after=wait if wait is not None else delay(payload))
     raise ProviderError(name, f"HTTP {response.status}: {message}")
+
+
+async def pcm_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """A raw PCM16 body as it arrives, each chunk a whole number of samples (an odd trailing byte waits
+    for the next chunk; one left at the end, half a sample, is dropped).
+
+    Usage::
+
+        async for chunk in pcm_chunks(response):   # len(chunk) % 2 == 0
+            yield chunk
+    """
+    odd = b""
+    async for chunk in response.content.iter_any():
+        chunk = odd + chunk
+        cut = len(chunk) & ~1
+        odd = chunk[cut:]
+        if cut:
+            yield chunk[:cut]
 
 
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:

@@ -126,20 +126,10 @@ class OpenAITTS(HTTPClient):
 
     sample_rate = _TTS_RATE
 
-    async def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
+    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
         body = {"model": self.settings.model, "input": text, "voice": voice or self.settings.voice or "alloy",
                 "response_format": "pcm"}
-        odd = b""
-        with provider_errors(self.name):
-            async with self._http.post(f"{self._url}/audio/speech", json=body, headers=self._headers,
-                                       timeout=self._timeout) as response:
-                await raise_for_status(self.settings, response)
-                async for chunk in response.content.iter_any():
-                    chunk = odd + chunk
-                    cut = len(chunk) & ~1
-                    odd = chunk[cut:]
-                    if cut:
-                        yield chunk[:cut]
+        return self.post_pcm(f"{self._url}/audio/speech", body)
 
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> OpenAISTT:

@@ -96,9 +96,14 @@ class LLMFake(LocalServer):
         return None
 
     def sse(self, frames: Sequence[bytes], *, closing: int) -> StreamingResponse:
-        """Stream ``frames`` (the last ``closing`` of them end the answer) under the failure mode."""
+        """Stream server-sent ``frames`` (the last ``closing`` of them end the answer) under the failure mode."""
+        return self.chunked(frames, closing=closing, media_type="text/event-stream")
+
+    def chunked(self, frames: Sequence[bytes], *, closing: int = 0, media_type: str) -> StreamingResponse:
+        """Stream ``frames`` one HTTP chunk each under the failure mode (``"cut"``; ``"truncate"`` drops the
+        last ``closing`` frames, when the framing has a closing event)."""
         mode = self.state.fail
-        if mode == "truncate":
+        if mode == "truncate" and closing:
             frames = frames[:-closing]
 
         async def body() -> AsyncIterator[bytes]:
@@ -109,4 +114,4 @@ class LLMFake(LocalServer):
                     await asyncio.sleep(self.state.token_interval_ms / 1000)
                 yield frame
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return StreamingResponse(body(), media_type=media_type, headers={"cache-control": "no-cache"})

@@ -50,21 +50,19 @@ Transcripts = Sequence[str] | Callable[[dict[str, Any]], str]  # callable gets t
 Replies = Sequence[Any] | Callable[[list[dict[str, Any]]], Any]  # str, or {"content", "tool_calls"}; callable gets the messages
 
 
-def _make_tone(seconds: int = 60) -> np.ndarray:
-    # 220 Hz at 24 kHz repeats exactly every 1200 samples, so the buffer tiles seamlessly.
-    t = np.arange(seconds * TTS_SAMPLE_RATE, dtype=np.float64) / TTS_SAMPLE_RATE
+@functools.lru_cache(maxsize=8)
+def _tone(rate: int, seconds: int = 60) -> np.ndarray:
+    # 220 Hz at 24 kHz (or 16 kHz: 800 samples) repeats exactly every 1200 samples, so the buffer tiles seamlessly.
+    t = np.arange(seconds * rate, dtype=np.float64) / rate
     return (0.3 * 32767 * np.sin(2 * np.pi * 220.0 * t)).astype("<i2")
 
 
-_TONE = _make_tone()
-_FADE = TTS_SAMPLE_RATE // 100  # 10 ms
-
-
 @functools.lru_cache(maxsize=512)
-def speech_pcm(n_samples: int) -> bytes:
-    """PCM16 LE mono 24 kHz 220 Hz tone (0.3 FS) with 10 ms fades; cached per length."""
-    out = _TONE[:n_samples].copy() if n_samples <= len(_TONE) else np.resize(_TONE, n_samples)
-    ramp = np.linspace(0.0, 1.0, min(_FADE, n_samples // 2))
+def speech_pcm(n_samples: int, rate: int = TTS_SAMPLE_RATE) -> bytes:
+    """PCM16 LE mono 220 Hz tone (0.3 FS) at ``rate`` (24 kHz unless told) with 10 ms fades; cached per length."""
+    tone = _tone(rate)
+    out = tone[:n_samples].copy() if n_samples <= len(tone) else np.resize(tone, n_samples)
+    ramp = np.linspace(0.0, 1.0, min(rate // 100, n_samples // 2))
     if len(ramp):
         out[: len(ramp)] = (out[: len(ramp)] * ramp).astype("<i2")
         out[-len(ramp) :] = (out[-len(ramp) :] * ramp[::-1]).astype("<i2")
