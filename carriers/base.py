@@ -1,14 +1,16 @@
 """The small interface every carrier adapter implements.
 
 A carrier module holds three things: webhook verification (``verify``), the answer markup
-(``answer``), a sans-I/O media codec (``open_stream`` -> :class:`MediaStream`) and REST call
-control (``hang_up``). Carriers never import ``gateway``; they receive an ``httpx.AsyncClient``.
+(``answer``, and ``busy`` for a call refused at capacity), a sans-I/O media codec (``open_stream`` ->
+:class:`MediaStream`) and REST call control (``hang_up``). Carriers never import ``gateway``; they
+receive an ``httpx.AsyncClient``.
 
 Usage (what ``gateway`` does on ``POST /start/twilio``)::
 
     carrier.verify(request)                       # raises SignatureInvalid -> 403
     call = carrier.parse_call(request)            # CallInfo(call_id="CA...", from_="+1...", to="+1...")
     body, media_type = carrier.answer(call, stream_url, {"session_id": sid})
+    refusal = carrier.busy(call, "All our lines are busy.")   # (markup, media type), or None -> 503
 """
 
 from __future__ import annotations
@@ -152,6 +154,11 @@ class Carrier(Protocol):
     def parse_call(self, request: WebhookRequest) -> CallInfo: ...
 
     def answer(self, call: CallInfo, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]: ...
+
+    def busy(self, call: CallInfo, text: str) -> tuple[str, str] | None:
+        """Markup that speaks ``text`` and hangs up (a call refused at capacity), as ``(body,
+        media_type)``; None when the carrier has no such answer here: the gateway then answers 503 and
+        the carrier's retry or fallback URL takes over. Pure, like ``answer``."""
 
     def open_stream(self) -> MediaStream: ...
 

@@ -254,6 +254,12 @@ class ExotelCarrier:
         url = self._stream_url(stream_url, parameters)
         return _answer_template().substitute(url=json.dumps(url)), "application/json"
 
+    def busy(self, call: CallInfo, text: str) -> None:
+        """None: the Voicebot applet's dynamic URL takes only ``{"url": "wss://..."}``, no words to say,
+        so the gateway answers 503 and the flow goes on as Exotel handles a failed applet
+        (``docs/carriers.md`` §6.9)."""
+        return None
+
     def _stream_url(self, stream_url: str, parameters: Mapping[str, str]) -> str:
         """``stream_url`` + ``?sample-rate=`` + our parameters (+ Basic credentials in the authority)."""
         if not isinstance(stream_url, str) or not stream_url.startswith("wss://"):

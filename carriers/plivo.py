@@ -71,6 +71,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 
+from carriers._markup import template, xml_text
 from carriers._messages import StreamChecks, load_json
 from carriers.base import (
     CallControlFailed,
@@ -342,6 +343,14 @@ class PlivoCarrier:
             stream_url=_xml(stream_url, "stream url", attribute=False),
         )
         return body, "application/xml"
+
+    def busy(self, call: CallInfo, text: str) -> tuple[str, str]:
+        """``<Speak>`` the text, then ``<Hangup/>`` (``docs/carriers.md`` §5.9)::
+
+            carrier.busy(call, "All lines are busy.")
+            # ('<?xml ...?><Response><Speak>All lines are busy.</Speak><Hangup/></Response>', 'application/xml')
+        """
+        return template("plivo_busy.xml").substitute(text=xml_text(self.name, text, "busy text")), "application/xml"
 
     def transfer_markup(self, target: str) -> tuple[str, str]:
         """The XML ``transfer_url`` must answer with: ``<Dial>`` to the E.164 number or SIP URI."""

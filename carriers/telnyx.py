@@ -81,6 +81,7 @@ from xml.sax.saxutils import escape
 import httpx
 import numpy as np
 
+from carriers._markup import template, xml_text
 from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
@@ -371,6 +372,19 @@ class TelnyxCarrier:
                 self._answer_tasks.add(task)
                 task.add_done_callback(self._answer_tasks.discard)
         return "{}", "application/json"
+
+    def busy(self, call: CallInfo, text: str) -> tuple[str, str] | None:
+        """TeXML: ``<Say>`` the text, then ``<Hangup/>``. Call Control: None (the gateway answers 503):
+        Telnyx ignores the body of a Call Control webhook answer, and a non-2xx one sends the event to
+        the connection's failover URL, which may take the call elsewhere; speaking here would mean
+        answering the call by REST from an instance that is already full (``docs/carriers.md`` §3.10)::
+
+            carrier.busy(call, "All lines are busy.")
+            # ('<?xml ...?><Response><Say>All lines are busy.</Say><Hangup/></Response>', 'text/xml')
+        """
+        if self.flow != "texml":
+            return None
+        return template("telnyx_busy.xml").substitute(text=xml_text(self.name, text, "busy text")), "text/xml"
 
     async def _auto_answer(self, call: CallInfo, stream_url: str, parameters: dict[str, str]) -> None:
         try:

@@ -8,6 +8,7 @@ Usage::
     carrier.verify(request)                     # raises SignatureInvalid("twilio: <reason>")
     call = carrier.parse_call(request)          # CallInfo(carrier="twilio", call_id="CA...", ...)
     body, media_type = carrier.answer(call, "wss://gw.example.com/ws/twilio/3f9c1e", {"session_id": "3f9c1e"})
+    body, media_type = carrier.busy(call, "All our lines are busy.")   # <Say> + <Hangup/> at capacity
 
     stream = carrier.open_stream()              # one per media WebSocket
     for frame in stream.decode(text_message):   # StreamStarted, AudioFrame(PCM16 8 kHz), Dtmf, MarkPlayed, ...
@@ -41,6 +42,7 @@ from xml.sax.saxutils import escape
 import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
+from carriers._markup import template, xml_text
 from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
 from carriers.base import (
     CallControlFailed,
@@ -207,6 +209,14 @@ class TwilioCarrier:
             stream_url=_xml_attr(stream_url, "stream url"), parameters=rendered
         )
         return body, "text/xml"
+
+    def busy(self, call: CallInfo, text: str) -> tuple[str, str]:
+        """``<Say>`` the text, then ``<Hangup/>`` (``docs/carriers.md`` §2.11)::
+
+            carrier.busy(call, "All lines are busy.")
+            # ('<?xml ...?><Response><Say>All lines are busy.</Say><Hangup/></Response>', 'text/xml')
+        """
+        return template("twilio_busy.xml").substitute(text=xml_text(self.name, text, "busy text")), "text/xml"
 
     def open_stream(self) -> TwilioMediaStream:
         return TwilioMediaStream()

@@ -117,6 +117,11 @@ def _answer_template() -> Any:
     return json.loads(resources.files("twiml").joinpath("vonage_answer.json").read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=1)
+def _busy_template() -> Any:
+    return json.loads(resources.files("twiml").joinpath("vonage_busy.json").read_text(encoding="utf-8"))
+
+
 def _render(node: Any, values: Mapping[str, Any]) -> Any:
     """Fill the template: ``"$name"`` becomes the value itself (keys whose value is None are
     dropped), ``$name`` inside a longer string is substituted; json.dumps escapes everything."""
@@ -327,6 +332,18 @@ class VonageCarrier:
         headers = {**parameters, "call_uuid": call.call_id} if call.call_id else dict(parameters)
         our_number = call.to if call.direction == "inbound" else call.from_
         ncco = self._ncco(stream_url, headers, self.answer_from or our_number)
+        return json.dumps(ncco, separators=(",", ":")), "application/json"
+
+    def busy(self, call: CallInfo, text: str) -> tuple[str, str]:
+        """An NCCO with one ``talk`` action: the call ends after its last action (``docs/carriers.md``
+        §4.8)::
+
+            carrier.busy(call, "All lines are busy.")
+            # ('[{"action":"talk","text":"All lines are busy."}]', 'application/json')
+        """
+        if not isinstance(text, str) or re.search("[\ud800-\udfff]", text):
+            raise ValueError("vonage busy text must be a string of valid Unicode")
+        ncco = _render(_busy_template(), {"text": text})
         return json.dumps(ncco, separators=(",", ":")), "application/json"
 
     def _ncco(self, stream_url: str, headers: Mapping[str, str], from_: str) -> list[dict[str, Any]]:

@@ -209,6 +209,8 @@ class Config:
     media_burst_ms: int = 2000           # caller audio may run this far ahead of real time; the excess is dropped
     media_flood_close_ms: int = 10000    # this much dropped caller audio closes the session (1008)
     max_concurrent_calls: int = 100      # calls (any transport) this process takes; more are refused (0 = no cap)
+    busy_answer: str = "speak"           # a refused carrier webhook: "speak" busy_text and hang up, or "503"
+    busy_text: str = "All our lines are busy right now. Please call again in a few minutes. Goodbye."
     load_lag_threshold_ms: float = 50.0  # event-loop lag (mean over load_window_secs) past which new calls are refused
     load_window_secs: float = 2.0
     load_sample_ms: float = 100.0        # how often the event loop's lag is sampled
@@ -459,6 +461,10 @@ def _mask_urls(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- validation
 
+BUSY_TEXT_MAX_CHARS = 1500   # the longest text Vonage's talk action takes; XML carriers take more
+# Characters no carrier's markup can carry (XML 1.0 forbids them; escaping does not help).
+_UNSPEAKABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
 _CHOICES = {
     "transport": ("websocket", "smallwebrtc", "both"),
     "vad_type": ("energy", "silero"),
@@ -466,6 +472,7 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "carrier": tuple(CARRIERS),
     "amd_action": ("hangup", "message"),
+    "busy_answer": ("speak", "503"),
 }
 
 
@@ -515,6 +522,9 @@ def _validate(c: Config, problems: _Problems) -> None:
     if c.http_max_header_bytes < 1024:
         problems.add(f"'http_max_header_bytes' must be at least 1024 (got {c.http_max_header_bytes}); "
                      "carriers' signed requests carry long headers")
+    if not c.busy_text.strip() or len(c.busy_text) > BUSY_TEXT_MAX_CHARS or _UNSPEAKABLE.search(c.busy_text):
+        problems.add(f"'busy_text' must be 1 to {BUSY_TEXT_MAX_CHARS} characters (Vonage's talk limit) without control "
+                     f"characters: the words a call refused at capacity hears (got {len(c.busy_text)} characters)")
     _validate_forwarded_allow_ips(c.forwarded_allow_ips, problems)
     if c.public_url:
         parsed = urlparse(c.public_url)

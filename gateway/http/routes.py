@@ -79,9 +79,6 @@ async def start(request: Request) -> Response:
     carrier, refused = carrier_or_error(services, name)
     if refused is not None:
         return refused
-    if "session" not in request.query_params and (why := turn_away(services)):   # (a call we placed may answer)
-        logger.warning("webhook for %s refused: %s", name, why)
-        return error(503, why)
     if not config.public_url:
         logger.error("webhook for %s refused: public_url is not set", name)
         return error(503, "public_url is not set: set it (or VOXRAY_PUBLIC_URL) to the https URL carriers reach")
@@ -101,6 +98,8 @@ async def start(request: Request) -> Response:
         services.metrics.webhooks_rejected.labels(carrier=name, reason="malformed").inc()
         logger.warning("webhook rejected carrier=%s reason=%s", name, exc)
         return error(400, str(exc))
+    if "session" not in request.query_params and (why := turn_away(services)):   # (a call we placed may answer)
+        return busy_answer(services, carrier, call, why)
     parameters = dict(request.query_params)
     try:
         outbound = await _outbound_session(services, name, parameters.pop("session", ""), call)
@@ -132,6 +131,23 @@ async def start(request: Request) -> Response:
     text, media_type = carrier.answer(call, stream_url, {"session_id": session.id, "persona": persona_name})
     logger.info("call answered carrier=%s call=%s persona=%s session=%s…", name, call.call_id, persona_name,
                 session.id[:6])
+    return Response(text, media_type=media_type)
+
+
+def busy_answer(services: Services, carrier: Any, call: CallInfo, why: str) -> Response:
+    """The answer to a verified webhook refused at capacity (``why``, already counted): the carrier's
+    markup speaking ``busy_text`` then hanging up (200) when ``busy_answer`` is "speak" and the carrier
+    has such markup, else 503 (the carrier's retry or fallback URL takes over). No session is made.
+
+        busy_answer(services, twilio, call, "busy: ...")   # 200 <Response><Say>…</Say><Hangup/></Response>
+    """
+    config = services.config
+    spoken = carrier.busy(call, config.busy_text) if config.busy_answer == "speak" else None
+    logger.warning("webhook refused carrier=%s call=%s answer=%s: %s", carrier.name, call.call_id,
+                   "busy markup" if spoken is not None else "503", why)
+    if spoken is None:
+        return error(503, why)
+    text, media_type = spoken
     return Response(text, media_type=media_type)
 
 

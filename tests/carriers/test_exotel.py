@@ -300,6 +300,11 @@ def test_answer_keeps_matching_sample_rate_query() -> None:
     assert json.loads(body)["url"].endswith("@h/p?sample-rate=8000&a=1&b=2")
 
 
+def test_busy_has_no_markup() -> None:
+    """The Voicebot applet takes only a stream URL: None makes the gateway answer 503."""
+    assert carrier().busy(CALL_INFO, "All our lines are busy.") is None
+
+
 def test_answer_template_is_package_data() -> None:
     from importlib import resources
 

@@ -37,6 +37,7 @@ from gateway.simulate.dialects import dialect_for
 from gateway.simulate.dialects.base import Inbound
 from gateway.simulate.dialects.plivo import PlivoDialect
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
+from tests.carriers.busy_vectors import HOSTILE, check_xml_busy
 from tests.fakes.plivo_rest import FakePlivoREST
 
 TOKEN = "MY_PLIVO_AUTH_TOKEN"
@@ -395,6 +396,20 @@ def test_answer_fields() -> None:
         "extraHeaders": "sessionZ5Fid=3f9c1e,persona=frontZ2Ddesk",
     }
     assert decode_extra_headers(stream.attrib["extraHeaders"]) == {"session_id": "3f9c1e", "persona": "front-desk"}
+
+
+def test_busy_speaks_the_text_and_hangs_up() -> None:
+    check_xml_busy(carrier().busy, "Speak", "application/xml")
+
+
+def test_busy_matches_the_plivo_sdk() -> None:
+    plivoxml = pytest.importorskip("plivo").plivoxml
+    response = plivoxml.ResponseElement()
+    response.add(plivoxml.SpeakElement(HOSTILE))
+    response.add(plivoxml.HangupElement())
+    sdk = ET.fromstring(response.to_string(False).encode())
+    ours = ET.fromstring(carrier().busy(CALL_INFO, HOSTILE)[0].encode())
+    assert [(e.tag, e.text) for e in ours] == [(e.tag, e.text) for e in sdk]
 
 
 def test_answer_matches_the_plivo_sdk() -> None:

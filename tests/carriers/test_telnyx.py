@@ -32,6 +32,7 @@ from gateway.simulate.dialects import dialect_for
 from gateway.simulate.dialects.base import Inbound
 from gateway.simulate.dialects.telnyx import TelnyxDialect
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
+from tests.carriers.busy_vectors import check_xml_busy
 from tests.fakes.telnyx_rest import FakeTelnyxREST
 
 # ------------------------------------------------------------------------------------ §9.3 vectors
@@ -383,6 +384,15 @@ def test_constructor_rejects_impossible_switches(kwargs: dict[str, Any]) -> None
 def test_repr_hides_secrets() -> None:
     c = carrier(stream_auth_token="tok-secret")
     assert API_KEY not in repr(c) and "tok-secret" not in repr(c)
+
+
+def test_texml_busy_says_the_text_and_hangs_up() -> None:
+    check_xml_busy(carrier().busy, "Say", "text/xml")
+
+
+def test_call_control_has_no_busy_markup() -> None:
+    """Telnyx ignores a Call Control webhook's body: None makes the gateway answer 503 (failover URL)."""
+    assert cc().busy(CALL_INFO, "All our lines are busy.") is None
 
 
 # ------------------------------------------------------------------------------------ Call Control answer

@@ -23,6 +23,7 @@ from pipeline.frames import (
     StreamStarted,
     StreamStopped,
 )
+from tests.carriers.busy_vectors import HOSTILE, check_xml_busy
 from tests.fakes.twilio_rest import FakeTwilioREST
 
 TOKEN = "12345"
@@ -330,6 +331,14 @@ def test_answer_rejects_bad_stream_url(url: str) -> None:
 def test_answer_rejects_xml_invalid_characters() -> None:
     with pytest.raises(ValueError, match="XML"):
         carrier().answer(CALL_INFO, "wss://gw.example.com/ws", {"a": "bell\x07"})
+
+
+def test_busy_says_the_text_and_hangs_up() -> None:
+    check_xml_busy(carrier().busy, "Say", "text/xml")
+    response = VoiceResponse()
+    response.say(HOSTILE)
+    response.hangup()
+    assert tree(carrier().busy(CALL_INFO, HOSTILE)[0]) == tree(str(response))
 
 
 # ------------------------------------------------------------------------------------ media stream

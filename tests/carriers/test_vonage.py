@@ -34,6 +34,7 @@ from gateway.simulate.dialects.base import Inbound
 from gateway.simulate.dialects.vonage import VonageDialect
 from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame, Clear, Dtmf, Mark, MarkPlayed, StreamStarted, StreamStopped
+from tests.carriers.busy_vectors import HOSTILE
 from tests.fakes.vonage_rest import FakeVonageREST
 
 SECRET = "test-signature-secret-0123456789abcdef"
@@ -451,6 +452,17 @@ def test_answer_rejects_oversized_or_invalid_headers() -> None:
 def test_answer_rejects_bad_stream_url(url: str) -> None:
     with pytest.raises(ValueError, match="wss://"):
         carrier().answer(INBOUND, url, {})
+
+
+def test_busy_is_one_talk_action() -> None:
+    body, media_type = carrier().busy(CALL_INFO, "All our lines are busy.")
+    assert media_type == "application/json"
+    assert body == '[{"action":"talk","text":"All our lines are busy."}]'
+    body, _ = carrier().busy(CALL_INFO, HOSTILE)
+    assert body == '[{"action":"talk","text":"Tom & Jerry\'s <b>\\"busy\\"</b> $text ${x}"}]'
+    assert json.loads(body) == [{"action": "talk", "text": HOSTILE}]
+    with pytest.raises(ValueError, match="Unicode"):
+        carrier().busy(CALL_INFO, "half \ud800 a pair")
 
 
 # ------------------------------------------------------------------------------------ media stream
