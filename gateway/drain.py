@@ -1,6 +1,6 @@
 """Graceful drain: on SIGTERM stop taking calls, let live ones finish, then end the rest politely.
 
-Order: ``/ready`` answers 503 and new calls are refused (webhooks get the busy answer, browser sessions refused) at
+Order: ``/ready`` answers 503 and new calls are refused (webhooks 503, browser sessions refused) at
 once; live calls run on for up to ``drain_timeout_secs``; calls still up then hear
 ``goodbye_text`` and end through their finaliser (hang-up, recording and transcript flush, session
 removal), bounded by ``goodbye_timeout_secs``; only then does the server close its sockets.

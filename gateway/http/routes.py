@@ -137,12 +137,16 @@ async def start(request: Request) -> Response:
 def busy_answer(services: Services, carrier: Any, call: CallInfo, why: str) -> Response:
     """The answer to a verified webhook refused at capacity (``why``, already counted): the carrier's
     markup speaking ``busy_text`` then hanging up (200) when ``busy_answer`` is "speak" and the carrier
-    has such markup, else 503 (the carrier's retry or fallback URL takes over). No session is made.
+    has such markup, else 503 (the carrier's retry or fallback URL takes over; always while draining).
+    No session is made.
 
         busy_answer(services, twilio, call, "busy: ...")   # 200 <Response><Say>…</Say><Hangup/></Response>
     """
     config = services.config
-    spoken = carrier.busy(call, config.busy_text) if config.busy_answer == "speak" else None
+    # a draining instance says 503 whatever busy_answer is: another instance (the carrier's retry or
+    # fallback URL, the load balancer) can still take the call, so the caller must not hear "busy"
+    speak = config.busy_answer == "speak" and not services.draining
+    spoken = carrier.busy(call, config.busy_text) if speak else None
     logger.warning("webhook refused carrier=%s call=%s answer=%s: %s", carrier.name, call.call_id,
                    "busy markup" if spoken is not None else "503", why)
     if spoken is None:

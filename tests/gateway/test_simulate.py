@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import websockets
 
 from gateway.__main__ import main
 from gateway.config import Config
@@ -152,6 +153,23 @@ async def test_a_refused_webhook_is_one_line_with_the_gateways_reason(
                                               "--credential", "auth_token=not-the-token", "--audio", str(audio)])
     line = one_line_failure(capsys, code)
     assert expected in line and "--credential" in line, line
+
+
+@pytest.mark.asyncio
+async def test_a_full_gateway_answering_busy_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """At max_concurrent_calls the gateway speaks its busy answer; the simulator says so instead of 'not markup'."""
+    audio = write_wav(tmp_path / "a.wav", np.full((800, 1), 0.3), rate=8000)
+    token = "busy-test-token-0123456789"
+    config = Config.from_mapping({"public_url": PUBLIC_URL, "allow_unauthenticated": True, "max_concurrent_calls": 1,
+                                  "carriers": {"twilio": {"auth_token": token, "account_sid": "AC" + "1" * 32}}},
+                                 environ={})
+    async with running_gateway(config) as url, websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send('{"type": "start"}')
+        await ws.recv()                                  # ready: the one call this gateway takes is up
+        code = await asyncio.to_thread(main, ["simulate", "--url", url, "--public-url", PUBLIC_URL,
+                                              "--credential", f"auth_token={token}", "--audio", str(audio)])
+    line = one_line_failure(capsys, code)
+    assert "answered busy" in line and "max_concurrent_calls" in line, line
 
 
 # ---------------------------------------------------------------------------------------------- pieces
