@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.app import create_app
@@ -116,3 +117,27 @@ async def test_an_mcp_server_that_cannot_start_stops_startup_naming_its_key() ->
     with pytest.raises(McpStartError, match=r"^'mcp_servers\[0\]': the MCP server .* could not start"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_the_model_presses_keys_on_the_line(tmp_path: Path) -> None:
+    personas = tmp_path / "personas.json"
+    personas.write_text(json.dumps({"personas": {"ivr": {"system": "You navigate phone menus.", "greeting": "Hi.",
+                                                         "builtin_tools": ["send_dtmf"]}},
+                                    "numbers": {"default": "ivr"}}))
+
+    def ivr(messages: list[dict[str, Any]]) -> Any:
+        if messages[-1]["role"] == "tool":
+            return "Done."
+        return {"content": "", "tool_calls": [{"name": "send_dtmf", "arguments": {"digits": "5"}}]}
+
+    async with (FakeOpenAI(transcripts=["press five for sales"], replies=ivr, tts_ms_per_char=5) as fake,
+                FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url, personas_file=str(personas))) as url:
+            call = await live_call(url, twilio)
+            before = len(call.received.audio)
+            await turn(call)
+            assert tool_messages(fake)[-1]["content"] == "Sent the keypad tones 5."
+            tone = np.frombuffer(bytes(call.received.audio[before:before + 1600]), "<i2").astype(float)
+            peaks = sorted(np.fft.rfftfreq(len(tone), 1 / 8000)[np.argsort(np.abs(np.fft.rfft(tone)))[-2:]])
+            assert abs(peaks[0] - 770) < 15 and abs(peaks[1] - 1336) < 15      # the keypad pair of "5", in band
+            await call.hang_up()
