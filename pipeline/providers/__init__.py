@@ -30,6 +30,7 @@ from pipeline.providers.base import (
     BuildOptions,
     LLMProvider,
     ProviderError,
+    ProviderOption,
     ProviderSettings,
     ProviderSpec,
     STTProvider,
@@ -38,6 +39,7 @@ from pipeline.providers.base import (
 
 __all__ = [
     "PROVIDERS",
+    "ProviderOption",
     "ProviderSettings",
     "ProviderSpec",
     "build_llm",
@@ -93,6 +95,8 @@ def _builder(stage: str, settings: ProviderSettings,
         raise ProviderError(settings.name, f"does not offer {_STAGE_NAMES[stage]}")
     if settings.key_env is None and spec.key_env:
         settings = dataclasses.replace(settings, key_env=spec.key_env)
+    if set(spec.option_defaults()) - set(settings.options):     # a builder sees every declared option
+        settings = dataclasses.replace(settings, options={**spec.option_defaults(), **settings.options})
     return builder, settings
 
 

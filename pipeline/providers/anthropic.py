@@ -73,8 +73,7 @@ class AnthropicLLM(HTTPClient):
         calls: dict[int, list[str]] = {}     # content block index -> [tool name, input JSON so far]
         stopped = False
         with provider_errors(self.name):
-            async with self._http.post(f"{self._url}/v1/messages", json=self._body(messages, tools),
-                                       headers=self._headers, timeout=self._timeout) as response:
+            async with self.request("POST", f"{self._url}/v1/messages", json=self._body(messages, tools)) as response:
                 await raise_for_status(self.settings, response)
                 async with closing(sse_events(response)) as events:
                     async for event, data in events:

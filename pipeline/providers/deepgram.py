@@ -51,7 +51,8 @@ class DeepgramTTS(HTTPClient):
     def auth_headers(api_key: str) -> dict[str, str]:
         return {"Authorization": f"Token {api_key}"}
 
-    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
+    def synthesize(self, text: str, *, voice: str | None = None,
+                   language: str | None = None) -> AsyncIterator[bytes]:
         params = {"model": voice or self.settings.voice or self.settings.model, "encoding": "linear16",
                   "sample_rate": str(SAMPLE_RATE), "container": "none"}
         return self.post_pcm(f"{self._url}/v1/speak", {"text": text}, params=params, message_of=error_message)

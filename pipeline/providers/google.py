@@ -78,8 +78,7 @@ class GeminiLLM(HTTPClient):
         calls: list[ToolCall] = []
         finished = False
         with provider_errors(self.name):
-            async with self._http.post(url, json=self._body(messages, tools), headers=self._headers,
-                                       timeout=self._timeout) as response:
+            async with self.request("POST", url, json=self._body(messages, tools)) as response:
                 await raise_for_status(self.settings, response, refused_key=_refused_key, delay=_retry_delay)
                 async with closing(sse_events(response)) as events:
                     async for _event, data in events:

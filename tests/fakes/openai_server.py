@@ -45,6 +45,8 @@ from starlette.routing import Route
 __all__ = ["FakeOpenAI", "FakeState", "TTS_SAMPLE_RATE", "speech_pcm"]
 
 TTS_SAMPLE_RATE = 24000
+TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+TTS_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 STAGES = ("stt", "llm", "tts")
 Transcripts = Sequence[str] | Callable[[dict[str, Any]], str]  # callable gets the STT record
 Replies = Sequence[Any] | Callable[[list[dict[str, Any]]], Any]  # str, or {"content", "tool_calls"}; callable gets the messages
@@ -289,6 +291,12 @@ class _App:
         if body is None or not isinstance(body.get("input"), str) or not body["input"]:
             return _bad("Missing required parameter: 'input'.")
         self.state.tts_requests.append(body)
+        if body.get("model") not in TTS_MODELS:
+            return _bad(f"Invalid value for 'model': {body.get('model')!r}.")
+        if body.get("voice") not in TTS_VOICES:
+            return _bad(f"Invalid value for 'voice': {body.get('voice')!r}.")
+        if not 0.25 <= float(body.get("speed", 1.0)) <= 4.0:
+            return _bad("Invalid value for 'speed': must be between 0.25 and 4.0.")
         fmt = body.get("response_format", "mp3")
         if fmt not in ("pcm", "wav"):
             return _bad(f"Unsupported response_format {fmt!r} (fake supports 'pcm' and 'wav').")
