@@ -53,12 +53,14 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
     server.stop()
 
 
-def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
+def phone_config(openai_url: str, twilio_url: str, *, environ: dict[str, str] | None = None,
+                 **overrides: Any) -> Config:
     """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers.
 
     Without ``server_api_key`` in ``overrides`` the programmatic routes are opened with
     ``allow_unauthenticated`` (these tests are about calls, not access; tests/gateway/http/test_auth.py keeps
-    the default — a generated key — refusing strangers)."""
+    the default — a generated key — refusing strangers). ``environ`` stands for the process environment
+    (``XTTS_BASE_URL`` ...)."""
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,
         "provider": "openai",
@@ -73,7 +75,7 @@ def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
     raw.update(overrides)
     if not raw.get("server_api_key"):
         raw.setdefault("allow_unauthenticated", True)
-    return Config.from_mapping(raw)
+    return Config.from_mapping(raw, environ)
 
 
 # In CI (CI=true) a skipped test is a failure: a suite that silently skips proves nothing.
