@@ -46,6 +46,7 @@ __all__ = [
     "build_stt",
     "build_tts",
     "lookup",
+    "probe",
     "provider_modules",
 ]
 
@@ -119,3 +120,23 @@ def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeou
     """Instantiate the TTS provider named by ``settings``."""
     build, settings = _builder("tts", settings, lambda spec: spec.tts)
     return build(settings, http, BuildOptions(timeout_s))
+
+
+async def probe(settings: ProviderSettings, http: aiohttp.ClientSession, stage: str, *, timeout_s: float) -> str:
+    """The provider's cheapest authenticated request (its spec's ``probe``) for ``stage``: "ok", "key rejected
+    (401)", "unreachable (DNS|connect|timeout)", "model not found", "failed (...)", or "not probed (...)"
+    for a provider that declares none. Usage::
+
+        await probe(config.providers.llm, http, "llm", timeout_s=3)     # "ok"
+    """
+    from pipeline.providers._http import HTTPClient
+
+    spec = lookup(settings.name)
+    if spec is None or spec.probe is None:
+        return "not probed (nothing to reach)" if spec is not None and spec.name == "local" else \
+            "not probed (the vendor has no free authenticated request)"
+    builder, settings = _builder(stage, settings, lambda s: getattr(s, stage))
+    client = builder(settings, http, BuildOptions(timeout_s))
+    if not isinstance(client, HTTPClient):
+        return "not probed (not an HTTP client)"
+    return await client.probe(spec.probe, stage)

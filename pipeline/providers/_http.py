@@ -36,7 +36,7 @@ import aiohttp
 
 from pipeline.audio import pcm_to_wav
 from pipeline.jsonutil import loads
-from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall, closing
+from pipeline.providers.base import Probe, ProviderError, ProviderSettings, ToolCall, closing
 
 __all__ = ["HTTPClient", "json_event", "log_timing", "open_session", "pcm_chunks", "provider_errors",
            "raise_for_status", "retry_after", "sse_events", "status_error", "tool_call"]
@@ -82,6 +82,32 @@ class HTTPClient:
                 yield response
         finally:
             log_timing(self.name, f"{method} {urlparse(url).path}", status, first_byte, time.perf_counter() - started)
+
+    async def probe(self, probe: Probe, stage: str) -> str:
+        """``probe``'s request: "ok", "key rejected (401)", "unreachable (DNS|connect|timeout)", "model not
+        found" or "failed (...)" (``voxray check-config --probe``)."""
+        try:
+            async with self.request("GET", f"{self._url}{probe.path}") as response:
+                status, body = response.status, await response.read()
+        except TimeoutError:
+            return "unreachable (timeout)"
+        except aiohttp.ClientConnectorDNSError:
+            return "unreachable (DNS)"
+        except (aiohttp.ClientConnectionError, OSError):
+            return "unreachable (connect)"
+        except aiohttp.ClientError as exc:
+            return f"failed ({type(exc).__name__})"
+        if status in (401, 403):
+            return f"key rejected ({status})"
+        if status >= 400:
+            return f"failed (HTTP {status})"
+        if probe.models_of is None or stage not in probe.model_stages:
+            return "ok"
+        try:
+            names = {str(name).removeprefix("models/") for name in probe.models_of(json.loads(body))}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "failed (the answer lists no models)"
+        return "ok" if self.settings.model.removeprefix("models/") in names else "model not found"
 
     async def post_wav(self, url: str, pcm: bytes, sample_rate: int, fields: Mapping[str, str], *,
                        text_of: Callable[[Any], Any], message_of: Callable[[Any], Any] | None = None) -> str:

@@ -28,6 +28,7 @@ from pipeline.providers._http import HTTPClient, json_event, provider_errors, ra
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
     ProviderSettings,
     ProviderSpec,
@@ -118,5 +119,5 @@ SPECS = (
     ProviderSpec("anthropic", key_env="ANTHROPIC_API_KEY", base_url_env="ANTHROPIC_BASE_URL",
                  default_base_url="https://api.anthropic.com", default_models={"llm": "claude-3-5-sonnet-20241022"},
                  api_root="", options="`llm_max_tokens` is sent as the required `max_tokens`; tools as `tool_use`",
-                 llm=_build_llm),
+                 probe=Probe("/v1/models", lambda answer: [m["id"] for m in answer["data"]]), llm=_build_llm),
 )

@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-__all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderOption",
+__all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderOption", "Probe",
            "ProviderSettings", "ProviderSpec", "STTProvider", "Tool", "ToolCall", "TTSProvider"]
 
 Message = Mapping[str, str]
@@ -123,6 +123,22 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    """A provider's cheapest authenticated request, for ``voxray check-config --probe``: ``GET <base URL><path>``
+    with the stage client's auth; ``models_of(answer)`` lists the model names the answer holds, checked for
+    the configured model on ``model_stages``.
+
+    Usage (in a spec)::
+
+        probe=Probe("/models", lambda answer: [m["id"] for m in answer["data"]])
+    """
+
+    path: str
+    models_of: Callable[[Any], Iterable[str]] | None = None
+    model_stages: frozenset[str] = frozenset({"stt", "llm", "tts"})
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderOption:
     """One ``provider_options.<name>.<key>`` a provider reads: its type (``str``, ``int``, ``float``,
     ``bool``), its default (None: not sent to the vendor unless configured), the values it may take
@@ -180,6 +196,7 @@ class ProviderSpec:
     api_root: str = "/v1"                   # appended to a configured base URL that has no path ("": none)
     options: str = ""                       # what else the provider reads, for docs/providers.md
     provider_options: tuple[ProviderOption, ...] = ()   # its provider_options.<name>.<key> (validated by config)
+    probe: Probe | None = None              # what check-config --probe asks (None: not probed)
     stt: STTBuilder | None = None
     llm: LLMBuilder | None = None
     tts: TTSBuilder | None = None

@@ -36,7 +36,14 @@ from typing import Any
 import aiohttp
 
 from pipeline.providers._http import HTTPClient, log_timing, provider_errors, status_error
-from pipeline.providers.base import BuildOptions, ProviderError, ProviderOption, ProviderSettings, ProviderSpec
+from pipeline.providers.base import (
+    BuildOptions,
+    Probe,
+    ProviderError,
+    ProviderOption,
+    ProviderSettings,
+    ProviderSpec,
+)
 
 __all__ = ["SPECS", "CartesiaTTS", "DEFAULT_VOICE"]
 
@@ -154,5 +161,5 @@ SPECS = (
                                     choices=(8000, 16000, 22050, 24000, 44100)),
                      ProviderOption("version", str, API_VERSION, "the `Cartesia-Version` header"),
                  ),
-                 tts=build_tts),
+                 probe=Probe("/voices"), tts=build_tts),
 )

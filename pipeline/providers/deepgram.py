@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from pipeline.providers._http import HTTPClient
-from pipeline.providers.base import BuildOptions, ProviderSettings, ProviderSpec
+from pipeline.providers.base import BuildOptions, Probe, ProviderSettings, ProviderSpec
 
 __all__ = ["SPECS", "DeepgramTTS"]
 
@@ -69,5 +69,5 @@ SPECS = (
                  api_root="",
                  options="Aura TTS only; the voice is the model: `tts_voice` / a persona's `voice` "
                          "(`aura-2-thalia-en` ...) is sent as `model`, else `tts_model`; audio is 16 kHz PCM",
-                 tts=build_tts),
+                 probe=Probe("/v1/projects"), tts=build_tts),
 )

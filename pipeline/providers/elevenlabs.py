@@ -41,7 +41,7 @@ from urllib.parse import quote
 import aiohttp
 
 from pipeline.providers._http import HTTPClient
-from pipeline.providers.base import BuildOptions, ProviderOption, ProviderSettings, ProviderSpec
+from pipeline.providers.base import BuildOptions, Probe, ProviderOption, ProviderSettings, ProviderSpec
 
 __all__ = ["SPECS", "DEFAULT_VOICE", "ElevenLabsSTT", "ElevenLabsTTS"]
 
@@ -131,5 +131,7 @@ SPECS = (
                                     "when set)"),
                      _unit("speed", "0.7 to 1.2, speaking speed"),
                  ),
+                 probe=Probe("/v1/models", lambda answer: [m["model_id"] for m in answer],
+                             model_stages=frozenset({"tts"})),
                  stt=build_stt, tts=build_tts),
 )

@@ -31,6 +31,7 @@ from pipeline.providers._http import HTTPClient, json_event, provider_errors, ra
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
     ProviderSettings,
     ProviderSpec,
@@ -146,5 +147,6 @@ SPECS = (
                  base_url_env="GOOGLE_GEMINI_BASE_URL", default_base_url="https://generativelanguage.googleapis.com",
                  default_models={"llm": "gemini-2.5-flash"}, api_root="",
                  options="`llm_max_tokens` is sent as `maxOutputTokens`; tools as `functionDeclarations`",
+                 probe=Probe(f"/{API_VERSION}/models", lambda answer: [m["name"] for m in answer["models"]]),
                  llm=_build_llm),
 )

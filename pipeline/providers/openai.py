@@ -30,6 +30,7 @@ from pipeline.providers._http import (
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
     ProviderOption,
     ProviderSettings,
@@ -123,6 +124,9 @@ class OpenAITTS(HTTPClient):
         return self.post_pcm(f"{self._url}/audio/speech", body)
 
 
+MODELS_PROBE = Probe("/models", lambda answer: [m["id"] for m in answer["data"]])   # every compatible vendor's
+
+
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> OpenAISTT:
     """The registry's STT builder for OpenAI and every compatible vendor."""
     return OpenAISTT(settings, http, timeout_s=options.timeout_s)
@@ -146,5 +150,5 @@ SPECS = (
                          "TTS audio is 24 kHz PCM",
                  provider_options=(ProviderOption("speed", float, None, "TTS speaking speed, 0.25 to 4.0 (the API's "
                                                   "default 1.0 when unset)"),),
-                 stt=build_stt, llm=build_llm, tts=build_tts),
+                 probe=MODELS_PROBE, stt=build_stt, llm=build_llm, tts=build_tts),
 )

@@ -30,6 +30,7 @@ import aiohttp
 from pipeline.providers._http import HTTPClient, pcm_chunks, provider_errors, raise_for_status
 from pipeline.providers.base import (
     BuildOptions,
+    Probe,
     ProviderError,
     ProviderOption,
     ProviderSettings,
@@ -109,5 +110,5 @@ SPECS = (
                      ProviderOption("stream_chunk_size", int, 20, "tokens per streamed chunk (smaller: sooner "
                                     "first audio, more overhead)"),
                  ),
-                 tts=build_tts),
+                 probe=Probe("/studio_speakers"), tts=build_tts),
 )
