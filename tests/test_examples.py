@@ -13,15 +13,11 @@ from typing import Any
 
 import pytest
 
-from gateway.simulate.call import SimulatedCall
-from pipeline.audio import rms
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
+from tests.conftest import carry_a_call
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.fakes.xtts_server import SPEAKERS, FakeXTTS
-from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.asyncio
 
@@ -32,29 +28,6 @@ REPLY = "Sure. For what time?"
 
 def example(name: str) -> dict[str, Any]:
     return json.loads((EXAMPLES / f"{name}.json").read_text())
-
-
-async def carry_a_call(config_raw: dict[str, Any], environ: dict[str, str]) -> bytes:
-    """Dial, hear the greeting, speak, hear the answer; returns the answer's audio."""
-    async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-        config = phone_config("http://127.0.0.1:9/v1", twilio.base_url, environ=environ, **config_raw)
-        async with running_gateway(config) as url:
-            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-            twilio.known_calls = twilio.known_calls | {call.call_sid}
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
-            greeting = len(call.pcm_received())
-            assert rms(call.pcm_received()) > 0.05
-            end = await call.speak(speech_pcm("I would like a table for two people tonight.", 8000))
-            await call.wait_audio(after=end, timeout=5)
-            await call.wait_quiet(400)
-            answer = call.pcm_received()[greeting:]
-            await call.hang_up()
-            assert call.received.invalid == []
-    assert rms(answer) > 0.05
-    return answer
 
 
 @contextlib.asynccontextmanager

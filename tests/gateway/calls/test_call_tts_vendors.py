@@ -12,7 +12,7 @@ import pytest
 from gateway.simulate.call import SimulatedCall
 from pipeline.audio import rms
 from pipeline.conversation import Persona
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, carry_a_call, phone_config, running_gateway
 from tests.fakes._tts import TTSFake, expected_bytes
 from tests.fakes.cartesia_server import FakeCartesia
 from tests.fakes.deepgram_server import FakeDeepgram
@@ -72,26 +72,10 @@ async def test_the_caller_hears_the_vendors_speech(name: str) -> None:
 async def test_the_vendors_transcript_is_answered(name: str) -> None:
     """Caller audio -> the vendor's STT (a WAV upload) -> the LLM gets its transcript -> the answer is heard."""
     fakes: dict[str, Any] = {"elevenlabs": FakeElevenLabs, "sarvam": FakeSarvam}
-    speech = speech_pcm("I would like to book a table for two people tonight.", 8000)
     async with (FakeOpenAI(replies=["Sure. For what time?"]) as openai,
-                fakes[name](api_key=KEY, transcripts=("a table for two tonight",)) as stt,
-                FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
-        config = phone_config(openai.base_url, twilio.base_url, stt_provider=name,
-                              api_keys={"openai": "sk-test", name: KEY},
-                              base_urls={"openai": openai.base_url, name: stt.base_url})
-        async with running_gateway(config) as url:
-            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-            twilio.known_calls = twilio.known_calls | {call.call_sid}
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
-            greeting = len(call.pcm_received())
-            end = await call.speak(speech)
-            await call.wait_audio(after=end, timeout=5)
-            await call.wait_quiet(400)
-            assert rms(call.pcm_received()[greeting:]) > 0.05
-            await call.hang_up()
+                fakes[name](api_key=KEY, transcripts=("a table for two tonight",)) as stt):
+        await carry_a_call({"stt_provider": name, "api_keys": {"openai": "sk-test", name: KEY},
+                            "base_urls": {"openai": openai.base_url, name: stt.base_url}}, {})
     [request] = stt.stt_requests
     assert request["sample_rate"] == 16000 and request["duration_ms"] > 1000   # the pipeline hears at 16 kHz
     [chat] = openai.state.llm_requests
