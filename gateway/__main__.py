@@ -6,6 +6,7 @@ Usage::
 
     voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
     voxray check-config --config config.json      # or: voxray check-config config.json
+    voxray check-config --probe                   # also: does each provider take its key and know its model?
     voxray simulate                               # a gateway in this process, one emulated call, the transcript
     voxray simulate --carrier vonage --say "What time do you open tomorrow?" --say "Thank you very much."
     TWILIO_AUTH_TOKEN=... voxray simulate --carrier twilio --url http://127.0.0.1:8000 --calls 5
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
     check.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
     check.add_argument("path", type=Path, nargs="?", help="the same as --config PATH")
+    check.add_argument("--probe", action="store_true",
+                       help="also call each configured provider's cheapest authenticated endpoint and print, per "
+                            "stage, ok / key rejected / unreachable / model not found (exit 1 on any failure)")
     sim = sub.add_parser(
         "simulate", help="place emulated carrier calls (against a gateway started here, or --url) and print them",
         description="Without --url, starts a gateway in this process from your configuration (config file, "
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.describe(), indent=2))
         for note in config.providers.notes:
             print(f"note: {note}", file=sys.stderr)
-        return 0
+        return _probe(config) if args.probe else 0
     refusal = _required_at_start(config)
     if refusal is not None:
         print(f"voxray: {refusal}", file=sys.stderr)
@@ -106,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     server = build_server(create_app(config), config)
     server.run()
     return 0
+
+
+def _probe(config: Config) -> int:
+    """``check-config --probe``: one line per stage; 1 when any provider failed its probe."""
+    import asyncio
+
+    from gateway.startup_checks import PROBE_FAILED, probe_providers
+
+    results = asyncio.run(probe_providers(config, config.startup_check_timeout_secs))
+    for stage, name, result in results:
+        print(f"probe: {stage}: {name}: {result}")
+    return 1 if any(result.startswith(PROBE_FAILED) for _, _, result in results) else 0
 
 
 def _required_at_start(config: Config) -> str | None:

@@ -167,6 +167,7 @@ class Config:
     tts_voice: str = ""
     api_keys: Mapping[str, str] = field(default_factory=dict)
     base_urls: Mapping[str, str] = field(default_factory=dict)   # else <PROVIDER>_BASE_URL
+    provider_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # <name> -> {<key>: value}
     stt_fallback_provider: str = ""
     llm_fallback_provider: str = ""
     tts_fallback_provider: str = ""
@@ -289,7 +290,8 @@ class Config:
         except _ConfigError as exc:
             problems.add(str(exc))
             carriers = CarriersConfig.build({}, environ)
-        config = dataclasses.replace(_build(cls, raw, "", problems), carriers=carriers)
+        options = _provider_options(raw.pop("provider_options", {}), problems)
+        config = dataclasses.replace(_build(cls, raw, "", problems), carriers=carriers, provider_options=options)
         config = _with_public_url(config, environ)
         config = _with_aws_defaults(config, environ)
         _validate(config, problems)
@@ -639,6 +641,51 @@ def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problem
                      notes=tuple(notes))
 
 
+def _provider_options(raw: Any, problems: _Problems) -> dict[str, dict[str, Any]]:
+    """``provider_options``: ``{<provider>: {<option>: value}}``, each provider known (an alias counts as its
+    provider) and each option one its module declares, coerced to the declared type and within its choices.
+    A string is taken as JSON (``VOXRAY_PROVIDER_OPTIONS='{"cartesia": {"language": "de"}}'``)."""
+    example = 'e.g. {"cartesia": {"language": "de"}}'
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            problems.add(f"'provider_options' must be a JSON object, {example} (got {raw!r})")
+            return {}
+    if not isinstance(raw, Mapping):
+        problems.add(f"'provider_options' must be an object of objects, {example}")
+        return {}
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, values in raw.items():
+        spec = lookup(str(name))
+        if spec is None:
+            problems.add(f"unknown config key 'provider_options.{name}': no provider {name!r}; "
+                         f"supported: {', '.join(PROVIDERS)}")
+            continue
+        if not isinstance(values, Mapping):
+            problems.add(f"'provider_options.{name}' must be an object of {spec.name}'s options, "
+                         f"e.g. {{\"{spec.provider_options[0].key if spec.provider_options else 'key'}\": ...}}")
+            continue
+        declared = {option.key: option for option in spec.provider_options}
+        takes = ", ".join(declared) or "none"
+        for key, value in values.items():
+            path = f"provider_options.{name}.{key}"
+            option = declared.get(key)
+            if option is None:
+                problems.add(f"unknown config key '{path}': {spec.name} takes {takes} (see docs/providers.md)")
+                continue
+            try:
+                coerced = _coerce(path, value, option.type)
+            except ConfigError as exc:
+                problems.add(str(exc))
+                continue
+            if option.choices and coerced not in option.choices:
+                problems.add(f"'{path}' must be one of {', '.join(map(str, option.choices))} (got {value!r})")
+                continue
+            resolved.setdefault(spec.name, {})[key] = coerced
+    return resolved
+
+
 def _api_key(c: Config, name: str, environ: Mapping[str, str]) -> str | None:
     """``api_keys.<name>`` (or an alias's entry), then the provider's key variables in order."""
     spec = lookup(name)
@@ -668,8 +715,9 @@ def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, 
         base = base.rstrip("/") + spec.api_root   # WHISPER_BASE_URL=http://localhost:9000 style roots
     model = {"stt": c.stt_model, "llm": c.model, "tts": c.tts_model}[stage] or spec.default_models[stage]
     voice = (c.tts_voice or spec.default_voice) if stage == "tts" else None
+    options = {**spec.option_defaults(), **c.provider_options.get(spec.name, {})}
     return ProviderSettings(name=spec.name, model=model, api_key=api_key, base_url=base, voice=voice,
-                            key_env=spec.key_env)
+                            key_env=spec.key_env, options=options)
 
 
 def _require_local_packages(stage: str) -> None:

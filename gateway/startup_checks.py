@@ -25,15 +25,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import aioboto3
+import aiohttp
 import asyncpg
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gateway.carrier_config import _mask_url
 from gateway.config import Config, RecordingConfig, TranscriptsConfig
+from pipeline.providers import ProviderSettings
 
-__all__ = ["StartupCheckError", "check_provider_urls", "check_recording", "check_transcripts",
-           "run_startup_checks"]
+__all__ = ["PROBE_FAILED", "StartupCheckError", "check_provider_urls", "check_recording", "check_transcripts",
+           "probe_providers", "run_startup_checks"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,39 @@ async def check_provider_urls(config: Config, timeout_s: float) -> list[str]:
     return [f"provider {names[url]} ({', '.join(stages[url])}) at {_mask_url(url)} does not answer ({error}): "
             f"start it or fix base_urls.{names[url]} (or its *_BASE_URL variable)"
             for url, error in zip(stages, found, strict=True) if error is not None]
+
+
+PROBE_FAILED = ("key rejected", "unreachable", "model not found", "failed")   # results that fail --probe
+
+
+async def probe_providers(config: Config, timeout_s: float) -> list[tuple[str, str, str]]:
+    """``voxray check-config --probe``: each configured stage's provider asked its cheapest authenticated
+    request (declared in its spec), concurrently; ``(stage, provider, result)`` per stage, result one of "ok",
+    "key rejected (401)", "unreachable (DNS|connect|timeout)", "model not found", "failed (...)", "not
+    probed (...)". Keys travel only to their own vendor, as on a call.
+
+    Usage::
+
+        for stage, name, result in await probe_providers(config, 3.0):
+            print(f"{stage:13} {name:12} {result}")
+    """
+    from pipeline.providers import probe
+    from pipeline.providers._http import open_session
+
+    p = config.providers
+    roles = [(role, s) for role, s in (("stt", p.stt), ("llm", p.llm), ("tts", p.tts), ("stt fallback", p.stt_fallback),
+                                       ("llm fallback", p.llm_fallback), ("tts fallback", p.tts_fallback)) if s]
+
+    async def one(role: str, settings: ProviderSettings, http: aiohttp.ClientSession) -> str:
+        try:
+            async with asyncio.timeout(timeout_s * 2):
+                return await probe(settings, http, role.split()[0], timeout_s=timeout_s)
+        except TimeoutError:
+            return "unreachable (timeout)"
+
+    async with open_session() as http:
+        results = await asyncio.gather(*(one(role, s, http) for role, s in roles))
+    return [(role, s.name, result) for (role, s), result in zip(roles, results, strict=True)]
 
 
 async def _connect(url: str, timeout_s: float) -> str | None:

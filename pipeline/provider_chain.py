@@ -87,10 +87,10 @@ class ProviderCalls:
 
     def tts_stream(self, text: str) -> AsyncIterator[tuple[bytes, int]]:
         """``(pcm, sample_rate)`` chunks of ``text`` spoken by the first working TTS."""
-        voice = self._persona.voice
+        voice, language = self._persona.voice, self._persona.language
 
         async def with_rate(tts: TTSProvider) -> AsyncIterator[tuple[bytes, int]]:
-            async with closing(tts.synthesize(text, voice=voice)) as chunks:
+            async with closing(tts.synthesize(text, voice=voice, language=language)) as chunks:
                 async for chunk in chunks:
                     yield chunk, tts.sample_rate
         return self._through("text-to-speech", self.chain.tts, with_rate, self._settings.tts_timeout_secs)

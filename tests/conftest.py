@@ -53,12 +53,14 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedS3]:
     server.stop()
 
 
-def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
+def phone_config(openai_url: str, twilio_url: str, *, environ: dict[str, str] | None = None,
+                 **overrides: Any) -> Config:
     """A gateway wired to the fake OpenAI and Twilio servers, with test-sized timers.
 
     Without ``server_api_key`` in ``overrides`` the programmatic routes are opened with
     ``allow_unauthenticated`` (these tests are about calls, not access; tests/gateway/http/test_auth.py keeps
-    the default — a generated key — refusing strangers)."""
+    the default — a generated key — refusing strangers). ``environ`` stands for the process environment
+    (``XTTS_BASE_URL`` ...)."""
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,
         "provider": "openai",
@@ -73,7 +75,36 @@ def phone_config(openai_url: str, twilio_url: str, **overrides: Any) -> Config:
     raw.update(overrides)
     if not raw.get("server_api_key"):
         raw.setdefault("allow_unauthenticated", True)
-    return Config.from_mapping(raw)
+    return Config.from_mapping(raw, environ)
+
+
+async def carry_a_call(config_raw: dict[str, Any], environ: dict[str, str]) -> bytes:
+    """A Twilio call through a gateway built by ``phone_config(**config_raw)``: dial, hear the greeting (it
+    must be audible), say a sentence, hear the answer; returns the answer's audio (asserted audible)."""
+    from gateway.simulate.call import SimulatedCall
+    from pipeline.audio import rms
+    from tests.fakes.twilio_rest import FakeTwilioREST
+    from tests.speech import speech_pcm
+
+    async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio:
+        config = phone_config("http://127.0.0.1:9/v1", twilio.base_url, environ=environ, **config_raw)
+        async with running_gateway(config) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+            twilio.known_calls = twilio.known_calls | {call.call_sid}
+            await call.dial()
+            await call.connect()
+            await call.wait_audio(after=0, timeout=5)
+            await call.wait_quiet(400)
+            greeting = len(call.pcm_received())
+            assert rms(call.pcm_received()) > 0.05
+            end = await call.speak(speech_pcm("I would like a table for two people tonight.", 8000))
+            await call.wait_audio(after=end, timeout=5)
+            await call.wait_quiet(400)
+            answer = call.pcm_received()[greeting:]
+            await call.hang_up()
+            assert call.received.invalid == []
+    assert rms(answer) > 0.05
+    return answer
 
 
 # In CI (CI=true) a skipped test is a failure: a suite that silently skips proves nothing.

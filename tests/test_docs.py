@@ -153,6 +153,41 @@ def test_the_provider_table_matches_the_registry() -> None:
         assert re.findall(r"`([^`]+)`", voice) == ([spec.default_voice] if spec.default_voice else []), name
 
 
+def _option_rows() -> set[tuple[str, str, str, str]]:
+    """docs/providers.md's options table: (provider, option, type, default) per row."""
+    section = PROVIDERS_DOC.read_text(encoding="utf-8").split("## Provider options", 1)[1].split("\n## ", 1)[0]
+    rows = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            rows.add((cells[0].strip("`"), cells[1].strip("`"), cells[2], cells[3]))
+    return rows
+
+
+def _shown(default: object) -> str:
+    if default is None:
+        return "unset"
+    return f"`{str(default).lower() if isinstance(default, bool) else default}`" if default != "" else '`""`'
+
+
+def test_the_provider_options_table_matches_what_the_providers_declare() -> None:
+    """Every ``provider_options.<name>.<key>`` a provider module declares has a row with its type and default,
+    and every row is declared; the main table's options column names each of them."""
+    from pipeline.providers import PROVIDERS
+
+    declared = {(name, o.key, o.type.__name__, _shown(o.default))
+                for name, spec in PROVIDERS.items() for o in spec.provider_options}
+    assert len(declared) >= 10
+    assert _option_rows() == declared
+    rows = _provider_rows()
+    for name, spec in PROVIDERS.items():
+        named = set(re.findall(r"`(\w+)`", rows[name][7]))
+        missing = {o.key for o in spec.provider_options} - named - ({"stability", "similarity_boost", "style",
+                                                                      "use_speaker_boost", "speed"}
+                                                                     if name == "elevenlabs" else set())
+        assert not missing, f"docs/providers.md's {name} row does not name its options {missing}"
+
+
 def test_contributing_names_files_and_interfaces_that_exist() -> None:
     """CONTRIBUTING.md's four steps point at real files, and the names it uses are real interfaces."""
     import pipeline.providers as registry

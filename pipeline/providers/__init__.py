@@ -30,6 +30,7 @@ from pipeline.providers.base import (
     BuildOptions,
     LLMProvider,
     ProviderError,
+    ProviderOption,
     ProviderSettings,
     ProviderSpec,
     STTProvider,
@@ -38,12 +39,14 @@ from pipeline.providers.base import (
 
 __all__ = [
     "PROVIDERS",
+    "ProviderOption",
     "ProviderSettings",
     "ProviderSpec",
     "build_llm",
     "build_stt",
     "build_tts",
     "lookup",
+    "probe",
     "provider_modules",
 ]
 
@@ -93,6 +96,8 @@ def _builder(stage: str, settings: ProviderSettings,
         raise ProviderError(settings.name, f"does not offer {_STAGE_NAMES[stage]}")
     if settings.key_env is None and spec.key_env:
         settings = dataclasses.replace(settings, key_env=spec.key_env)
+    if set(spec.option_defaults()) - set(settings.options):     # a builder sees every declared option
+        settings = dataclasses.replace(settings, options={**spec.option_defaults(), **settings.options})
     return builder, settings
 
 
@@ -115,3 +120,23 @@ def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, *, timeou
     """Instantiate the TTS provider named by ``settings``."""
     build, settings = _builder("tts", settings, lambda spec: spec.tts)
     return build(settings, http, BuildOptions(timeout_s))
+
+
+async def probe(settings: ProviderSettings, http: aiohttp.ClientSession, stage: str, *, timeout_s: float) -> str:
+    """The provider's cheapest authenticated request (its spec's ``probe``) for ``stage``: "ok", "key rejected
+    (401)", "unreachable (DNS|connect|timeout)", "model not found", "failed (...)", or "not probed (...)"
+    for a provider that declares none. Usage::
+
+        await probe(config.providers.llm, http, "llm", timeout_s=3)     # "ok"
+    """
+    from pipeline.providers._http import HTTPClient
+
+    spec = lookup(settings.name)
+    if spec is None or spec.probe is None:
+        return "not probed (nothing to reach)" if spec is not None and spec.name == "local" else \
+            "not probed (the vendor has no free authenticated request)"
+    builder, settings = _builder(stage, settings, lambda s: getattr(s, stage))
+    client = builder(settings, http, BuildOptions(timeout_s))
+    if not isinstance(client, HTTPClient):
+        return "not probed (not an HTTP client)"
+    return await client.probe(spec.probe, stage)

@@ -5,7 +5,7 @@ Not a provider (its name starts with ``_``, so the registry skips it). Usage::
     class AcmeLLM(HTTPClient):
         async def stream(self, messages, tools=()):
             with provider_errors(self.name):
-                async with self._http.post(url, json=body, headers=self._headers, timeout=self._timeout) as response:
+                async with self.request("POST", url, json=body) as response:
                     await raise_for_status(self.settings, response)
                     async for event, data in sse_events(response):
                         ...
@@ -15,6 +15,10 @@ one idle connection to several waiting requests and requeues the losers (encode/
 which the load benchmark measured as 270–900 ms p99 waits; aiohttp's pool and C parser keep each
 request at a few hundred microseconds of CPU. Every response is read to its end so its connection
 is reused.
+
+Every request goes through :meth:`HTTPClient.request`, which logs its timing at debug (``VOXRAY_LOG_LEVEL=debug``):
+the time to the response's first byte (its status line) and to the end of the exchange, with the call id
+the gateway's log filter puts on every line; the path is logged, never the query or a header.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 
+from pipeline.audio import pcm_to_wav
 from pipeline.jsonutil import loads
-from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall, closing
+from pipeline.providers.base import Probe, ProviderError, ProviderSettings, ToolCall, closing
 
-__all__ = ["HTTPClient", "json_event", "open_session", "pcm_chunks", "provider_errors", "raise_for_status",
-           "retry_after", "sse_events", "tool_call"]
+__all__ = ["HTTPClient", "json_event", "log_timing", "open_session", "pcm_chunks", "provider_errors",
+           "raise_for_status", "retry_after", "sse_events", "status_error", "tool_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,70 @@ class HTTPClient:
         """The headers that carry the key (OpenAI's bearer token unless a vendor says otherwise)."""
         return {"Authorization": f"Bearer {api_key}"}
 
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``self._http.request`` with the vendor's auth headers and the read timeout, timed: at debug, one
+        line per request with the time to its first byte and its total (see the module's docstring)."""
+        started = time.perf_counter()
+        first_byte: float | None = None
+        status = 0
+        try:
+            async with self._http.request(method, url, headers={**self._headers, **kwargs.pop("headers", {})},
+                                          timeout=self._timeout, **kwargs) as response:
+                first_byte, status = time.perf_counter() - started, response.status
+                yield response
+        finally:
+            log_timing(self.name, f"{method} {urlparse(url).path}", status, first_byte, time.perf_counter() - started)
+
+    async def probe(self, probe: Probe, stage: str) -> str:
+        """``probe``'s request: "ok", "key rejected (401)", "unreachable (DNS|connect|timeout)", "model not
+        found" or "failed (...)" (``voxray check-config --probe``)."""
+        try:
+            async with self.request("GET", f"{self._url}{probe.path}") as response:
+                status, body = response.status, await response.read()
+        except TimeoutError:
+            return "unreachable (timeout)"
+        except aiohttp.ClientConnectorDNSError:
+            return "unreachable (DNS)"
+        except (aiohttp.ClientConnectionError, OSError):
+            return "unreachable (connect)"
+        except aiohttp.ClientError as exc:
+            return f"failed ({type(exc).__name__})"
+        if status in (401, 403):
+            return f"key rejected ({status})"
+        if status >= 400:
+            return f"failed (HTTP {status})"
+        if probe.models_of is None or stage not in probe.model_stages:
+            return "ok"
+        try:
+            names = {str(name).removeprefix("models/") for name in probe.models_of(json.loads(body))}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "failed (the answer lists no models)"
+        return "ok" if self.settings.model.removeprefix("models/") in names else "model not found"
+
+    async def post_wav(self, url: str, pcm: bytes, sample_rate: int, fields: Mapping[str, str], *,
+                       text_of: Callable[[Any], Any], message_of: Callable[[Any], Any] | None = None) -> str:
+        """POST one utterance as ``file`` (a WAV) with the form ``fields`` and return ``text_of(answer)``
+        stripped (a batch STT vendor's transcription endpoint); failures leave as ProviderError.
+
+        Usage (in an STT provider)::
+
+            return await self.post_wav(f"{self._url}/v1/speech-to-text", pcm, 16000, {"model_id": "scribe_v1"},
+                                       text_of=lambda answer: answer["text"])
+        """
+        form = aiohttp.FormData()
+        for key, value in fields.items():
+            form.add_field(key, value)
+        form.add_field("file", pcm_to_wav(pcm, sample_rate), filename="utterance.wav", content_type="audio/wav")
+        with provider_errors(self.name):
+            async with self.request("POST", url, data=form) as response:
+                await raise_for_status(self.settings, response, message_of=message_of or _error_message)
+                body = await response.read()
+        try:
+            return str(text_of(json.loads(body))).strip()
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ProviderError(self.name, "transcription response has no text") from exc
+
     async def post_pcm(self, url: str, body: Mapping[str, Any], *, params: Mapping[str, str] | None = None,
                        message_of: Callable[[Any], Any] | None = None) -> AsyncIterator[bytes]:
         """POST ``body`` as JSON and stream the raw PCM16 answer in whole samples (a TTS vendor's speech
@@ -69,16 +139,24 @@ class HTTPClient:
 
         Usage (in a TTS provider)::
 
-            def synthesize(self, text, *, voice=None):
+            def synthesize(self, text, *, voice=None, language=None):
                 return self.post_pcm(f"{self._url}/v1/speak", {"text": text}, params={"encoding": "linear16"})
         """
         with provider_errors(self.name):
-            async with self._http.post(url, json=body, params=params, headers=self._headers,
-                                       timeout=self._timeout) as response:
+            async with self.request("POST", url, json=body, params=params) as response:
                 await raise_for_status(self.settings, response, message_of=message_of or _error_message)
                 async with closing(pcm_chunks(response)) as chunks:
                     async for chunk in chunks:
                         yield chunk
+
+
+def log_timing(provider: str, what: str, status: int, first_byte_s: float | None, total_s: float) -> None:
+    """One debug line for a finished provider exchange: what, its status, time to first byte and total
+    (``first byte -`` when none came). The call id is added by the gateway's log filter."""
+    if logger.isEnabledFor(logging.DEBUG):
+        first = "-" if first_byte_s is None else f"{first_byte_s * 1000:.0f} ms"
+        logger.debug("%s %s: status %s, first byte %s, total %.0f ms", provider, what, status or "-", first,
+                     total_s * 1000)
 
 
 @contextlib.contextmanager
@@ -144,17 +222,25 @@ async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientR
         message = str(message_of(payload))
     except (KeyError, TypeError, IndexError, AttributeError):
         message = body[:500].decode("utf-8", "replace")
+    raise status_error(settings, response.status, message, response.headers, refused=refused_key(payload),
+                       delay=delay(payload))
+
+
+def status_error(settings: ProviderSettings, status: int, message: str, headers: Mapping[str, str], *,
+                 refused: bool = False, delay: float | None = None) -> ProviderError:
+    """The ProviderError for a vendor's HTTP ``status`` (see :func:`raise_for_status`; also a refused
+    WebSocket handshake): the key masked out of ``message``, ``retry-after`` read from ``headers``."""
     if settings.api_key:
         message = message.replace(settings.api_key, "***")
     name = settings.name
-    if response.status in (401, 403) or refused_key(payload):
+    if status in (401, 403) or refused:
         where = f"{settings.key_env} or api_keys.{name}" if settings.key_env else f"api_keys.{name}"
-        raise ProviderError(name, f"HTTP {response.status}: {message} (the key was refused: check {where})")
-    if response.status in (408, 429) or response.status >= 500:
-        wait = retry_after(response.headers)
-        raise ProviderError(name, f"HTTP {response.status}: {message}", transient=True,
-                            retry_after=wait if wait is not None else delay(payload))
-    raise ProviderError(name, f"HTTP {response.status}: {message}")
+        return ProviderError(name, f"HTTP {status}: {message} (the key was refused: check {where})")
+    if status in (408, 429) or status >= 500:
+        wait = retry_after(headers)
+        return ProviderError(name, f"HTTP {status}: {message}", transient=True,
+                             retry_after=wait if wait is not None else delay)
+    return ProviderError(name, f"HTTP {status}: {message}")
 
 
 async def pcm_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -28,6 +28,7 @@ from pipeline.providers._http import HTTPClient, json_event, provider_errors, ra
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
     ProviderSettings,
     ProviderSpec,
@@ -73,8 +74,7 @@ class AnthropicLLM(HTTPClient):
         calls: dict[int, list[str]] = {}     # content block index -> [tool name, input JSON so far, id]
         stopped = False
         with provider_errors(self.name):
-            async with self._http.post(f"{self._url}/v1/messages", json=self._body(messages, tools),
-                                       headers=self._headers, timeout=self._timeout) as response:
+            async with self.request("POST", f"{self._url}/v1/messages", json=self._body(messages, tools)) as response:
                 await raise_for_status(self.settings, response)
                 async with closing(sse_events(response)) as events:
                     async for event, data in events:
@@ -142,5 +142,5 @@ SPECS = (
     ProviderSpec("anthropic", key_env="ANTHROPIC_API_KEY", base_url_env="ANTHROPIC_BASE_URL",
                  default_base_url="https://api.anthropic.com", default_models={"llm": "claude-3-5-sonnet-20241022"},
                  api_root="", options="`llm_max_tokens` is sent as the required `max_tokens`; tools as `tool_use`",
-                 llm=_build_llm),
+                 probe=Probe("/v1/models", lambda answer: [m["id"] for m in answer["data"]]), llm=_build_llm),
 )

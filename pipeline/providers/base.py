@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-__all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderSettings",
-           "ProviderSpec", "STTProvider", "Tool", "ToolCall", "ToolExchange", "ToolResult", "TTSProvider"]
+__all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderOption", "Probe",
+           "ProviderSettings", "ProviderSpec", "STTProvider", "Tool", "ToolCall", "ToolExchange", "ToolResult",
+           "TTSProvider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +121,14 @@ class LLMProvider(Protocol):
 
 
 class TTSProvider(Protocol):
-    """Text to speech streamed as PCM16 mono chunks at ``sample_rate``."""
+    """Text to speech streamed as PCM16 mono chunks at ``sample_rate``; ``language`` is the persona's
+    (``"en"``, ``"hi-IN"``), for the vendors that want one."""
 
     name: str
     sample_rate: int
 
-    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]: ...
+    def synthesize(self, text: str, *, voice: str | None = None,
+                   language: str | None = None) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +141,51 @@ class ProviderSettings:
     base_url: str = ""
     voice: str | None = None
     key_env: str | None = None    # named in a refused-key error (the registry's builders fill it in)
+    options: Mapping[str, Any] = field(default_factory=dict)   # provider_options.<name>, defaults filled in
 
-    def masked(self) -> dict[str, str | None]:
+    def option(self, key: str, default: Any = None) -> Any:
+        """The value of ``provider_options.<name>.<key>`` (its declared default when not configured)."""
+        return self.options.get(key, default)
+
+    def masked(self) -> dict[str, Any]:
         key = (None if not self.api_key
                else f"{self.api_key[:3]}…{self.api_key[-2:]}" if len(self.api_key) > 8 else "***")
         return {"name": self.name, "model": self.model, "api_key": key, "base_url": self.base_url or None,
-                "voice": self.voice}
+                "voice": self.voice, "options": dict(self.options)}
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A provider's cheapest authenticated request, for ``voxray check-config --probe``: ``GET <base URL><path>``
+    with the stage client's auth; ``models_of(answer)`` lists the model names the answer holds, checked for
+    the configured model on ``model_stages``.
+
+    Usage (in a spec)::
+
+        probe=Probe("/models", lambda answer: [m["id"] for m in answer["data"]])
+    """
+
+    path: str
+    models_of: Callable[[Any], Iterable[str]] | None = None
+    model_stages: frozenset[str] = frozenset({"stt", "llm", "tts"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderOption:
+    """One ``provider_options.<name>.<key>`` a provider reads: its type (``str``, ``int``, ``float``,
+    ``bool``), its default (None: not sent to the vendor unless configured), the values it may take
+    (``choices``; empty: any of its type) and what it does, for docs/providers.md.
+
+    Usage (in a provider module's spec)::
+
+        ProviderOption("sample_rate", int, 16000, "PCM rate asked of the vendor", choices=(8000, 16000, 24000))
+    """
+
+    key: str
+    type: type
+    default: Any
+    description: str
+    choices: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +227,8 @@ class ProviderSpec:
     key_env_fallbacks: tuple[str, ...] = ()  # read in order when ``key_env`` is unset (``GEMINI_API_KEY``)
     api_root: str = "/v1"                   # appended to a configured base URL that has no path ("": none)
     options: str = ""                       # what else the provider reads, for docs/providers.md
+    provider_options: tuple[ProviderOption, ...] = ()   # its provider_options.<name>.<key> (validated by config)
+    probe: Probe | None = None              # what check-config --probe asks (None: not probed)
     stt: STTBuilder | None = None
     llm: LLMBuilder | None = None
     tts: TTSBuilder | None = None
@@ -193,6 +237,10 @@ class ProviderSpec:
     def stages(self) -> frozenset[str]:
         """The stages this provider offers: those it has a builder for."""
         return frozenset(stage for stage in ("stt", "llm", "tts") if getattr(self, stage) is not None)
+
+    def option_defaults(self) -> dict[str, Any]:
+        """Every declared option's default, by key."""
+        return {option.key: option.default for option in self.provider_options}
 
     @property
     def key_envs(self) -> tuple[str, ...]:

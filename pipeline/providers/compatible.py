@@ -11,7 +11,7 @@ Adding such a vendor is one more row below (and its row in docs/providers.md). U
 from __future__ import annotations
 
 from pipeline.providers.base import ProviderSpec
-from pipeline.providers.openai import build_llm, build_stt
+from pipeline.providers.openai import MODELS_PROBE, build_llm, build_stt
 
 __all__ = ["SPECS"]
 
@@ -20,14 +20,15 @@ def _llm(name: str, key_env: str | None, base_url: str, model: str, *, aliases: 
          options: str = "") -> ProviderSpec:
     """An OpenAI-compatible chat vendor whose base URL can be overridden with ``<NAME>_BASE_URL``."""
     return ProviderSpec(name, key_env=key_env, base_url_env=f"{name.upper()}_BASE_URL", default_base_url=base_url,
-                        default_models={"llm": model}, aliases=aliases, options=options, llm=build_llm)
+                        default_models={"llm": model}, aliases=aliases, options=options, probe=MODELS_PROBE,
+                        llm=build_llm)
 
 
 SPECS = (
     ProviderSpec("groq", key_env="GROQ_API_KEY", base_url_env="GROQ_BASE_URL",
                  default_base_url="https://api.groq.com/openai/v1",
                  default_models={"stt": "whisper-large-v3", "llm": "llama-3.1-8b-instant"},
-                 stt=build_stt, llm=build_llm),
+                 probe=MODELS_PROBE, stt=build_stt, llm=build_llm),
     _llm("cerebras", "CEREBRAS_API_KEY", "https://api.cerebras.ai/v1", "llama3.1-8b"),
     _llm("ollama", None, "http://localhost:11434/v1", "llama3.2", options="no key; a local Ollama server"),
     _llm("deepseek", "DEEPSEEK_API_KEY", "https://api.deepseek.com/v1", "deepseek-chat"),
@@ -39,6 +40,6 @@ SPECS = (
     _llm("openrouter", "OPENROUTER_API_KEY", "https://openrouter.ai/api/v1", "openai/gpt-4o-mini",
          options="`model` is a vendor-prefixed slug (`anthropic/claude-3.5-sonnet`, `openai/gpt-4o` ...)"),
     ProviderSpec("whisper", key_env=None, base_url_env="WHISPER_BASE_URL", default_base_url="http://localhost:9000/v1",
-                 default_models={"stt": "whisper-1"}, stt=build_stt,
+                 default_models={"stt": "whisper-1"}, stt=build_stt, probe=MODELS_PROBE,
                  options="no key; a local OpenAI-compatible Whisper server (`WHISPER_BASE_URL=http://host:9000`)"),
 )

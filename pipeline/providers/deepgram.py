@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from pipeline.providers._http import HTTPClient
-from pipeline.providers.base import BuildOptions, ProviderSettings, ProviderSpec
+from pipeline.providers.base import BuildOptions, Probe, ProviderSettings, ProviderSpec
 
 __all__ = ["SPECS", "DeepgramTTS"]
 
@@ -51,7 +51,8 @@ class DeepgramTTS(HTTPClient):
     def auth_headers(api_key: str) -> dict[str, str]:
         return {"Authorization": f"Token {api_key}"}
 
-    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
+    def synthesize(self, text: str, *, voice: str | None = None,
+                   language: str | None = None) -> AsyncIterator[bytes]:
         params = {"model": voice or self.settings.voice or self.settings.model, "encoding": "linear16",
                   "sample_rate": str(SAMPLE_RATE), "container": "none"}
         return self.post_pcm(f"{self._url}/v1/speak", {"text": text}, params=params, message_of=error_message)
@@ -68,5 +69,5 @@ SPECS = (
                  api_root="",
                  options="Aura TTS only; the voice is the model: `tts_voice` / a persona's `voice` "
                          "(`aura-2-thalia-en` ...) is sent as `model`, else `tts_model`; audio is 16 kHz PCM",
-                 tts=build_tts),
+                 probe=Probe("/v1/projects"), tts=build_tts),
 )

@@ -31,6 +31,7 @@ from pipeline.providers._http import HTTPClient, json_event, provider_errors, ra
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
     ProviderSettings,
     ProviderSpec,
@@ -78,8 +79,7 @@ class GeminiLLM(HTTPClient):
         calls: list[ToolCall] = []
         finished = False
         with provider_errors(self.name):
-            async with self._http.post(url, json=self._body(messages, tools), headers=self._headers,
-                                       timeout=self._timeout) as response:
+            async with self.request("POST", url, json=self._body(messages, tools)) as response:
                 await raise_for_status(self.settings, response, refused_key=_refused_key, delay=_retry_delay)
                 async with closing(sse_events(response)) as events:
                     async for _event, data in events:
@@ -164,5 +164,6 @@ SPECS = (
                  base_url_env="GOOGLE_GEMINI_BASE_URL", default_base_url="https://generativelanguage.googleapis.com",
                  default_models={"llm": "gemini-2.5-flash"}, api_root="",
                  options="`llm_max_tokens` is sent as `maxOutputTokens`; tools as `functionDeclarations`",
+                 probe=Probe(f"/{API_VERSION}/models", lambda answer: [m["name"] for m in answer["models"]]),
                  llm=_build_llm),
 )

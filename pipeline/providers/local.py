@@ -256,7 +256,8 @@ class PiperTTS:
 
         return SynthesisConfig(speaker_id=self._speakers[voice])
 
-    async def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, *, voice: str | None = None,
+                         language: str | None = None) -> AsyncIterator[bytes]:
         if not text.strip():
             return
         piper_voice = await self._ensure_voice()

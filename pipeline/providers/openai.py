@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.audio import pcm_to_wav
 from pipeline.providers._http import (
     HTTPClient,
     json_event,
@@ -33,7 +32,9 @@ from pipeline.providers._http import (
 from pipeline.providers.base import (
     BuildOptions,
     Message,
+    Probe,
     ProviderError,
+    ProviderOption,
     ProviderSettings,
     ProviderSpec,
     Tool,
@@ -54,21 +55,11 @@ class OpenAISTT(HTTPClient):
     """``POST /audio/transcriptions`` with a WAV upload; one request per finished utterance."""
 
     async def transcribe(self, pcm: bytes, *, sample_rate: int, language: str | None = None) -> str:
-        form = aiohttp.FormData()
-        form.add_field("model", self.settings.model)
-        form.add_field("response_format", "json")
+        fields = {"model": self.settings.model, "response_format": "json"}
         if language:
-            form.add_field("language", language.split("-")[0])
-        form.add_field("file", pcm_to_wav(pcm, sample_rate), filename="utterance.wav", content_type="audio/wav")
-        with provider_errors(self.name):
-            async with self._http.post(f"{self._url}/audio/transcriptions", data=form, headers=self._headers,
-                                       timeout=self._timeout) as response:
-                await raise_for_status(self.settings, response)
-                body = await response.read()
-        try:
-            return str(json.loads(body)["text"]).strip()
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProviderError(self.name, "transcription response has no text") from exc
+            fields["language"] = language.split("-")[0]
+        return await self.post_wav(f"{self._url}/audio/transcriptions", pcm, sample_rate, fields,
+                                   text_of=lambda answer: answer["text"])
 
 
 class OpenAILLM(HTTPClient):
@@ -89,8 +80,7 @@ class OpenAILLM(HTTPClient):
         calls: dict[int, list[str]] = {}     # index -> [name, arguments so far, id]
         done = False
         with provider_errors(self.name):
-            async with self._http.post(f"{self._url}/chat/completions", json=body, headers=self._headers,
-                                       timeout=self._timeout) as response:
+            async with self.request("POST", f"{self._url}/chat/completions", json=body) as response:
                 await raise_for_status(self.settings, response)
                 async with closing(sse_events(response)) as events:
                     async for _event, data in events:
@@ -162,10 +152,16 @@ class OpenAITTS(HTTPClient):
 
     sample_rate = _TTS_RATE
 
-    def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
-        body = {"model": self.settings.model, "input": text, "voice": voice or self.settings.voice or "alloy",
-                "response_format": "pcm"}
+    def synthesize(self, text: str, *, voice: str | None = None,
+                   language: str | None = None) -> AsyncIterator[bytes]:
+        body: dict[str, object] = {"model": self.settings.model, "input": text,
+                                   "voice": voice or self.settings.voice or "alloy", "response_format": "pcm"}
+        if (speed := self.settings.option("speed")) is not None:
+            body["speed"] = speed
         return self.post_pcm(f"{self._url}/audio/speech", body)
+
+
+MODELS_PROBE = Probe("/models", lambda answer: [m["id"] for m in answer["data"]])   # every compatible vendor's
 
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> OpenAISTT:
@@ -187,6 +183,9 @@ SPECS = (
     ProviderSpec("openai", key_env="OPENAI_API_KEY", base_url_env="OPENAI_BASE_URL",
                  default_base_url="https://api.openai.com/v1",
                  default_models={"stt": "whisper-1", "llm": "gpt-4o-mini", "tts": "tts-1"}, default_voice="alloy",
-                 options="`tts_voice` (alloy, nova, shimmer ...); TTS audio is 24 kHz PCM",
-                 stt=build_stt, llm=build_llm, tts=build_tts),
+                 options="`tts_voice` (alloy, nova, shimmer ...); `tts_model` `tts-1` (faster) or `tts-1-hd`; "
+                         "TTS audio is 24 kHz PCM",
+                 provider_options=(ProviderOption("speed", float, None, "TTS speaking speed, 0.25 to 4.0 (the API's "
+                                                  "default 1.0 when unset)"),),
+                 probe=MODELS_PROBE, stt=build_stt, llm=build_llm, tts=build_tts),
 )

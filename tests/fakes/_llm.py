@@ -27,7 +27,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 
 from tests.fakes._server import LocalServer
 
@@ -66,7 +66,7 @@ class LLMFakeState:
 class LLMFake(LocalServer):
     """A vendor fake on 127.0.0.1; subclasses pass their routes."""
 
-    def __init__(self, name: str, routes: list[Route], *, api_key: str | None = None,
+    def __init__(self, name: str, routes: list[BaseRoute], *, api_key: str | None = None,
                  replies: Sequence[Reply] = ("Hello!",)) -> None:
         self.state = LLMFakeState(api_key=api_key)
         self.state.set_replies(replies)

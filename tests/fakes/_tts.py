@@ -20,7 +20,7 @@ Usage (in a vendor fake)::
 from __future__ import annotations
 
 from starlette.responses import StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 
 from tests.fakes._llm import LLMFake
 from tests.fakes.openai_server import speech_pcm
@@ -42,11 +42,16 @@ def _samples(text: str, rate: int, ms_per_char: float) -> int:
 class TTSFake(LLMFake):
     """A TTS vendor fake on 127.0.0.1; subclasses pass their routes."""
 
-    def __init__(self, name: str, routes: list[Route], *, api_key: str | None = None, ms_per_char: float = 20) -> None:
+    def __init__(self, name: str, routes: list[BaseRoute], *, api_key: str | None = None, ms_per_char: float = 20) -> None:
         super().__init__(name, routes, api_key=api_key)
         self.ms_per_char = ms_per_char
+        self.spoken: list[str] = []          # the texts asked for, in order (failed requests too)
+
+    def pcm(self, text: str, rate: int) -> bytes:
+        """The PCM16 ``speech`` answers ``text`` with (also the payload of a vendor that sends it whole)."""
+        return speech_pcm(_samples(text, rate, self.ms_per_char), rate)
 
     def speech(self, text: str, *, rate: int, media_type: str = "application/octet-stream") -> StreamingResponse:
         """``text`` spoken as raw PCM16 mono at ``rate``, streamed in odd-sized chunks under the failure mode."""
-        pcm = speech_pcm(_samples(text, rate, self.ms_per_char), rate)
+        pcm = self.pcm(text, rate)
         return self.chunked([pcm[i:i + CHUNK_BYTES] for i in range(0, len(pcm), CHUNK_BYTES)], media_type=media_type)

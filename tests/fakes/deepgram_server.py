@@ -69,4 +69,5 @@ class FakeDeepgram(TTSFake):
         if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str) \
                 or not body["text"].strip():
             return _error(400, "Request body must be {\"text\": <non-empty string>}")
+        self.spoken.append(body["text"])
         return self.speech(body["text"], rate=rate)

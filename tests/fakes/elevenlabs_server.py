@@ -5,7 +5,12 @@ What it checks, as the real API does: ``xi-api-key`` (401 ``{"detail": {"status"
 (one of ``voices``, else 400 ``voice_not_found``), the query ``output_format`` (a ``pcm_<rate>``
 format: the fake serves raw PCM only, and the API's default is MP3), a JSON body with a non-empty
 ``text``, a known ``model_id`` and, if present, ``voice_settings`` with only the API's fields (else 422
-with a list ``detail``). It answers with raw PCM16 at the requested rate, in chunks. 429 is
+with a list ``detail``). It answers with raw PCM16 at the requested rate, in chunks.
+
+Scribe (``POST /v1/speech-to-text``): the same key check, a multipart form with ``model_id``
+(``scribe_v1`` or ``scribe_v1_experimental``), a ``file`` it can read as a WAV and an optional
+``language_code``; it answers ``{"language_code", "language_probability", "text", "words"}`` with the next
+of ``transcripts``. ``GET /v1/models`` lists the models (the start-up probe's request). 429 is
 ``too_many_concurrent_requests`` with ``retry-after``, 5xx ``internal_error``.
 
 Usage::
@@ -26,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.fakes._tts import TTSFake
+from tests.fakes.openai_server import parse_multipart, parse_wav
 
 __all__ = ["FakeElevenLabs", "MODELS", "VOICES"]
 
@@ -63,16 +69,50 @@ def _invalid(body: Any) -> Response | None:
     return None
 
 
+STT_MODELS = ("scribe_v1", "scribe_v1_experimental")
+
+
 class FakeElevenLabs(TTSFake):
     def __init__(self, *, api_key: str | None = "xi-test", voices: tuple[str, ...] = VOICES,
-                 ms_per_char: float = 20) -> None:
+                 ms_per_char: float = 20, transcripts: tuple[str, ...] = ("hello",)) -> None:
         super().__init__("fake ElevenLabs", [Route("/v1/text-to-speech/{voice_id}/stream", self.stream,
-                                                   methods=["POST"])], api_key=api_key, ms_per_char=ms_per_char)
+                                                   methods=["POST"]),
+                                             Route("/v1/speech-to-text", self.transcribe, methods=["POST"]),
+                                             Route("/v1/models", self.models, methods=["GET"])],
+                         api_key=api_key, ms_per_char=ms_per_char)
         self.voices = voices
+        self.transcripts = list(transcripts)
+        self.stt_requests: list[dict[str, Any]] = []
+
+    def _authorized(self, request: Request) -> bool:
+        return self.state.api_key is None or request.headers.get("xi-api-key") == self.state.api_key
+
+    async def models(self, request: Request) -> Response:
+        if (denied := await self.gate(request, authorized=self._authorized(request), error=_error)) is not None:
+            return denied
+        return JSONResponse([{"model_id": m, "can_do_text_to_speech": True} for m in MODELS])
+
+    async def transcribe(self, request: Request) -> Response:
+        if (denied := await self.gate(request, authorized=self._authorized(request), error=_error)) is not None:
+            return denied
+        try:
+            form = parse_multipart(self.state.requests[-1]["body"], request.headers.get("content-type", ""))
+            rate, samples = parse_wav(form["file"])
+        except (ValueError, KeyError) as exc:
+            return _unprocessable("file", f"could not read the audio: {exc}")
+        model = form.get("model_id", b"").decode()
+        if model not in STT_MODELS:
+            return _error(400, f"A model with model ID {model} does not exist", "model_not_found")
+        code = form.get("language_code", b"").decode() or None
+        self.stt_requests.append({"model_id": model, "language_code": code, "sample_rate": rate,
+                                  "duration_ms": len(samples) * 1000 / rate})
+        text = self.transcripts[(len(self.stt_requests) - 1) % len(self.transcripts)]
+        answer = json.dumps({"language_code": code or "eng", "language_probability": 0.98, "text": text,
+                             "words": [{"text": w, "type": "word"} for w in text.split()]}).encode()
+        return self.chunked([answer[: len(answer) // 2], answer[len(answer) // 2:]], media_type="application/json")
 
     async def stream(self, request: Request) -> Response:
-        authorized = self.state.api_key is None or request.headers.get("xi-api-key") == self.state.api_key
-        if (denied := await self.gate(request, authorized=authorized, error=_error)) is not None:
+        if (denied := await self.gate(request, authorized=self._authorized(request), error=_error)) is not None:
             return denied
         voice_id = request.path_params["voice_id"]
         if voice_id not in self.voices:
@@ -87,4 +127,5 @@ class FakeElevenLabs(TTSFake):
             return _unprocessable("body", "JSON decode error")
         if (problem := _invalid(body)) is not None:
             return problem
+        self.spoken.append(body["text"])
         return self.speech(body["text"], rate=rate)

@@ -45,6 +45,10 @@ from starlette.routing import Route
 __all__ = ["FakeOpenAI", "FakeState", "TTS_SAMPLE_RATE", "speech_pcm"]
 
 TTS_SAMPLE_RATE = 24000
+TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+MODELS = ("gpt-4o-mini", "gpt-4o", "whisper-1", "gpt-4o-transcribe", "whisper-large-v3", "llama-3.1-8b-instant",
+          "llama3.2")                           # what GET /v1/models lists (OpenAI's and the compatible vendors')
+TTS_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 STAGES = ("stt", "llm", "tts")
 Transcripts = Sequence[str] | Callable[[dict[str, Any]], str]  # callable gets the STT record
 Replies = Sequence[Any] | Callable[[list[dict[str, Any]]], Any]  # str, or {"content", "tool_calls"}; callable gets the messages
@@ -208,7 +212,15 @@ class _App:
             Route("/v1/audio/transcriptions", self.stt, methods=["POST"]),
             Route("/v1/chat/completions", self.llm, methods=["POST"]),
             Route("/v1/audio/speech", self.tts, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
         ])
+
+    async def models(self, request: Request) -> Response:
+        """``GET /v1/models``: the models this fake serves (the start-up probe's request)."""
+        if self.state.api_key and request.headers.get("authorization") != f"Bearer {self.state.api_key}":
+            return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "system"} for m in (
+            *MODELS, *TTS_MODELS)]})
 
     async def _gate(self, stage: str, request: Request) -> Response | None:
         """Count the call, apply the failure mode and the key check; a Response means stop."""
@@ -328,6 +340,12 @@ class _App:
         if body is None or not isinstance(body.get("input"), str) or not body["input"]:
             return _bad("Missing required parameter: 'input'.")
         self.state.tts_requests.append(body)
+        if body.get("model") not in TTS_MODELS:
+            return _bad(f"Invalid value for 'model': {body.get('model')!r}.")
+        if body.get("voice") not in TTS_VOICES:
+            return _bad(f"Invalid value for 'voice': {body.get('voice')!r}.")
+        if not 0.25 <= float(body.get("speed", 1.0)) <= 4.0:
+            return _bad("Invalid value for 'speed': must be between 0.25 and 4.0.")
         fmt = body.get("response_format", "mp3")
         if fmt not in ("pcm", "wav"):
             return _bad(f"Unsupported response_format {fmt!r} (fake supports 'pcm' and 'wav').")

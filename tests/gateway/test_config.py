@@ -513,3 +513,39 @@ def test_tool_keys_are_validated_naming_the_key(tmp_path: Path) -> None:
     assert "'tool_max_repeats' must be greater than 0" in text and "'tool_filler_secs' must be 0 or more" in text
     good = Config.from_mapping({"mcp": {"command": "python", "args": ["tools.py"], "tools_filter": ["lookup"]}})
     assert good.mcp == {"command": "python", "args": ["tools.py"], "tools_filter": ["lookup"]}
+
+
+# ------------------------------------------------------------------------------------- provider_options
+
+def test_provider_options_reach_the_stage_settings_with_the_declared_defaults_filled_in() -> None:
+    config = Config.from_mapping({"provider": "local", "tts_provider": "elevenlabs", "api_keys": {"elevenlabs": "k"},
+                                  "provider_options": {"elevenlabs": {"stability": "0.4", "sample_rate": 8000},
+                                                       "sarvam": {"language": "hi-IN"}}})
+    options = config.providers.tts.options
+    assert options["stability"] == 0.4 and options["sample_rate"] == 8000       # coerced to the declared type
+    assert options["similarity_boost"] is None and options["language"] == ""   # declared defaults
+    assert config.provider_options["sarvam"] == {"language": "hi-IN"}
+    assert config.describe()["providers"]["tts"]["options"]["stability"] == 0.4
+
+
+def test_provider_options_from_the_environment_as_json() -> None:
+    config = Config.load(None, {"VOXRAY_TTS_PROVIDER": "cartesia", "VOXRAY_PROVIDER": "local",
+                                "CARTESIA_API_KEY": "k",
+                                "VOXRAY_PROVIDER_OPTIONS": '{"cartesia": {"language": "de"}}'})
+    assert config.providers.tts.options["language"] == "de"
+
+
+def test_unknown_providers_and_options_and_bad_values_name_the_key_path_and_source(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"provider": "local", "provider_options": {
+        "acme": {"x": 1}, "cartesia": {"langauge": "de", "sample_rate": 12345},
+        "grok": {"speed": 1.0}, "elevenlabs": {"stability": "high"}}}))
+    with pytest.raises(ConfigError) as err:
+        Config.load(path, {})
+    problems = "\n".join(err.value.problems)
+    assert "'provider_options.acme': no provider 'acme'" in problems
+    assert "'provider_options.cartesia.langauge': cartesia takes language, sample_rate, version" in problems
+    assert "'provider_options.cartesia.sample_rate' must be one of 8000, 16000" in problems
+    assert "'provider_options.grok.speed': xai takes none" in problems
+    assert "'provider_options.elevenlabs.stability' must be a finite number" in problems
+    assert all(f"{path}" in line for line in err.value.problems), problems

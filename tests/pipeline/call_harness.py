@@ -154,7 +154,8 @@ class ToneTTS:
         self.script = list(script)
         self.calls: list[str] = []
 
-    async def synthesize(self, text: str, *, voice: str | None = None) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, *, voice: str | None = None,
+                         language: str | None = None) -> AsyncIterator[bytes]:
         self.calls.append(text)
         item = self.script[min(len(self.calls), len(self.script)) - 1]
         await asyncio.sleep(0.005)

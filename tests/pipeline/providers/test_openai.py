@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 import pytest
 
+from gateway.config import Config
 from pipeline.audio import rms, silence
 from pipeline.providers import ProviderSettings, build_llm, build_stt, build_tts
 from pipeline.providers.base import ProviderError
@@ -138,3 +141,20 @@ async def test_streams_are_read_to_the_end_so_one_connection_serves_every_reques
             assert [c async for c in tts.synthesize("Hi.")]
             await stt.transcribe(silence(100, 16000), sample_rate=16000)
     assert len(created) == 1
+
+
+@pytest.mark.parametrize("model", ["tts-1", "tts-1-hd"])
+async def test_tts_sends_the_configured_model_voice_and_speed(model: str) -> None:
+    """The model (``tts-1`` or ``tts-1-hd``), the persona's voice over ``tts_voice`` and ``provider_options.openai.speed``
+    all reach the request; without a speed none is sent (the API's default)."""
+    config = Config.from_mapping({"provider": "local", "tts_provider": "openai", "tts_model": model, "tts_voice": "nova",
+                                  "api_keys": {"openai": "sk-test"}, "provider_options": {"openai": {"speed": 1.25}}})
+    async with FakeOpenAI(api_key="sk-test", tts_ms_per_char=5) as fake, aiohttp.ClientSession() as http:
+        tts = build_tts(dataclasses.replace(config.providers.tts, base_url=fake.base_url), http, timeout_s=5)
+        assert b"".join([c async for c in tts.synthesize("Hi there.")])
+        assert b"".join([c async for c in tts.synthesize("Hi there.", voice="onyx")])
+        plain = build_tts(ProviderSettings("openai", model, "sk-test", fake.base_url), http, timeout_s=5)
+        assert b"".join([c async for c in plain.synthesize("Hi there.")])
+    configured, persona, default = fake.state.tts_requests
+    assert (configured["model"], configured["voice"], configured["speed"]) == (model, "nova", 1.25)
+    assert persona["voice"] == "onyx" and "speed" not in default and default["voice"] == "alloy"
