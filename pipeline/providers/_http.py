@@ -33,7 +33,7 @@ from pipeline.jsonutil import loads
 from pipeline.providers.base import ProviderError, ProviderSettings, ToolCall, closing
 
 __all__ = ["HTTPClient", "json_event", "open_session", "pcm_chunks", "provider_errors", "raise_for_status",
-           "retry_after", "sse_events", "tool_call"]
+           "retry_after", "sse_events", "status_error", "tool_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +144,30 @@ async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientR
         message = str(message_of(payload))
     except (KeyError, TypeError, IndexError, AttributeError):
         message = body[:500].decode("utf-8", "replace")
+    raise status_error(settings, response.status, message, response.headers, refused=refused_key(payload),
+                       delay=lambda: delay(payload))
+
+
+def status_error(settings: ProviderSettings, status: int, message: str, headers: Mapping[str, str], *,
+                 refused: bool = False, delay: Callable[[], float | None] = lambda: None) -> ProviderError:
+    """The ProviderError for an HTTP status (a response's, or a refused WebSocket handshake's): 401/403
+    (or ``refused``) is a refused key naming the key variable; 408, 429 and 5xx are transient, waiting
+    ``retry-after`` (else ``delay()``); anything else is permanent. The key is struck from ``message``.
+
+    >>> str(status_error(ProviderSettings("acme", "m", key_env="ACME_API_KEY"), 401, "bad key", {}))
+    'acme: HTTP 401: bad key (the key was refused: check ACME_API_KEY or api_keys.acme)'
+    """
     if settings.api_key:
         message = message.replace(settings.api_key, "***")
     name = settings.name
-    if response.status in (401, 403) or refused_key(payload):
+    if status in (401, 403) or refused:
         where = f"{settings.key_env} or api_keys.{name}" if settings.key_env else f"api_keys.{name}"
-        raise ProviderError(name, f"HTTP {response.status}: {message} (the key was refused: check {where})")
-    if response.status in (408, 429) or response.status >= 500:
-        wait = retry_after(response.headers)
-        raise ProviderError(name, f"HTTP {response.status}: {message}", transient=True,
-                            retry_after=wait if wait is not None else delay(payload))
-    raise ProviderError(name, f"HTTP {response.status}: {message}")
+        return ProviderError(name, f"HTTP {status}: {message} (the key was refused: check {where})")
+    if status in (408, 429) or status >= 500:
+        wait = retry_after(headers)
+        return ProviderError(name, f"HTTP {status}: {message}", transient=True,
+                             retry_after=wait if wait is not None else delay())
+    return ProviderError(name, f"HTTP {status}: {message}")
 
 
 async def pcm_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
