@@ -119,6 +119,7 @@ class TurnTaker:
         self._utterance: list[bytes] | None = None   # PCM of the caller's current turn (transport rate)
         self._utterance_ms = 0.0
         self._last_speech_at = 0.0
+        self._speech_at_ms = 0.0       # where in the utterance's audio speech was last heard
         self._turn_task: asyncio.Task[None] | None = None
         self._digits = ""
         self._dtmf_task: asyncio.Task[None] | None = None
@@ -135,7 +136,7 @@ class TurnTaker:
         if self._utterance is not None:
             self._append(frame)
             if self._vad.speaking and self._vad.silence_ms == 0.0:
-                self._last_speech_at = self._clock()
+                self._last_speech_at, self._speech_at_ms = self._clock(), self._utterance_ms
             if self._vad.speaking and self._utterance_ms >= self.settings.max_utterance_secs * 1000.0:
                 self._cut_utterance()
                 return
@@ -179,7 +180,7 @@ class TurnTaker:
                 self._append(f)
             self._preroll.clear()
             self._preroll_ms = 0.0
-        self._last_speech_at = self._clock()
+        self._last_speech_at, self._speech_at_ms = self._clock(), self._utterance_ms
 
     def _append(self, frame: AudioFrame) -> None:
         assert self._utterance is not None
@@ -212,7 +213,8 @@ class TurnTaker:
         t0 = self._clock()
         try:
             if live is not None:
-                text = await live.text(silence_s=max(0.0, t0 - speech_end))
+                silence_ms = 0.0 if complete else self._utterance_ms - self._speech_at_ms
+                text = await live.text(silence_s=silence_ms / 1000.0)
             else:
                 pcm = b"".join(utterance)
                 if self._utterance_rate != PIPELINE_RATE:
