@@ -122,6 +122,8 @@ class LiveTranscription:
                 await stream.send(pcm)
 
     def _take(self, result: Transcript) -> None:
+        if self._closing:
+            return                      # the turn is taken: the stream's last words are not news
         self._heard = True
         if result.final:
             if result.text:
