@@ -21,42 +21,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import socket
 import statistics
-from collections.abc import AsyncIterator
-from typing import Any
 
-from gateway.app import create_app
 from gateway.config import Config
-from gateway.server import build_server
 from gateway.simulate.call import SimulatedCall, synthetic_voice
 from pipeline.audio import silence
+from tests.conftest import running_gateway
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
 
 SID, TOKEN, PUBLIC = "AC" + "0" * 31 + "1", "bench-token", "https://bench.example.test"
 TRANSCRIPT = "I would like to book a table for two people tonight."
-
-
-@contextlib.asynccontextmanager
-async def gateway(raw: dict[str, Any]) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = Config.from_mapping(raw)
-    server = build_server(create_app(config), config, handle_signals=False)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
-        sock.close()
 
 
 async def turns(stt: str, *, stt_ms: float, vad_stop_ms: int, args: argparse.Namespace) -> list[float]:
@@ -70,7 +47,7 @@ async def turns(stt: str, *, stt_ms: float, vad_stop_ms: int, args: argparse.Nam
                "base_urls": {"openai": openai.base_url, "deepgram": deepgram.base_url},
                "carriers": {"twilio": {"account_sid": SID, "auth_token": TOKEN, "api_base_url": twilio.base_url}},
                "vad_stop_ms": vad_stop_ms, "server_api_key": "bench-server-key", "silence_prompt_secs": 0}
-        async with gateway(raw) as url:
+        async with running_gateway(Config.from_mapping(raw)) as url:
             call = SimulatedCall(gateway=url, public_url=PUBLIC, auth_token=TOKEN, account_sid=SID)
             twilio.known_calls = twilio.known_calls | {call.call_sid}
             await call.dial()

@@ -28,17 +28,23 @@ def deepgram_config(openai_url: str, twilio_url: str, deepgram_url: str) -> Conf
                         base_urls={"openai": openai_url, "deepgram": deepgram_url})
 
 
+async def greeted_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
+    """A Twilio call that has been answered and heard the greeting to its end."""
+    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+    twilio.known_calls = twilio.known_calls | {call.call_sid}
+    await call.dial()
+    await call.connect()
+    await call.wait_audio(after=0, timeout=5)
+    await call.wait_quiet(400)
+    return call
+
+
 async def test_a_twilio_call_streams_the_caller_to_deepgram_and_answers() -> None:
     async with (FakeOpenAI(transcripts=["not used"], replies=[REPLY], tts_ms_per_char=15) as openai,
                 FakeDeepgram(api_key=KEY, transcripts=[SAID]) as deepgram,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         async with running_gateway(deepgram_config(openai.base_url, twilio.base_url, deepgram.base_url)) as url:
-            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-            twilio.known_calls = twilio.known_calls | {call.call_sid}
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
+            call = await greeted_call(url, twilio)
             end = await call.speak(speech_pcm(SAID, 8000) + silence(600, 8000))
             await call.wait_audio(after=end - 0.6, timeout=5)
             assert openai.state.llm_requests[0]["messages"][-1] == {"role": "user", "content": SAID}
@@ -57,12 +63,7 @@ async def test_a_stream_cut_mid_utterance_without_a_fallback_is_the_apology() ->
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         config = deepgram_config(openai.base_url, twilio.base_url, deepgram.base_url)
         async with running_gateway(config) as url:
-            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-            twilio.known_calls = twilio.known_calls | {call.call_sid}
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
+            call = await greeted_call(url, twilio)
             deepgram.state.fail = "cut"
             end = await call.speak(speech_pcm(SAID, 8000) + silence(600, 8000))
             await call.wait_audio(after=end - 0.6, timeout=5)
