@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import statistics
 
 from gateway.config import Config
@@ -78,7 +79,7 @@ async def run(args: argparse.Namespace) -> None:
             batch = sorted(await turns("openai", stt_ms=stt_ms, vad_stop_ms=vad_stop_ms, args=args))
             live = sorted(await turns("deepgram", stt_ms=stt_ms, vad_stop_ms=vad_stop_ms, args=args))
             p50b, p50s = statistics.median(batch), statistics.median(live)
-            p90b, p90s = batch[int(0.9 * (len(batch) - 1))], live[int(0.9 * (len(live) - 1))]
+            p90b, p90s = (xs[max(0, math.ceil(0.9 * len(xs)) - 1)] for xs in (batch, live))
             print(f"{vad_stop_ms:>11} {stt_ms:>6.0f} | {p50b:>12.0f} {p90b:>6.0f} | {p50s:>13.0f} {p90s:>6.0f} "
                   f"| {p50b - p50s:>9.0f}")
 
