@@ -28,13 +28,13 @@ pytestmark = pytest.mark.asyncio
 KEY = "dg-secret-key-123456"
 SAID = "I would like to book a table for two people tonight."
 RATE = 8000
-FRAME = RATE // 50 * 2
 SETTINGS = ConversationSettings(vad_stop_ms=200, turn_stop_secs=1.0, stt_timeout_secs=2, provider_retries=1,
                                 stt_stream_final_wait_ms=1000)
 
 
-def frames(pcm: bytes) -> list[bytes]:
-    return [pcm[i:i + FRAME] for i in range(0, len(pcm), FRAME)]
+def frames(pcm: bytes, rate: int) -> list[bytes]:
+    step = rate // 50 * 2
+    return [pcm[i:i + step] for i in range(0, len(pcm), step)]
 
 
 @dataclasses.dataclass
@@ -51,21 +51,21 @@ async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
 
 
 async def a_turn(stts: Sequence[STTProvider], settings: ConversationSettings, *, pause_after_s: float | None = None,
-                 before_the_rest: Callable[[Heard], Any] = lambda _heard: True) -> Heard:
+                 before_the_rest: Callable[[Heard], Any] = lambda _heard: True, rate: int = RATE) -> Heard:
     """Say SAID then silence (5 ms a 20 ms frame) into a TurnTaker until it takes a turn or fails. With
     ``pause_after_s``, feeding stops after that much audio until ``before_the_rest(heard)`` holds."""
     heard = Heard()
-    pcm = speech_pcm(SAID, RATE) + silence(1200, RATE)
+    pcm = speech_pcm(SAID, rate) + silence(1200, rate)
     async with asyncio.TaskGroup() as tg:
         calls = ProviderCalls(ProviderChain(stt=stts, llm=[], tts=[]), settings=settings, persona=Persona())
         turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=tg.create_task,
                           on_speech_start=lambda: None, on_turn=heard.turns.append,
                           on_failure=lambda code, message: heard.failures.append((code, message)),
                           listen=calls.live_transcription, on_interim=heard.interims.append)
-        for i, frame in enumerate(frames(pcm)):
+        for i, frame in enumerate(frames(pcm, rate)):
             if pause_after_s is not None and i == int(pause_after_s * 50):
                 await until(lambda: before_the_rest(heard))
-            turns.on_audio(AudioFrame(frame, RATE))
+            turns.on_audio(AudioFrame(frame, rate))
             await asyncio.sleep(0.005)
             if heard.turns or heard.failures:
                 break
@@ -93,6 +93,16 @@ async def test_the_turn_is_the_streamed_finals_and_interims_reach_the_callback()
     assert "Finalize" in conn["controls"]       # the VAD stopped before the vendor's endpointing: flushed
     assert heard.interims and all(SAID.startswith(text) for text in heard.interims)
     assert len(heard.interims[0].split()) < len(SAID.split())     # partial words while the caller spoke
+
+
+async def test_a_leg_at_another_rate_streams_16k_linear16() -> None:
+    async with FakeDeepgram(api_key=KEY, transcripts=[SAID]) as fake, aiohttp.ClientSession() as http:
+        heard = await a_turn([deepgram(fake, http)], SETTINGS, rate=24000)
+    assert [t.text for t in heard.turns] == [SAID]
+    query = fake.listen.connections[0]["query"]
+    assert query["encoding"] == "linear16" and query["sample_rate"] == "16000"
+    speech_ms = len(speech_pcm(SAID, 24000)) / 2 / 24000 * 1000
+    assert speech_ms - 50 <= fake.listen.connections[0]["audio_ms"] <= speech_ms + 1250   # resampled, not relabelled
 
 
 async def test_the_vendors_end_of_speech_makes_the_text_ready_when_the_vad_stops() -> None:

@@ -146,3 +146,20 @@ async def test_messages_map_to_transcripts() -> None:
     assert result == Transcript("hi", final=True, end_of_utterance=False, end_s=1.5)
     with pytest.raises(ProviderError):
         transcript_of("deepgram", "not json")
+
+
+async def test_the_fake_refuses_what_deepgram_refuses() -> None:
+    """A handshake without ``interim_results`` but with ``utterance_end_ms``, an unknown parameter, or no
+    encoding is a 400 with the reason in ``dg-error``; a text frame that is not a control message closes the
+    socket with 1008."""
+    good = {"model": "nova-3", "encoding": "mulaw", "sample_rate": "8000", "channels": "1"}
+    async with FakeDeepgram(api_key=KEY) as fake, aiohttp.ClientSession() as http:
+        url, auth = f"{fake.base_url}/v1/listen", {"Authorization": f"Token {KEY}"}
+        for bad in ({**good, "utterance_end_ms": "1000"}, {**good, "bogus": "1"}, {"model": "nova-3"}):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(url, params=bad, headers=auth)
+            assert err.value.status == 400 and err.value.headers and err.value.headers.get("dg-error")
+        async with http.ws_connect(url, params=good, headers=auth) as ws:
+            await ws.send_str('{"type": "Flush"}')
+            message = await ws.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
