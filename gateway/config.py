@@ -188,6 +188,7 @@ class Config:
     dtmf_timeout_ms: int = 1500          # digits are collected until this pause or '#'
     # providers' limits
     stt_timeout_secs: float = 10.0
+    stt_stream_final_wait_ms: float = 500    # streaming STT: longest wait for its finals once the speech stops
     llm_timeout_secs: float = 10.0       # until the first token, and between tokens
     tts_timeout_secs: float = 10.0       # until the first audio chunk, and between chunks
     provider_retries: int = 1            # retries of a transient failure before any output was produced
@@ -505,7 +506,8 @@ def _validate(c: Config, problems: _Problems) -> None:
                      f"when vad_type is 'silero'); got {c.vad_threshold}")
     positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
-                "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs", "ws_max_message_bytes",
+                "stt_stream_final_wait_ms", "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs",
+                "ws_max_message_bytes",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",

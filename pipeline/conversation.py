@@ -85,7 +85,7 @@ class Conversation:
         calls = ProviderCalls(providers, settings=settings, persona=persona)
         self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
                                 on_speech_start=self._speech_started, on_turn=self._take_turn,
-                                on_failure=self._fail, clock=clock)
+                                on_failure=self._fail, clock=clock, listen=calls.live_transcription)
         self._responder = Responder(playout=playout, providers=calls, messages=self.messages, spawn=spawn,
                                     on_event=on_event, on_failure=self._fail, clock=clock, tools=tools,
                                     on_tool=on_tool, max_tool_rounds=settings.tool_max_rounds)

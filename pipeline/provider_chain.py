@@ -5,7 +5,9 @@ stage's timeout. A transient failure (:class:`~pipeline.providers.base.ProviderE
 or a timeout) before the first item is retried ``provider_retries`` times, then the next provider is
 tried; a permanent failure goes straight to the next. A vendor's ``retry-after`` is honoured: the retry
 waits that long, unless it is longer than the stage's timeout, when the next provider is tried at once.
-A failure after output has been produced is never retried (the caller would hear words twice). When no
+A failure after output has been produced is never retried (the caller would hear words twice). A
+streaming STT that fails mid-utterance hands the audio it was fed to ``transcribe``
+(:mod:`pipeline.live_stt`), so the same vendor's one-shot form is tried, then the fallback. When no
 provider is left, :class:`ProvidersFailed` says so: the conversation apologises and ends the call.
 
 Usage::
@@ -13,6 +15,7 @@ Usage::
     calls = ProviderCalls(ProviderChain(stt=[deepgram], llm=[openai, groq], tts=[cartesia]),
                           settings=settings, persona=persona)
     text = await calls.transcribe(pcm, sample_rate=16000)
+    live = calls.live_transcription(sample_rate=8000)     # a streaming first STT, else None
     async with closing(calls.llm_stream(messages)) as deltas:
         async for delta in deltas:          # str, or a ToolCall
             ...
@@ -26,10 +29,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pipeline.live_stt import LiveTranscription
 from pipeline.providers.base import (
     LLMProvider,
     Message,
     ProviderError,
+    StreamingSTTProvider,
     STTProvider,
     Tool,
     ToolCall,
@@ -78,6 +83,17 @@ class ProviderCalls:
             async for text in results:
                 return text
         raise ProvidersFailed("speech-to-text produced nothing")   # no provider returns without a result
+
+    def live_transcription(self, *, sample_rate: int,
+                           on_interim: Callable[[str], None] = lambda _text: None) -> LiveTranscription | None:
+        """An utterance streamed to the first STT while the caller speaks, when that STT streams (else None);
+        if the stream fails, the audio goes through :meth:`transcribe`."""
+        first = self.chain.stt[0] if self.chain.stt else None
+        if not isinstance(first, StreamingSTTProvider):
+            return None
+        return LiveTranscription(first, sample_rate=sample_rate, language=self._persona.language,
+                                 fallback=self.transcribe, final_wait_s=self._settings.stt_stream_final_wait_ms / 1000,
+                                 timeout_s=self._settings.stt_timeout_secs, on_interim=on_interim)
 
     def llm_stream(self, context: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
         """The answer's text deltas (and tool calls) from the first working LLM."""

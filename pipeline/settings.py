@@ -59,6 +59,7 @@ class ConversationSettings:
     max_utterance_secs: float = 30.0
     barge_in: bool = True
     stt_timeout_secs: float = 10.0
+    stt_stream_final_wait_ms: float = 500   # a streaming STT: longest wait for its finals after the speech stops
     llm_timeout_secs: float = 10.0
     tts_timeout_secs: float = 10.0
     provider_retries: int = 1

@@ -7,10 +7,17 @@ until ``turn_stop_secs`` after the speech ended, and speech resuming meanwhile c
 Speech longer than ``max_utterance_secs`` is cut into a turn as it goes. DTMF digits are collected until
 ``#`` or a pause of ``dtmf_timeout_ms`` and become a turn ``[DTMF] 123``.
 
+With a streaming STT (``listen`` gives a :class:`~pipeline.live_stt.LiveTranscription`), each utterance is
+streamed from its pre-roll on while the caller speaks; at the speech stop its text is the vendor's finals
+(waiting at most ``stt_stream_final_wait_ms`` unless the vendor already heard the speech end), so the
+turn needs no request after the caller stops. ``on_interim`` gets the running text as the vendor refines
+it (for confirming a barge-in).
+
 Usage::
 
     turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=tg.create_task,
-                      on_speech_start=barge_in, on_turn=answer, on_failure=apologise)
+                      on_speech_start=barge_in, on_turn=answer, on_failure=apologise,
+                      listen=calls.live_transcription, on_interim=lambda text: ...)   # both optional
     turns.on_audio(AudioFrame(pcm, 8000))     # per frame, from the transport's reader
     turns.on_dtmf("5")
     turns.close()
@@ -28,6 +35,7 @@ from typing import Any, Protocol
 
 from pipeline.audio import Resampler
 from pipeline.frames import AudioFrame
+from pipeline.live_stt import LiveTranscription
 from pipeline.provider_chain import ProvidersFailed
 from pipeline.settings import ConversationSettings
 from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
@@ -74,6 +82,14 @@ class Transcribe(Protocol):
     def __call__(self, pcm: bytes, *, sample_rate: int) -> Awaitable[str]: ...
 
 
+class Listen(Protocol):
+    def __call__(self, *, sample_rate: int, on_interim: Callable[[str], None]) -> LiveTranscription | None: ...
+
+
+def _ignore(_text: str) -> None:
+    pass
+
+
 class TurnTaker:
     """Caller audio and digits in, :class:`Turn` values out; all methods run on the call's event loop.
 
@@ -84,7 +100,8 @@ class TurnTaker:
     def __init__(self, *, settings: ConversationSettings, transcribe: Transcribe,
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
                  on_speech_start: Callable[[], None], on_turn: Callable[[Turn], None],
-                 on_failure: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_failure: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic,
+                 listen: Listen | None = None, on_interim: Callable[[str], None] = _ignore) -> None:
         self.settings = settings
         self._transcribe = transcribe
         self._spawn = spawn
@@ -92,6 +109,9 @@ class TurnTaker:
         self._on_turn = on_turn
         self._on_failure = on_failure
         self._clock = clock
+        self._listen = listen
+        self._on_interim = on_interim
+        self._live: LiveTranscription | None = None   # the current utterance's stream, with a streaming STT
         self._vad = new_vad(settings)
         self._preroll: collections.deque[AudioFrame] = collections.deque()
         self._preroll_ms = 0.0
@@ -99,6 +119,7 @@ class TurnTaker:
         self._utterance: list[bytes] | None = None   # PCM of the caller's current turn (transport rate)
         self._utterance_ms = 0.0
         self._last_speech_at = 0.0
+        self._speech_at_ms = 0.0       # where in the utterance's audio speech was last heard
         self._turn_task: asyncio.Task[None] | None = None
         self._digits = ""
         self._dtmf_task: asyncio.Task[None] | None = None
@@ -115,7 +136,7 @@ class TurnTaker:
         if self._utterance is not None:
             self._append(frame)
             if self._vad.speaking and self._vad.silence_ms == 0.0:
-                self._last_speech_at = self._clock()
+                self._last_speech_at, self._speech_at_ms = self._clock(), self._utterance_ms
             if self._vad.speaking and self._utterance_ms >= self.settings.max_utterance_secs * 1000.0:
                 self._cut_utterance()
                 return
@@ -127,7 +148,7 @@ class TurnTaker:
         if event is VadEvent.SPEECH_STOP and self._utterance is not None:
             if self._turn_task is not None:
                 self._turn_task.cancel()
-            self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._clock()))
+            self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._live, self._clock()))
 
     def on_dtmf(self, digit: str) -> None:
         if self._dtmf_task is not None:
@@ -142,6 +163,8 @@ class TurnTaker:
         for task in (self._turn_task, self._dtmf_task):
             if task is not None:
                 task.cancel()
+        if self._live is not None:
+            self._live.close()
 
     # ------------------------------------------------------------------------------ speech
     def _speech_started(self, rate: int) -> None:
@@ -152,35 +175,53 @@ class TurnTaker:
         if self._utterance is None:
             self._utterance, self._utterance_ms = [], 0.0
             self._utterance_rate = rate
+            self._live = self._open_live(rate)
             for f in self._preroll:
                 self._append(f)
             self._preroll.clear()
             self._preroll_ms = 0.0
-        self._last_speech_at = self._clock()
+        self._last_speech_at, self._speech_at_ms = self._clock(), self._utterance_ms
 
     def _append(self, frame: AudioFrame) -> None:
         assert self._utterance is not None
         pcm = frame.pcm       # at the transport's rate; resampled once, when the turn is transcribed
         self._utterance.append(pcm)
         self._utterance_ms += frame.duration_ms
+        if self._live is not None:
+            self._live.feed(pcm)
+
+    def _open_live(self, rate: int) -> LiveTranscription | None:
+        """A new utterance's stream (its task owned by ``spawn``), or None without a streaming STT."""
+        live = self._listen(sample_rate=rate, on_interim=self._on_interim) if self._listen else None
+        if live is not None:
+            self._spawn(live.run())
+        return live
 
     def _cut_utterance(self) -> None:
         """Speech ran past ``max_utterance_secs``: that part becomes a turn, the rest a new utterance."""
         logger.info("utterance reached max_utterance_secs=%.0f; taking the turn", self.settings.max_utterance_secs)
         assert self._utterance is not None
-        self._spawn(self._end_of_speech(self._utterance, self._clock(), complete=True))
+        self._spawn(self._end_of_speech(self._utterance, self._live, self._clock(), complete=True))
         self._utterance, self._utterance_ms = [], 0.0
+        self._live = self._open_live(self._utterance_rate)
 
-    async def _end_of_speech(self, utterance: list[bytes], stopped_at: float, *, complete: bool = False) -> None:
-        """Transcribe at once; answer now if the words sound complete, else wait up to turn_stop_secs."""
-        pcm = b"".join(utterance)
-        if self._utterance_rate != PIPELINE_RATE:
-            pcm = Resampler(self._utterance_rate, PIPELINE_RATE).process(pcm)
+    async def _end_of_speech(self, utterance: list[bytes], live: LiveTranscription | None, stopped_at: float, *,
+                             complete: bool = False) -> None:
+        """Transcribe at once (or take the stream's finals); answer now if the words sound complete, else
+        wait up to turn_stop_secs."""
         speech_end = self._last_speech_at
         t0 = self._clock()
         try:
-            text = await self._transcribe(pcm, sample_rate=PIPELINE_RATE)
+            if live is not None:
+                silence_ms = 0.0 if complete else self._utterance_ms - self._speech_at_ms
+                text = await live.text(silence_s=silence_ms / 1000.0)
+            else:
+                pcm = b"".join(utterance)
+                if self._utterance_rate != PIPELINE_RATE:
+                    pcm = Resampler(self._utterance_rate, PIPELINE_RATE).process(pcm)
+                text = await self._transcribe(pcm, sample_rate=PIPELINE_RATE)
         except ProvidersFailed as exc:
+            self._end_live(live)
             self._on_failure("stt_failed", str(exc))
             return
         stt_ms = (self._clock() - t0) * 1000.0
@@ -191,11 +232,19 @@ class TurnTaker:
         if self._utterance is utterance:
             self._utterance = None
             self._turn_task = None
+        self._end_live(live)                   # this utterance is over (taken, or cut): its stream too
         if not text.strip():
             return
-        self._on_turn(Turn(text, spoken_s=len(pcm) / 2 / PIPELINE_RATE,
+        spoken_s = sum(len(chunk) for chunk in utterance) / 2 / self._utterance_rate
+        self._on_turn(Turn(text, spoken_s=spoken_s,
                            ended_s_ago=max(0.0, t0 - speech_end + stt_ms / 1000.0), speech_end=speech_end,
                            turn_wait_ms=(stopped_at - speech_end) * 1000.0, stt_ms=stt_ms))
+
+    def _end_live(self, live: LiveTranscription | None) -> None:
+        if live is not None:
+            live.close()
+            if self._live is live:
+                self._live = None
 
     # ------------------------------------------------------------------------------ DTMF
     async def _dtmf_wait(self) -> None:

@@ -223,13 +223,18 @@ async def raise_for_status(settings: ProviderSettings, response: aiohttp.ClientR
     except (KeyError, TypeError, IndexError, AttributeError):
         message = body[:500].decode("utf-8", "replace")
     raise status_error(settings, response.status, message, response.headers, refused=refused_key(payload),
-                       delay=delay(payload))
+                       delay=lambda: delay(payload))
 
 
 def status_error(settings: ProviderSettings, status: int, message: str, headers: Mapping[str, str], *,
-                 refused: bool = False, delay: float | None = None) -> ProviderError:
-    """The ProviderError for a vendor's HTTP ``status`` (see :func:`raise_for_status`; also a refused
-    WebSocket handshake): the key masked out of ``message``, ``retry-after`` read from ``headers``."""
+                 refused: bool = False, delay: Callable[[], float | None] = lambda: None) -> ProviderError:
+    """The ProviderError for an HTTP status (a response's, or a refused WebSocket handshake's): 401/403
+    (or ``refused``) is a refused key naming the key variable; 408, 429 and 5xx are transient, waiting
+    ``retry-after`` (else ``delay()``); anything else is permanent. The key is struck from ``message``.
+
+    >>> str(status_error(ProviderSettings("acme", "m", key_env="ACME_API_KEY"), 401, "bad key", {}))
+    'acme: HTTP 401: bad key (the key was refused: check ACME_API_KEY or api_keys.acme)'
+    """
     if settings.api_key:
         message = message.replace(settings.api_key, "***")
     name = settings.name
@@ -239,7 +244,7 @@ def status_error(settings: ProviderSettings, status: int, message: str, headers:
     if status in (408, 429) or status >= 500:
         wait = retry_after(headers)
         return ProviderError(name, f"HTTP {status}: {message}", transient=True,
-                             retry_after=wait if wait is not None else delay)
+                             retry_after=wait if wait is not None else delay())
     return ProviderError(name, f"HTTP {status}: {message}")
 
 

@@ -13,6 +13,15 @@ Usage::
         ...
     async for chunk in tts.synthesize("Hello.", voice=None):   # PCM16 at tts.sample_rate
         ...
+
+A streaming STT (:class:`StreamingSTTProvider`) also takes audio while the caller speaks::
+
+    stream = await stt.open_stream(sample_rate=8000, language="en")
+    await stream.send(pcm8k)                 # as it arrives, any number of times
+    await stream.flush()                     # "that was the end of speech": finals for all audio sent
+    async for result in stream.results():    # Transcript(text, final, end_of_utterance, end_s)
+        ...
+    await stream.close()
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     import aiohttp
@@ -28,8 +37,8 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 __all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderOption", "Probe",
-           "ProviderSettings", "ProviderSpec", "STTProvider", "Tool", "ToolCall", "ToolExchange", "ToolResult",
-           "TTSProvider"]
+           "ProviderSettings", "ProviderSpec", "STTProvider", "STTStream", "StreamingSTTProvider", "Tool", "ToolCall",
+           "ToolExchange", "ToolResult", "Transcript", "TTSProvider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,52 @@ class STTProvider(Protocol):
     name: str
 
     async def transcribe(self, pcm: bytes, *, sample_rate: int, language: str | None = None) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """One result of a streaming STT.
+
+    ``final``: these words will not change (an interim result is replaced by the next result until one is
+    final); each final covers audio no other final covers, so an utterance's text is its finals joined.
+    ``end_of_utterance``: the vendor heard the speaker stop (Deepgram's ``speech_final`` or
+    ``UtteranceEnd``). ``end_s``: where in the stream's audio (seconds from its first byte) the result ends.
+
+    >>> Transcript("book a table", final=True, end_of_utterance=True, end_s=1.9).final
+    True
+    """
+
+    text: str
+    final: bool = False
+    end_of_utterance: bool = False
+    end_s: float = 0.0
+
+
+class STTStream(Protocol):
+    """One open streaming recognition: PCM16 mono in at the rate it was opened with, results out.
+
+    ``send`` and the ``results`` iterator are used from two tasks at once. Failures leave either as
+    :class:`ProviderError` (a stream that stops mid-way is transient)."""
+
+    async def send(self, pcm: bytes) -> None: ...
+
+    async def flush(self) -> None:
+        """Ask for final results of all audio sent so far; the stream stays open for more."""
+
+    async def finish(self) -> None:
+        """No more audio: the vendor sends its last results, then ``results`` ends."""
+
+    def results(self) -> AsyncIterator[Transcript]: ...
+
+    async def close(self) -> None:
+        """Release the connection (idempotent; never raises)."""
+
+
+@runtime_checkable
+class StreamingSTTProvider(STTProvider, Protocol):
+    """An STT that also listens while the caller speaks (its one-shot ``transcribe`` still works)."""
+
+    async def open_stream(self, *, sample_rate: int, language: str | None = None) -> STTStream: ...
 
 
 class LLMProvider(Protocol):

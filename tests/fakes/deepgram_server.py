@@ -1,4 +1,5 @@
-"""Fake Deepgram Aura text to speech (``POST /v1/speak``) on 127.0.0.1.
+"""Fake Deepgram on 127.0.0.1: Aura text to speech (``POST /v1/speak``) and streaming speech to text (the
+``/v1/listen`` WebSocket, described in ``tests/fakes/_deepgram_listen.py``).
 
 What it checks, as the real API does: ``Authorization: Token <key>`` (401 ``{"err_code": "INVALID_AUTH",
 "err_msg": "Invalid credentials.", "request_id": ...}`` otherwise; a ``Bearer`` token is not the key),
@@ -14,17 +15,21 @@ Usage::
         fake.base_url                      # "http://127.0.0.1:<port>" (the API root)
         fake.state.fail = "500"            # see tests/fakes/_llm.py for the modes
         fake.state.requests[0]["query"]    # {"model": "aura-asteria-en", "encoding": "linear16", ...}
+        fake.listen.connections[0]         # {"query", "headers", "frames", "bytes", "audio_ms", "controls"}
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
+from tests.fakes._deepgram_listen import ListenState, listen
 from tests.fakes._tts import TTSFake
 
 __all__ = ["FakeDeepgram"]
@@ -44,9 +49,17 @@ def _error(status: int, message: str = "") -> JSONResponse:
 
 
 class FakeDeepgram(TTSFake):
-    def __init__(self, *, api_key: str | None = "dg-test", ms_per_char: float = 20) -> None:
-        super().__init__("fake Deepgram", [Route("/v1/speak", self.speak, methods=["POST"])], api_key=api_key,
-                         ms_per_char=ms_per_char)
+    def __init__(self, *, api_key: str | None = "dg-test", ms_per_char: float = 20,
+                 transcripts: Sequence[str] = ("hello",), result_delay_ms: float = 0) -> None:
+        super().__init__("fake Deepgram", [Route("/v1/speak", self.speak, methods=["POST"]),
+                                           WebSocketRoute("/v1/listen", self.listen_socket)],
+                         api_key=api_key, ms_per_char=ms_per_char)
+        self.listen = ListenState(result_delay_ms=result_delay_ms)
+        self.listen.set_transcripts(transcripts)
+
+    async def listen_socket(self, websocket: WebSocket) -> None:
+        await listen(websocket, self.listen, api_key=self.state.api_key, fail=self.state.fail,
+                     retry_after=self.state.retry_after, release=self.state.release)
 
     async def speak(self, request: Request) -> Response:
         authorized = self.state.api_key is None or request.headers.get("authorization") == f"Token {self.state.api_key}"
