@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from gateway.admission import Admission
 from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
+from gateway.group.member import HubControlBus, HubSessionStore, Member, WorkerHeader
 from gateway.http.auth import AccessKey
 from gateway.http.limits import BodyLimit
 from gateway.http.routes import BrowserStart
@@ -47,7 +49,7 @@ from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
 from pipeline.silero_vad import SileroModel
 
-__all__ = ["Services", "create_app"]
+__all__ = ["Services", "announce_access", "create_app"]
 
 # Young-generation collections every 20k net allocations instead of 700: each one is still short
 # (the young generation is small), and full collections come far less often under per-frame churn.
@@ -76,6 +78,7 @@ class Services:
     calls: CallRegistry = field(default_factory=CallRegistry)
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     admission: Admission | None = None   # max_concurrent_calls and the event loop's lag (gateway.admission)
+    group: Member | None = None      # a worker of `voxray serve --workers N`: its link to the others
     debug: bool = False
 
 
@@ -100,21 +103,25 @@ def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrie
     return carriers, unconfigured
 
 
-def build_session_store(c: Config) -> SessionStore:
-    """Memory for one instance; Redis (``session_store: "redis"``) to share sessions between instances."""
+def build_session_store(c: Config, member: Member | None = None) -> SessionStore:
+    """Memory for one instance (kept by the supervisor's hub for a worker of a group); Redis
+    (``session_store: "redis"``) to share sessions between instances."""
     if c.session_store == "redis":
         return RedisSessionStore(c.redis_url, pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
                                  timeout_s=c.redis_timeout_secs, call_ttl_s=c.call_id_ttl_secs)
+    if member is not None:
+        return HubSessionStore(member)
     return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
                               call_ttl_s=c.call_id_ttl_secs)
 
 
-def build_bus(c: Config) -> ControlBus:
-    """Redis pub/sub between instances when sessions are shared; nobody to ask otherwise."""
+def build_bus(c: Config, member: Member | None = None) -> ControlBus:
+    """Redis pub/sub between instances when sessions are shared; else the hub between the workers of
+    a group; nobody to ask for a lone process."""
     if c.session_store == "redis":
         return RedisControlBus(c.redis_url, timeout_s=c.cluster_request_timeout_secs,
                                connect_timeout_s=c.redis_timeout_secs)
-    return LocalControlBus()
+    return LocalControlBus() if member is None else HubControlBus(member)
 
 
 def build_storage(c: Config) -> tuple[RecordingUploader | None, TranscriptWriter | None]:
@@ -157,7 +164,8 @@ async def conversation_settings(config: Config) -> ConversationSettings:
     return dataclasses.replace(settings, silero_model=model)
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config, *, member: Member | None = None) -> Starlette:
+    """The app; ``member`` when this process is one worker of ``voxray serve --workers N``."""
     from gateway.browser import softphone
     from gateway.browser import ws as browser_ws
     from gateway.http import control, routes
@@ -166,23 +174,29 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await run_startup_checks(config)   # one warning line per usual first-run mistake (gateway.startup_checks)
+        if member is None:
+            await run_startup_checks(config)   # one warning line per usual first-run mistake (gateway.startup_checks)
+        else:
+            await member.connect()             # the supervisor ran the startup checks once for the group
         # httpx for the carriers' low-volume REST calls; aiohttp for the per-turn provider requests
         async with (httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as http, open_session() as provider_http):
             chain = await _render_apology(config, build_providers(config, provider_http))
             carriers, unconfigured = build_carriers(config, http)
             services = Services(
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,
-                sessions=build_session_store(config),
+                sessions=build_session_store(config, member),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
                 providers=chain, conversation_settings=await conversation_settings(config), metrics=Metrics(),
-                access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
+                access=access, bus=build_bus(config, member), group=member,
+                debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
             services.recordings, services.transcripts = build_storage(config)
             for store in (services.recordings, services.transcripts):
                 if store is not None:
                     await store.start()
             services.metrics.bind(services)
+            if member is not None:
+                member.attach(services)
             await services.bus.start(lambda op, sid, args: control.act(services, op, sid, args))
             sync = asyncio.create_task(keep_sessions(
                 services.sessions, services.calls.live_sessions, interval_s=config.session_sync_secs,
@@ -193,9 +207,12 @@ def create_app(config: Config) -> Starlette:
             for note in config.providers.notes:
                 logger.info(note)
             p = config.providers
-            logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
-                        p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
-            _announce_access(config, access)
+            if member is None:
+                logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
+                            p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
+                announce_access(config, access)
+            else:
+                logger.info("worker %d ready (pid %d)", member.worker, os.getpid())
             # Startup objects (modules, models, tables) never die: keep the cyclic collector from
             # re-scanning them on every full collection, which stalls every call's audio at once.
             gc.collect()
@@ -213,6 +230,8 @@ def create_app(config: Config) -> Starlette:
                     async with asyncio.timeout(config.hangup_timeout_secs + 1.0):
                         await asyncio.gather(*(call.finalised.wait() for call in calls))
                 await services.bus.close()
+                if member is not None:
+                    await member.close()
                 for store in (services.transcripts, services.recordings):   # what is not done stays spooled
                     if store is not None:
                         await store.close(config.storage_flush_secs)
@@ -224,6 +243,8 @@ def create_app(config: Config) -> Starlette:
 
     webrtc_routes, browser_start = _webrtc(config)
     middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
+    if member is not None and config.worker_header:
+        middleware.insert(0, Middleware(WorkerHeader, worker=member.worker))
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
@@ -249,7 +270,7 @@ def create_app(config: Config) -> Starlette:
     ], middleware=middleware, lifespan=lifespan)
 
 
-def _announce_access(config: Config, access: AccessKey) -> None:
+def announce_access(config: Config, access: AccessKey) -> None:
     """Say in one log line what protects what; a generated key is printed once to the terminal (standard
     output, not the log: log lines never carry a secret) inside the softphone URL, as notebook servers do."""
     if access.source == "open":
