@@ -497,3 +497,17 @@ def test_new_keys_are_validated_naming_the_key() -> None:
     c = Config.from_mapping({"log_transcripts": True, "recording": {"enable": True, "bucket": "b",
                                                                     "require_at_start": True}}, OPENAI)
     assert c.log_transcripts and c.recording.require_at_start and c.startup_check_timeout_secs == 3.0
+
+
+def test_workers_take_a_number_or_auto_for_one_per_core() -> None:
+    import os
+
+    assert Config.from_mapping({}).workers == 1
+    assert Config.load(None, {"VOXRAY_WORKERS": "3"}).workers == 3
+    assert Config.load(None, {}, {"workers": "auto"}).workers == len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, {"VOXRAY_WORKERS": "many"})
+    assert str(info.value) == "'workers' must be a whole number or \"auto\" (one per core) (got 'many' from VOXRAY_WORKERS)"
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, {}, {"workers": "0"})
+    assert str(info.value) == "'workers' must be greater than 0 (got 0 from --workers)"

@@ -25,7 +25,7 @@ from gateway.simulate.call import SimulatedCall
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
-from tests.processes import GatewayProcess
+from tests.processes import GatewayProcess, RedisServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -115,6 +115,12 @@ async def call_across(gw: GatewayProcess, twilio: FakeTwilioREST, *, webhook: in
     return call
 
 
+async def _redial(call: SimulatedCall, http: httpx.AsyncClient) -> httpx.Response:
+    """The call's signed webhook sent again (a replay) over ``http``."""
+    hook = call.dialect.webhook(call.public_url, {})
+    return await http.request(hook.method, hook.path, content=hook.body, headers=dict(hook.headers))
+
+
 def children(pid: int) -> set[int]:
     return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
@@ -134,6 +140,9 @@ async def test_a_call_answered_by_one_worker_streams_on_the_other_and_is_control
             await replay.wait_closed(timeout=10)
             assert (replay.close_code, replay.close_reason) == (1008, "unknown, used or expired session")
             await replay.close()
+        on_2 = await client_on(gw.url, 2)                               # the webhook replayed to the other worker
+        assert (await _redial(call, on_2)).status_code == 409
+        await on_2.aclose()
         # control requests landing on the worker that does not hold the call reach the one that does
         on_1 = await client_on(gw.url, 1)
         session = await on_1.get(f"/sessions/{call.session_id}", headers=AUTH)
@@ -244,3 +253,22 @@ async def test_a_killed_worker_is_replaced_and_logged(fakes: Any) -> None:
         await (await call_across(gw, twilio, webhook=1, media=2)).hang_up()      # the group serves calls again
     finally:
         await gw.stop()
+
+
+async def test_with_redis_the_workers_share_sessions_and_control_through_it(fakes: Any) -> None:
+    fake, twilio = fakes
+    with RedisServer() as redis_server:
+        gw = await started_group(group_config(fake, twilio, session_store="redis", redis_url=redis_server.url))
+        try:
+            call = await call_across(gw, twilio, webhook=2, media=1)
+            on_2 = await client_on(gw.url, 2)
+            ended = await on_2.delete(f"/sessions/{call.session_id}", headers=AUTH)
+            assert ended.status_code == 200 and ended.json() == {"ended": call.session_id}
+            await on_2.aclose()
+            await call.wait_closed(timeout=10)
+            metrics = (await (on_1 := await client_on(gw.url, 1)).get("/metrics")).text
+            await on_1.aclose()
+            assert 'voxray_calls_ended_total{carrier="twilio",reason="ended_by_api"} 1.0' in metrics
+            await call.close()
+        finally:
+            await gw.stop()
