@@ -142,25 +142,29 @@ class Hub:
         raise ValueError(f"unknown session operation {op!r}")
 
     async def _control(self, asker: _Link, op: str, session_id: str, args: Mapping[str, Any]) -> Any:
-        """The reply of the worker holding the call (the one that claimed it first), or None."""
-        holder = self._claimed.get(session_id)
-        others = [link for link in self._links.values() if link is not asker]
-        others.sort(key=lambda link: link is not holder)
-        for link in others:
-            assert link.peer is not None
-            try:
-                reply = await link.peer.request("act", {"op": op, "session_id": session_id, "args": dict(args)},
-                                                timeout_s=self._timeout)
-            except (ConnectionError, RuntimeError) as exc:
-                logger.warning("worker %d did not answer %s: %s", link.worker, op, exc)
-                continue
-            if reply is not None:
-                return reply
-        return None
+        """The reply of the worker holding the call, or None: every other worker is asked at once,
+        and only the one holding the call answers with something."""
+        request = {"op": op, "session_id": session_id, "args": dict(args)}
+        asks = [asyncio.ensure_future(link.peer.request("act", request, timeout_s=self._timeout))
+                for link in self._links.values() if link is not asker and link.peer is not None]
+        try:
+            for done in asyncio.as_completed(asks):
+                try:
+                    reply = await done
+                except (ConnectionError, RuntimeError) as exc:
+                    logger.warning("a worker did not answer %s: %s", op, exc)
+                    continue
+                if reply is not None:
+                    return reply
+            return None
+        finally:
+            for ask in asks:
+                ask.cancel()
 
     async def _gather(self, op: str) -> list[Any]:
-        """Every connected worker's answer to ``op`` (a worker that does not answer in time is left out)."""
-        links = [link for link in self._links.values() if link.peer is not None]
-        answers = await asyncio.gather(*(link.peer.request(op, timeout_s=self._timeout) for link in links
-                                         if link.peer is not None), return_exceptions=True)
-        return [answer for answer in answers if not isinstance(answer, BaseException)]
+        """Every connected worker's answer to ``op`` (a worker that does not answer in time, or is
+        still starting, is left out)."""
+        answers = await asyncio.gather(*(link.peer.request(op, timeout_s=self._timeout)
+                                         for link in self._links.values() if link.peer is not None),
+                                       return_exceptions=True)
+        return [answer for answer in answers if answer is not None and not isinstance(answer, BaseException)]

@@ -65,9 +65,12 @@ class Member:
         self._services = services
 
     async def request(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Ask the hub. What the hub asks the other workers in turn (control, metrics, status) gets
+        their timeout and a second more."""
         if self._peer is None:
             raise PeerGone("not connected to the worker group's hub")
-        return await self._peer.request(op, args, timeout_s=self.timeout_s)
+        relayed = op in ("control", "metrics", "status")
+        return await self._peer.request(op, args, timeout_s=self.timeout_s + (1.0 if relayed else 0.0))
 
     async def status(self) -> dict[str, Any] | None:
         """The group's state: ``{"draining", "workers": [{"worker", "calls", "draining", "refusal"}]}``;

@@ -89,7 +89,11 @@ class Supervisor:
         access = AccessKey.from_config(config)
         if access.source == "generated":         # one key for the whole group, printed once
             self._environ["VOXRAY_SERVER_API_KEY"] = access.value
-        sock = bind(config.host, config.port)
+        try:
+            sock = bind(config.host, config.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+            return 1
         workdir = tempfile.mkdtemp(prefix="voxray-group-")
         hub_path = os.path.join(workdir, "hub.sock")
         await self.hub.start(hub_path)

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -272,3 +273,43 @@ async def test_with_redis_the_workers_share_sessions_and_control_through_it(fake
             await call.close()
         finally:
             await gw.stop()
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by its new parent counts as exited)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_whose_supervisor_vanished_drain_and_exit(fakes: Any) -> None:
+    fake, twilio = fakes
+    gw = await started_group(group_config(fake, twilio))
+    try:
+        assert gw.process is not None
+        workers = children(gw.process.pid)
+        gw.process.kill()                                           # SIGKILL: no drain passed on
+        deadline = time.monotonic() + 20
+        while not all(_gone(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers still running:\n{gw.log()}"
+            await asyncio.sleep(0.1)
+        assert gw.log().count("lost the supervisor's hub: draining and exiting") == 2
+    finally:
+        await gw.stop()
+
+
+async def test_a_port_in_use_stops_the_supervisor_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "config.json").write_text('{"workers": 2, "allow_unauthenticated": true}')
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "config.json"), "--host",
+            "127.0.0.1", "--port", str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("VOXRAY_")})
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in output.decode()
+    assert "worker 1 started" not in output.decode()
