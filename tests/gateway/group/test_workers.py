@@ -9,6 +9,7 @@ land on different workers on purpose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -52,19 +53,27 @@ def group_config(fake: FakeOpenAI, twilio: FakeTwilioREST, **overrides: Any) -> 
     return raw
 
 
-async def started_group(config: dict[str, Any]) -> GatewayProcess:
-    """The group, once both workers answer."""
+@contextlib.asynccontextmanager
+async def running_group(config: dict[str, Any]) -> AsyncIterator[GatewayProcess]:
+    """The group, once both workers answer; killed (and its files removed) afterwards."""
     gw = GatewayProcess(config)
-    await gw.start()
-    async with httpx.AsyncClient(base_url=gw.url) as http:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready = await http.get("/ready")
-            if ready.status_code == 200 and ready.json()["workers"] == 2:
-                return gw
-            await asyncio.sleep(0.1)
-    await gw.stop()
-    raise RuntimeError(f"the two workers did not come up:\n{gw.log()}")
+    try:
+        await gw.start()
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+            deadline = time.monotonic() + 30
+            while (ready := await http.get("/ready")).status_code != 200 or ready.json()["workers"] != 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the two workers did not come up:\n{gw.log()}")
+                await asyncio.sleep(0.1)
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def hang_up(calls: list[SimulatedCall]) -> None:
+    for call in calls:
+        await call.hang_up()
+        await call.close()
 
 
 async def client_on(url: str, worker: int) -> httpx.AsyncClient:
@@ -128,8 +137,7 @@ def children(pid: int) -> set[int]:
 
 async def test_a_call_answered_by_one_worker_streams_on_the_other_and_is_controlled_from_either(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio))
-    try:
+    async with running_group(group_config(fake, twilio)) as gw:
         call = await call_across(gw, twilio, webhook=1, media=2)
         # the session is single-use across the group: a replay of its media socket fails on both workers
         for worker in (1, 2):
@@ -158,14 +166,11 @@ async def test_a_call_answered_by_one_worker_streams_on_the_other_and_is_control
         async with httpx.AsyncClient(base_url=gw.url) as http:
             assert (await http.get(f"/sessions/{call.session_id}", headers=AUTH)).status_code == 404
         await call.close()
-    finally:
-        await gw.stop()
 
 
 async def test_metrics_and_ready_show_the_calls_of_both_workers(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio))
-    try:
+    async with running_group(group_config(fake, twilio)) as gw:
         calls = [await call_across(gw, twilio, webhook=2, media=1), await call_across(gw, twilio, webhook=1, media=2)]
         for worker in (1, 2):
             http = await client_on(gw.url, worker)
@@ -176,17 +181,12 @@ async def test_metrics_and_ready_show_the_calls_of_both_workers(fakes: Any) -> N
             ready = await http.get("/ready")
             assert ready.status_code == 200 and ready.json() == {"status": "ready", "active_calls": 2, "workers": 2}
             await http.aclose()
-        for call in calls:
-            await call.hang_up()
-            await call.close()
-    finally:
-        await gw.stop()
+        await hang_up(calls)
 
 
 async def test_ready_turns_503_only_when_no_worker_takes_a_call(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio, max_concurrent_calls=1))
-    try:
+    async with running_group(group_config(fake, twilio, max_concurrent_calls=1)) as gw:
         first = await call_across(gw, twilio, webhook=1, media=1)
         async with httpx.AsyncClient(base_url=gw.url) as http:
             assert (await http.get("/ready")).status_code == 200        # worker 2 still takes one
@@ -195,17 +195,12 @@ async def test_ready_turns_503_only_when_no_worker_takes_a_call(fakes: Any) -> N
             ready = await http.get("/ready")
         assert ready.status_code == 503 and ready.json()["active_calls"] == 2
         assert "worker 1: busy" in ready.json()["error"] and "worker 2: busy" in ready.json()["error"]
-        for call in (first, second):
-            await call.hang_up()
-            await call.close()
-    finally:
-        await gw.stop()
+        await hang_up([first, second])
 
 
 async def test_sigterm_to_the_supervisor_drains_both_workers(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio, drain_timeout_secs=3, goodbye_timeout_secs=5))
-    try:
+    async with running_group(group_config(fake, twilio, drain_timeout_secs=3, goodbye_timeout_secs=5)) as gw:
         calls = [await call_across(gw, twilio, webhook=1, media=1), await call_across(gw, twilio, webhook=2, media=2)]
         gw.terminate()
         terminated = time.monotonic()
@@ -226,14 +221,11 @@ async def test_sigterm_to_the_supervisor_drains_both_workers(fakes: Any) -> None
         assert "all workers have exited" in log
         for call in calls:
             await call.close()
-    finally:
-        await gw.stop()
 
 
 async def test_a_killed_worker_is_replaced_and_logged(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio))
-    try:
+    async with running_group(group_config(fake, twilio)) as gw:
         assert gw.process is not None
         before = children(gw.process.pid)
         assert len(before) == 2
@@ -252,15 +244,12 @@ async def test_a_killed_worker_is_replaced_and_logged(fakes: Any) -> None:
             assert "voxray_worker_restarts_total 1.0" in (await http.get("/metrics")).text
         assert f"(pid {victim}) ended unexpectedly (killed by SIGKILL)" in gw.log()
         await (await call_across(gw, twilio, webhook=1, media=2)).hang_up()      # the group serves calls again
-    finally:
-        await gw.stop()
 
 
 async def test_with_redis_the_workers_share_sessions_and_control_through_it(fakes: Any) -> None:
     fake, twilio = fakes
     with RedisServer() as redis_server:
-        gw = await started_group(group_config(fake, twilio, session_store="redis", redis_url=redis_server.url))
-        try:
+        async with running_group(group_config(fake, twilio, session_store="redis", redis_url=redis_server.url)) as gw:
             call = await call_across(gw, twilio, webhook=2, media=1)
             on_2 = await client_on(gw.url, 2)
             ended = await on_2.delete(f"/sessions/{call.session_id}", headers=AUTH)
@@ -271,8 +260,6 @@ async def test_with_redis_the_workers_share_sessions_and_control_through_it(fake
             await on_1.aclose()
             assert 'voxray_calls_ended_total{carrier="twilio",reason="ended_by_api"} 1.0' in metrics
             await call.close()
-        finally:
-            await gw.stop()
 
 
 def _gone(pid: int) -> bool:
@@ -285,8 +272,7 @@ def _gone(pid: int) -> bool:
 
 async def test_workers_whose_supervisor_vanished_drain_and_exit(fakes: Any) -> None:
     fake, twilio = fakes
-    gw = await started_group(group_config(fake, twilio))
-    try:
+    async with running_group(group_config(fake, twilio)) as gw:
         assert gw.process is not None
         workers = children(gw.process.pid)
         gw.process.kill()                                           # SIGKILL: no drain passed on
@@ -295,8 +281,6 @@ async def test_workers_whose_supervisor_vanished_drain_and_exit(fakes: Any) -> N
             assert time.monotonic() < deadline, f"workers still running:\n{gw.log()}"
             await asyncio.sleep(0.1)
         assert gw.log().count("lost the supervisor's hub: draining and exiting") == 2
-    finally:
-        await gw.stop()
 
 
 async def test_a_port_in_use_stops_the_supervisor_in_one_line(tmp_path: Path) -> None:
