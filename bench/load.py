@@ -1,4 +1,5 @@
-"""Load benchmark: N concurrent simulated Twilio calls, real-time paced, against ONE gateway process.
+"""Load benchmark: N concurrent simulated Twilio calls, real-time paced, against one gateway (one process, or
+``--workers N`` processes on one port).
 
 The fake OpenAI server (fixed STT/LLM/TTS delays) and the gateway (``python -m gateway serve``) run as
 subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCall` on one event loop
@@ -8,7 +9,8 @@ subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCa
 * added        = latency - vad_stop_ms - (stt + llm + tts delays of the fake) [- LLM token waits of the
                  first clause, zero here: the reply's first clause "Sure." is one token]
 * CPU          = gateway utime+stime from /proc/<pid>/stat: % of one core and ms CPU per call-second
-* RSS          = gateway VmRSS at idle before any call and peak with N calls: (peak - idle) / N
+                 (with ``--workers N``: summed over the supervisor and its worker processes)
+* RSS          = gateway VmRSS at idle before any call and peak with N calls: (peak - idle) / N (summed likewise)
 * gaps         = SimulatedCall.received.underruns (playback ran dry inside an answer) and the largest
                  inter-arrival gap between consecutive media frames within one answer
 * failures     = calls that failed to dial / connect / get audio, or were closed by the gateway
@@ -25,6 +27,7 @@ Usage::
 
     .venv/bin/python -m bench.load [--calls 1,50,100,150,200] [--seconds 30] [--json out.json]
     .venv/bin/python -m bench.load --calls 20 --seconds 20 --vad energy,silero
+    .venv/bin/python -m bench.load --calls 50,100,150 --workers 2      # two worker processes on one port
     .venv/bin/python -m bench.load --transports phone,ws,webrtc --calls 1,8,50,100 --ws-sessions 1,8,50,100 \
         --webrtc-sessions 1,4,8,12
 
@@ -136,15 +139,34 @@ def proc_cpu_s(pid: int, tid: int | None = None, *, kernel_only: bool = False) -
     return (int(rest[12]) + (0 if kernel_only else int(rest[11]))) / CLK_TCK
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (with ``--workers``: the supervisor and its workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except OSError:
+        return [pid]
+
+
+def family_cpu_s(pid: int, *, main_threads: bool = False, kernel_only: bool = False) -> float:
+    """:func:`proc_cpu_s` summed over :func:`family` (a child that exits meanwhile counts as 0)."""
+    total = 0.0
+    for p in family(pid):
+        with contextlib.suppress(OSError, ValueError):
+            total += proc_cpu_s(p, p if main_threads else None, kernel_only=kernel_only)
+    return total
+
+
 def proc_status(pid: int) -> tuple[float, int]:
-    """(VmRSS in MB, thread count)."""
+    """(VmRSS in MB, thread count), summed over the process and its children."""
     rss_kb, threads = 0, 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
+    for p in family(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss_kb += int(line.split()[1])
+                elif line.startswith("Threads:"):
+                    threads += int(line.split()[1])
     return rss_kb / 1024.0, threads
 
 
@@ -173,9 +195,9 @@ class CpuSample:
     def take(cls, gateway_pid: int, fake_pid: int) -> CpuSample:
         busy, total = system_cpu()
         me = os.getpid()
-        return cls(time.monotonic(), proc_cpu_s(gateway_pid), proc_cpu_s(fake_pid), proc_cpu_s(me),
-                   busy, total, proc_cpu_s(gateway_pid, gateway_pid), proc_cpu_s(me, me),
-                   proc_cpu_s(gateway_pid, kernel_only=True))
+        return cls(time.monotonic(), family_cpu_s(gateway_pid), proc_cpu_s(fake_pid), proc_cpu_s(me),
+                   busy, total, family_cpu_s(gateway_pid, main_threads=True), proc_cpu_s(me, me),
+                   family_cpu_s(gateway_pid, kernel_only=True))
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
@@ -243,7 +265,7 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
         "provider": "openai", "api_keys": {"openai": "sk-bench"}, "base_urls": {"openai": fake_url},
         "carriers": {"twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
                                 "api_base_url": f"http://127.0.0.1:{closed_port}"}},
-        "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type,
+        "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type, "workers": args.workers,
     }
     if transport != "phone":
         config["webrtc_ice_servers"] = []      # host candidates only (never aiortc's default public STUN server)
@@ -263,8 +285,9 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         child.check_alive()
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            if httpx.get(url + "/health", timeout=1).status_code == 200 and (
+                    args.workers == 1 or httpx.get(url + "/ready", timeout=1).json()["workers"] == args.workers):
                 return child, url
         time.sleep(0.1)
     child.stop()
@@ -775,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated vad_type values (energy, silero): the whole run once per detector, each "
                         "against a fresh gateway, then their CPU per call-second side by side")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway worker processes (voxray serve --workers N); CPU and RSS are then summed over "
+                        "the supervisor and its workers")
     p.add_argument("--profile", help="py-spy speedscope profile of the gateway during the last level")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra gateway config (JSON values), e.g. --set ws_write_coalesce_ms=20")
@@ -808,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         factory, loop_name = None, "asyncio"
     shown = levels if transports == ["phone"] else ", ".join(f"{t} {lv}" for t, lv in plan)
-    print(f"voxray load benchmark: levels {shown}, {args.seconds:g} s talking per call, client loop {loop_name}, "
+    print(f"voxray load benchmark: levels {shown}, {args.seconds:g} s talking per call, {args.workers} gateway "
+          f"worker(s), client loop {loop_name}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     started = time.time()
     by_vad: dict[str, dict[str, Any]] = {}

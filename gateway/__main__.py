@@ -4,7 +4,7 @@ The only module that reads ``os.environ``, configures logging and runs uvicorn.
 
 Usage::
 
-    voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000]
+    voxray serve [--config config.json] [--host 0.0.0.0] [--port 8000] [--workers N|auto]
     voxray check-config --config config.json      # or: voxray check-config config.json
     voxray check-config --probe                   # also: does each provider take its key and know its model?
     voxray simulate                               # a gateway in this process, one emulated call, the transcript
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", help="processes serving the port: a number, or auto (one per core); "
+                                         "default: the workers setting, else 1")
+    # a worker of a group, started by the supervisor (gateway.group.supervisor); not for people
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--hub", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a config file and print the resolved settings")
     check.add_argument("--config", type=Path, help="config.json (default: $VOXRAY_CONFIG, else embedded defaults)")
     check.add_argument("path", type=Path, nargs="?", help="the same as --config PATH")
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"two config files given ({args.path} and --config {args.config}): pass one")
     path = (getattr(args, "config", None) or getattr(args, "path", None)
             or (Path(environ["VOXRAY_CONFIG"]) if environ.get("VOXRAY_CONFIG") else None))
-    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "workers": getattr(args, "workers", None)}
     from gateway.config import Config, ConfigError  # after the thread limits above (it imports numpy)
 
     try:
@@ -98,15 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         for note in config.providers.notes:
             print(f"note: {note}", file=sys.stderr)
         return _probe(config) if args.probe else 0
-    refusal = _required_at_start(config)
-    if refusal is not None:
-        print(f"voxray: {refusal}", file=sys.stderr)
-        return 2
     from gateway.app import create_app
     from gateway.logging import configure_logging
     from gateway.server import build_server
 
+    if args.worker:                          # one worker of a group: the supervisor checked everything
+        return _serve_worker(args, config)
+    refusal = _required_at_start(config)
+    if refusal is not None:
+        print(f"voxray: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(config.log_level, json_lines=config.log_json, transport_debug=config.log_transport_debug)
+    if config.workers > 1:
+        from gateway.group.supervisor import run_group
+
+        return run_group(config, path, overrides, environ)
     server = build_server(create_app(config), config)
     server.run()
     return 0
@@ -122,6 +135,23 @@ def _probe(config: Config) -> int:
     for stage, name, result in results:
         print(f"probe: {stage}: {name}: {result}")
     return 1 if any(result.startswith(PROBE_FAILED) for _, _, result in results) else 0
+
+
+def _serve_worker(args: argparse.Namespace, config: Config) -> int:
+    """``serve --worker N --listen-fd FD --hub PATH``: serve the supervisor's socket as worker N."""
+    import socket
+
+    from gateway.app import create_app
+    from gateway.group.member import Member
+    from gateway.logging import configure_logging
+    from gateway.server import build_server
+
+    configure_logging(config.log_level, json_lines=config.log_json, transport_debug=config.log_transport_debug,
+                      worker=args.worker)
+    member = Member(args.hub, worker=args.worker, timeout_s=config.cluster_request_timeout_secs)
+    server = build_server(create_app(config, member=member), config)
+    server.run(sockets=[socket.socket(fileno=args.listen_fd)])
+    return 0
 
 
 def _required_at_start(config: Config) -> str | None:

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from gateway.admission import Admission
 from gateway.calls.registry import CallRegistry
 from gateway.cluster import ControlBus, LocalControlBus, RedisControlBus, keep_sessions
 from gateway.config import Config
+from gateway.group.member import HubControlBus, HubSessionStore, Member, WorkerHeader
 from gateway.http.auth import AccessKey
 from gateway.http.limits import BodyLimit
 from gateway.http.routes import BrowserStart
@@ -40,7 +43,7 @@ from gateway.metrics import Metrics
 from gateway.personas import PersonaBook
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.startup_checks import run_startup_checks
-from gateway.storage.recording import RecordingUploader
+from gateway.storage.recording import RecordingUploader, default_spool_dir
 from gateway.storage.transcripts import TranscriptWriter
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
@@ -48,7 +51,7 @@ from pipeline.providers.openai import open_session
 from pipeline.silero_vad import SileroModel
 from pipeline.tools import McpServer, McpStartError, ToolSettings, mcp_specs
 
-__all__ = ["Services", "create_app"]
+__all__ = ["Services", "announce_access", "create_app"]
 
 # Young-generation collections every 20k net allocations instead of 700: each one is still short
 # (the young generation is small), and full collections come far less often under per-frame churn.
@@ -77,6 +80,7 @@ class Services:
     calls: CallRegistry = field(default_factory=CallRegistry)
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     admission: Admission | None = None   # max_concurrent_calls and the event loop's lag (gateway.admission)
+    group: Member | None = None      # a worker of `voxray serve --workers N`: its link to the others
     debug: bool = False
     tool_http: aiohttp.ClientSession | None = None   # HTTP tools' requests (the providers' pooled session)
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
@@ -104,27 +108,42 @@ def build_carriers(c: Config, http: httpx.AsyncClient) -> tuple[dict[str, Carrie
     return carriers, unconfigured
 
 
-def build_session_store(c: Config) -> SessionStore:
-    """Memory for one instance; Redis (``session_store: "redis"``) to share sessions between instances."""
+def build_session_store(c: Config, member: Member | None = None) -> SessionStore:
+    """Memory for one instance (kept by the supervisor's hub for a worker of a group); Redis
+    (``session_store: "redis"``) to share sessions between instances."""
     if c.session_store == "redis":
         return RedisSessionStore(c.redis_url, pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
                                  timeout_s=c.redis_timeout_secs, call_ttl_s=c.call_id_ttl_secs)
+    if member is not None:
+        return HubSessionStore(member)
     return MemorySessionStore(pending_ttl_s=c.session_pending_ttl_secs, ttl_s=c.session_ttl_secs,
                               call_ttl_s=c.call_id_ttl_secs)
 
 
-def build_bus(c: Config) -> ControlBus:
-    """Redis pub/sub between instances when sessions are shared; nobody to ask otherwise."""
+def build_bus(c: Config, member: Member | None = None) -> ControlBus:
+    """Redis pub/sub between instances when sessions are shared; else the hub between the workers of
+    a group; nobody to ask for a lone process."""
     if c.session_store == "redis":
         return RedisControlBus(c.redis_url, timeout_s=c.cluster_request_timeout_secs,
                                connect_timeout_s=c.redis_timeout_secs)
-    return LocalControlBus()
+    return LocalControlBus() if member is None else HubControlBus(member)
 
 
-def build_storage(c: Config) -> tuple[RecordingUploader | None, TranscriptWriter | None]:
-    """The recording uploader and transcript writer, each when enabled (neither needs its server up)."""
-    recordings = RecordingUploader.from_config(c.recording) if c.recording.enable else None
-    transcripts = TranscriptWriter.from_config(c.transcripts) if c.transcripts.enable else None
+def build_storage(c: Config, worker: int | None = None) -> tuple[RecordingUploader | None, TranscriptWriter | None]:
+    """The recording uploader and transcript writer, each when enabled (neither needs its server up).
+
+    Worker ``n`` of a group spools into ``<spool_dir>/worker-<n>``: each uploader rescans only its own
+    directory, so two workers never upload the same recording or replay the same transcript rows, and a
+    restarted worker ``n`` picks up what its predecessor left."""
+    recording, transcripts_config = c.recording, c.transcripts
+    if worker is not None:
+        recording = dataclasses.replace(
+            recording, spool_dir=str(Path(recording.spool_dir or default_spool_dir()) / f"worker-{worker}"))
+        transcripts_config = dataclasses.replace(transcripts_config, spool_dir=str(
+            Path(transcripts_config.spool_dir or Path(tempfile.gettempdir()) / "voxray-transcripts")
+            / f"worker-{worker}"))
+    recordings = RecordingUploader.from_config(recording) if recording.enable else None
+    transcripts = TranscriptWriter.from_config(transcripts_config) if transcripts_config.enable else None
     return recordings, transcripts
 
 
@@ -176,7 +195,8 @@ async def start_mcp_servers(config: Config, servers: list[McpServer]) -> None:
         servers.append(server)
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config, *, member: Member | None = None) -> Starlette:
+    """The app; ``member`` when this process is one worker of ``voxray serve --workers N``."""
     from gateway.browser import softphone
     from gateway.browser import ws as browser_ws
     from gateway.http import control, routes
@@ -185,25 +205,31 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await run_startup_checks(config)   # one warning line per usual first-run mistake (gateway.startup_checks)
+        if member is None:
+            await run_startup_checks(config)   # one warning line per usual first-run mistake (gateway.startup_checks)
+        else:
+            await member.connect()             # the supervisor ran the startup checks once for the group
         # httpx for the carriers' low-volume REST calls; aiohttp for the per-turn provider requests
         async with (httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as http, open_session() as provider_http):
             chain = await _render_apology(config, build_providers(config, provider_http))
             carriers, unconfigured = build_carriers(config, http)
             services = Services(
                 config=config, http=http, carriers=carriers, unconfigured=unconfigured,
-                sessions=build_session_store(config),
+                sessions=build_session_store(config, member),
                 personas=PersonaBook(Path(config.personas_file) if config.personas_file else None),
                 providers=chain, conversation_settings=await conversation_settings(config), metrics=Metrics(),
-                access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
+                access=access, bus=build_bus(config, member), group=member,
+                debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
             services.tool_http, services.tool_settings = provider_http, ToolSettings.from_config(config)
             await start_mcp_servers(config, services.mcp_servers)
-            services.recordings, services.transcripts = build_storage(config)
+            services.recordings, services.transcripts = build_storage(config, member.worker if member else None)
             for store in (services.recordings, services.transcripts):
                 if store is not None:
                     await store.start()
             services.metrics.bind(services)
+            if member is not None:
+                member.attach(services)
             await services.bus.start(lambda op, sid, args: control.act(services, op, sid, args))
             sync = asyncio.create_task(keep_sessions(
                 services.sessions, services.calls.live_sessions, interval_s=config.session_sync_secs,
@@ -214,9 +240,12 @@ def create_app(config: Config) -> Starlette:
             for note in config.providers.notes:
                 logger.info(note)
             p = config.providers
-            logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
-                        p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
-            _announce_access(config, access)
+            if member is None:
+                logger.info("voxray ready: stt=%s llm=%s tts=%s carrier=%s public_url=%s", p.stt.name, p.llm.name,
+                            p.tts.name, config.carrier, config.public_url or "(not set: carrier webhooks answer 503)")
+                announce_access(config, access)
+            else:
+                logger.info("worker %d ready (pid %d)", member.worker, os.getpid())
             # Startup objects (modules, models, tables) never die: keep the cyclic collector from
             # re-scanning them on every full collection, which stalls every call's audio at once.
             gc.collect()
@@ -234,6 +263,8 @@ def create_app(config: Config) -> Starlette:
                     async with asyncio.timeout(config.hangup_timeout_secs + 1.0):
                         await asyncio.gather(*(call.finalised.wait() for call in calls))
                 await services.bus.close()
+                if member is not None:
+                    await member.close()
                 for store in (services.transcripts, services.recordings):   # what is not done stays spooled
                     if store is not None:
                         await store.close(config.storage_flush_secs)
@@ -247,6 +278,8 @@ def create_app(config: Config) -> Starlette:
 
     webrtc_routes, browser_start = _webrtc(config)
     middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads
+    if member is not None and config.worker_header:
+        middleware.insert(0, Middleware(WorkerHeader, worker=member.worker))
     if config.cors_allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_allowed_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
@@ -272,7 +305,7 @@ def create_app(config: Config) -> Starlette:
     ], middleware=middleware, lifespan=lifespan)
 
 
-def _announce_access(config: Config, access: AccessKey) -> None:
+def announce_access(config: Config, access: AccessKey) -> None:
     """Say in one log line what protects what; a generated key is printed once to the terminal (standard
     output, not the log: log lines never carry a secret) inside the softphone URL, as notebook servers do."""
     if access.source == "open":

@@ -18,6 +18,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,8 @@ class Config:
     log_transport_debug: bool = False    # at debug, also uvicorn's/websockets' per-frame lines (payloads)
     log_transcripts: bool = False        # log every utterance's text at INFO (caller speech is personal data)
     startup_check_timeout_secs: float = 3.0   # startup checks of the bucket, database and provider URLs wait this long
+    workers: int = 1                     # processes serving the port ("auto": one per core); see gateway.group
+    worker_header: bool = False          # with workers > 1: X-Voxray-Worker: <n> on every answer (diagnostics)
     # HTTP edge: what a client may send before the app sees it
     max_request_body_bytes: int = 262144  # larger request bodies get 413 while being read (never buffered)
     http_header_timeout_secs: float = 10.0   # a connection must complete its request head within this
@@ -286,6 +289,8 @@ class Config:
         environ = {} if environ is None else environ
         problems = _Problems(sources or {})
         raw = dict(raw)
+        if isinstance(raw.get("workers"), str) and raw["workers"].strip().lower() == "auto":
+            raw["workers"] = cores()
         try:
             carriers = CarriersConfig.build(raw.pop("carriers", {}), environ)
         except _ConfigError as exc:
@@ -434,7 +439,17 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         pass
     kinds = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
     kind = kinds.get(tp, "a list" if origin is tuple else "an object of strings")
+    if name == "workers":
+        kind += ' or "auto" (one per core)'
     raise ConfigError(f"'{name}' must be {kind} (got {value!r})")
+
+
+def cores() -> int:
+    """The cores this process may run on (``workers: "auto"``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                   # not Linux
+        return os.cpu_count() or 1
 
 
 def _with_public_url(config: Config, environ: Mapping[str, str]) -> Config:
@@ -516,7 +531,7 @@ def _validate(c: Config, problems: _Problems) -> None:
                 "load_window_secs", "load_sample_ms",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
                 "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs",
-                "mcp_start_timeout_secs", "tool_max_repeats", "tool_timeout_secs", "tool_max_result_bytes")
+                "mcp_start_timeout_secs", "tool_max_repeats", "tool_timeout_secs", "tool_max_result_bytes", "workers")
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")

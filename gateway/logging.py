@@ -37,9 +37,16 @@ class CallIdFilter(logging.Filter):
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int = 0) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
-                 "call": getattr(record, "call_id", "-"), "msg": record.getMessage()}
+        entry: dict[str, object] = {"ts": self.formatTime(record), "level": record.levelname.lower(),
+                                    "logger": record.name, "call": getattr(record, "call_id", "-"),
+                                    "msg": record.getMessage()}
+        if self._worker:
+            entry["worker"] = self._worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -49,12 +56,15 @@ class _JsonFormatter(logging.Formatter):
 _TRANSPORT_LOGGERS = ("uvicorn.error", "websockets")
 
 
-def configure_logging(level: str = "info", *, json_lines: bool = False, transport_debug: bool = False) -> None:
+def configure_logging(level: str = "info", *, json_lines: bool = False, transport_debug: bool = False,
+                      worker: int = 0) -> None:
+    """Log lines to standard error; a worker of a group (``worker`` > 0) says which on every line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(CallIdFilter())
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(_JsonFormatter() if json_lines else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s call=%(call_id)s %(message)s"))
+    where = f" worker={worker}" if worker else ""
+    handler.setFormatter(_JsonFormatter(worker) if json_lines else
+                         logging.Formatter(f"%(asctime)s %(levelname)s{where} %(name)s call=%(call_id)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -5,20 +5,27 @@ Usage::
     metrics = Metrics()
     metrics.calls_started.labels(carrier="twilio").inc()
     body = metrics.render()          # text exposition format for GET /metrics
+
+With several worker processes (``voxray serve --workers N``) each worker has its registry;
+``/metrics`` on any of them shows the group: every worker's ``samples()``, merged by
+:func:`render_group` (counters and histograms summed; gauges summed, except the event loop's lag and
+``voxray_draining`` (the worst worker) and ``voxray_session_store_up`` (the worst worker)).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.conversation import BargeIn, BotSpeaking, ErrorEvent, Event, TranscriptEvent, TurnLatency
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "render_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,63 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def samples(self) -> list[dict[str, Any]]:
+        """This registry's families as plain values (sent to the worker answering ``/metrics``)."""
+        return [{"name": m.name, "type": m.type, "help": m.documentation,
+                 "samples": [[s.name, s.labels, s.value] for s in m.samples]} for m in self.registry.collect()]
+
+
+_GAUGE_MAX = frozenset({"voxray_event_loop_lag_seconds", "voxray_draining"})
+_GAUGE_MIN = frozenset({"voxray_session_store_up"})
+
+
+def render_group(workers: Sequence[Iterable[dict[str, Any]]], *, restarts: int) -> bytes:
+    """One exposition over every worker's :meth:`Metrics.samples`, plus ``voxray_workers`` (connected
+    workers) and ``voxray_worker_restarts_total``.
+
+        render_group([a.samples(), b.samples()], restarts=0)   # voxray_calls_started_total{...} = a + b
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for worker in workers:
+        for family in worker:
+            name = family["name"]
+            if name not in families:
+                families[name] = Metric(name, family["help"], family["type"])
+                values[name] = {}
+            combine = _combiner(name, family["type"])
+            merged = values[name]
+            for sample, labels, value in family["samples"]:
+                key = (sample, tuple(sorted(labels.items())))
+                merged[key] = value if key not in merged else combine(merged[key], value, sample)
+    for name, metric in families.items():
+        for (sample, labels), value in values[name].items():
+            metric.add_sample(sample, dict(labels), value)
+    group = [GaugeMetricFamily("voxray_workers", "Worker processes serving this port now", value=len(workers)),
+             CounterMetricFamily("voxray_worker_restarts", "Workers restarted after they died", value=restarts)]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([*families.values(), *group]))
+    return generate_latest(registry)
+
+
+def _combiner(name: str, kind: str) -> Any:
+    if kind == "gauge" and name in _GAUGE_MAX:
+        return lambda a, b, sample: max(a, b)
+    if kind == "gauge" and name in _GAUGE_MIN:
+        return lambda a, b, sample: min(a, b)
+    # a counter's _created is a start time: the group's is the earliest
+    return lambda a, b, sample: min(a, b) if sample.endswith("_created") else a + b
+
+
+class _Fixed:
+    """A collector yielding families built elsewhere."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 def _read(services: Any, name: str, attr: str) -> float:

@@ -39,6 +39,8 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     services = services_of(request)
+    if services.group is not None:
+        return await group_ready(services)
     if services.draining:
         return error(503, "draining: this instance is shutting down", active_calls=len(services.calls))
     admission = services.admission
@@ -49,8 +51,34 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready", "active_calls": len(services.calls)})
 
 
+async def group_ready(services: Services) -> Response:
+    """``/ready`` of a worker group: 503 while the group drains, or when no worker takes a call (each
+    at ``max_concurrent_calls`` or overloaded); the live calls are the whole group's."""
+    assert services.group is not None
+    group = await services.group.status()
+    if group is None:
+        return error(503, "the worker group's supervisor does not answer", active_calls=len(services.calls))
+    workers = group["workers"]
+    calls = sum(int(w["calls"]) for w in workers)
+    if group["draining"] or services.draining:
+        return error(503, "draining: this instance is shutting down", active_calls=calls)
+    refusals = [f"worker {w['worker']}: {w['refusal'] or 'draining'}" for w in workers
+                if w["refusal"] or w["draining"]]
+    if len(refusals) == len(workers):
+        return error(503, "busy: no worker takes a new call (" + "; ".join(refusals) + ")", active_calls=calls)
+    if not await services.sessions.ping():
+        return error(503, "session store unreachable")
+    return JSONResponse({"status": "ready", "active_calls": calls, "workers": len(workers)})
+
+
 async def metrics(request: Request) -> Response:
-    return Response(services_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    services = services_of(request)
+    if services.group is not None:
+        body = await services.group.metrics()
+        if body is None:
+            return error(503, "the worker group's supervisor does not answer")
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # ------------------------------------------------------------------------------------------ webhooks

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,9 +138,11 @@ class SimulatedCall:
         return f"{'wss' if gw.scheme == 'https' else 'ws'}://{gw.netloc}{parsed.path}{query}"
 
     # ------------------------------------------------------------------------------ media socket
-    async def connect(self, *, send_start: bool = True, url: str | None = None) -> None:
+    async def connect(self, *, send_start: bool = True, url: str | None = None,
+                      sock: socket.socket | None = None) -> None:
+        """Open the media socket (over ``sock`` when given: a connection already made) and start the stream."""
         self._ws = await websockets.connect(url or self.media_url, max_size=None, compression=None,
-                                            additional_headers=self.dialect.ws_headers() or None)
+                                            additional_headers=self.dialect.ws_headers() or None, sock=sock)
         self._tasks.append(asyncio.create_task(self._receive()))
         opening = self.dialect.opening()
         for message in opening if send_start else opening[:-1]:

@@ -549,3 +549,17 @@ def test_unknown_providers_and_options_and_bad_values_name_the_key_path_and_sour
     assert "'provider_options.grok.speed': xai takes none" in problems
     assert "'provider_options.elevenlabs.stability' must be a finite number" in problems
     assert all(f"{path}" in line for line in err.value.problems), problems
+
+
+def test_workers_take_a_number_or_auto_for_one_per_core() -> None:
+    import os
+
+    assert Config.from_mapping({}).workers == 1
+    assert Config.load(None, {"VOXRAY_WORKERS": "3"}).workers == 3
+    assert Config.load(None, {}, {"workers": "auto"}).workers == len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, {"VOXRAY_WORKERS": "many"})
+    assert str(info.value) == "'workers' must be a whole number or \"auto\" (one per core) (got 'many' from VOXRAY_WORKERS)"
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, {}, {"workers": "0"})
+    assert str(info.value) == "'workers' must be greater than 0 (got 0 from --workers)"
