@@ -50,7 +50,15 @@ import aiohttp
 
 from pipeline.audio import ulaw_encode
 from pipeline.providers._http import HTTPClient, provider_errors, status_error
-from pipeline.providers.base import BuildOptions, Probe, ProviderError, ProviderSettings, ProviderSpec, Transcript
+from pipeline.providers.base import (
+    BuildOptions,
+    Probe,
+    ProviderError,
+    ProviderOption,
+    ProviderSettings,
+    ProviderSpec,
+    Transcript,
+)
 
 __all__ = ["SPECS", "DeepgramSTT", "DeepgramStream", "DeepgramTTS", "transcript_of"]
 
@@ -241,7 +249,11 @@ def transcript_of(name: str, data: str) -> Transcript | None:
 
 def build_stt(settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> DeepgramSTT:
     """The registry's STT builder for Deepgram's streaming recognition."""
-    return DeepgramSTT(settings, http, timeout_s=options.timeout_s)
+    return DeepgramSTT(settings, http, timeout_s=options.timeout_s,
+                       endpointing_ms=settings.option("endpointing_ms", 300),
+                       utterance_end_ms=settings.option("utterance_end_ms", 1000),
+                       smart_format=settings.option("smart_format", True),
+                       keepalive_secs=settings.option("keepalive_secs", 4.0))
 
 
 def build_tts(settings: ProviderSettings, http: aiohttp.ClientSession, options: BuildOptions) -> DeepgramTTS:
@@ -253,9 +265,19 @@ SPECS = (
     ProviderSpec("deepgram", key_env="DEEPGRAM_API_KEY", base_url_env="DEEPGRAM_BASE_URL",
                  default_base_url="https://api.deepgram.com",
                  default_models={"stt": "nova-3", "tts": "aura-asteria-en"}, api_root="",
-                 options="STT streams over a WebSocket (interim results, `endpointing` 300 ms, `utterance_end_ms` "
-                         "1000, µ-law on 8 kHz legs), see `stt_stream_final_wait_ms`; TTS: Aura, the voice is the "
+                 options="STT streams over a WebSocket (interim results, µ-law on 8 kHz legs), see "
+                         "`stt_stream_final_wait_ms`; `endpointing_ms`, `utterance_end_ms`, `smart_format`, "
+                         "`keepalive_secs`; TTS: Aura, the voice is the "
                          "model: `tts_voice` / a persona's `voice` (`aura-2-thalia-en` ...) is sent as `model`, "
                          "else `tts_model`; audio is 16 kHz PCM",
+                 provider_options=(
+                     ProviderOption("endpointing_ms", int, 300, "STT: silence (ms) after which Deepgram marks "
+                                    "`speech_final` (`endpointing`)"),
+                     ProviderOption("utterance_end_ms", int, 1000, "STT: a gap between words (ms, at least 1000) "
+                                    "that sends `UtteranceEnd`"),
+                     ProviderOption("smart_format", bool, True, "STT: punctuation and number formatting"),
+                     ProviderOption("keepalive_secs", float, 4.0, "STT: a `KeepAlive` after this long without "
+                                    "audio (Deepgram closes an idle stream after 10 s)"),
+                 ),
                  probe=Probe("/v1/projects"), stt=build_stt, tts=build_tts),
 )

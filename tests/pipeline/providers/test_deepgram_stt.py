@@ -7,6 +7,7 @@ mid-way."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -163,3 +164,18 @@ async def test_the_fake_refuses_what_deepgram_refuses() -> None:
             await ws.send_str('{"type": "Flush"}')
             message = await ws.receive(timeout=5)
             assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+
+
+async def test_provider_options_reach_the_listen_query() -> None:
+    """``provider_options.deepgram.endpointing_ms`` and friends are Deepgram's query parameters."""
+    async with FakeDeepgram(api_key=KEY, transcripts=[SAID]) as fake, aiohttp.ClientSession() as http:
+        tuned = dataclasses.replace(settings(fake), options={"endpointing_ms": 500, "utterance_end_ms": 1500,
+                                                             "smart_format": False})
+        stt = build_stt(tuned, http, timeout_s=5)
+        assert isinstance(stt, StreamingSTTProvider)
+        stream = await stt.open_stream(sample_rate=16000)
+        await stream.finish()
+        await stream.close()
+    [conn] = fake.listen.connections
+    assert (conn["query"]["endpointing"], conn["query"]["utterance_end_ms"], conn["query"]["smart_format"]) == \
+        ("500", "1500", "false")
