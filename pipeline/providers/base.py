@@ -44,10 +44,12 @@ class Tool:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """The model asked for ``name`` with ``arguments`` (already parsed from JSON)."""
+    """The model asked for ``name`` with ``arguments`` (already parsed from JSON); ``id`` is the vendor's
+    call id where it has one (a realtime ``call_id``)."""
 
     name: str
     arguments: Mapping[str, Any] = field(default_factory=dict)
+    id: str = ""
 
 
 class ProviderError(Exception):
