@@ -52,7 +52,7 @@ from pipeline.realtime.client import (
 from pipeline.response import Responder
 from pipeline.settings import ConversationSettings, Persona
 from pipeline.text import truncate_words
-from pipeline.turns import new_vad
+from pipeline.turns import DigitCollector, new_vad
 from pipeline.vad import VadEvent
 
 __all__ = ["RealtimeEngine", "RealtimeOptions"]
@@ -128,8 +128,8 @@ class RealtimeEngine:
         self._marks = 0
         self._speech_end: float | None = None
         self._first_delta: float | None = None
-        self._digits = ""
-        self._dtmf_task: asyncio.Task[None] | None = None
+        self._digits = DigitCollector(timeout_ms=settings.dtmf_timeout_ms, spawn=self._start,
+                                      on_digits=self._tell_digits)
         self._closed = False
         self._ending = False
 
@@ -169,13 +169,7 @@ class RealtimeEngine:
         if self._closed or self._ending:
             return
         self._interrupt(cancel=True, barge_in=False)
-        if self._dtmf_task is not None:
-            self._dtmf_task.cancel()
-        if digit != "#":
-            self._digits += digit
-            self._dtmf_task = self._start(self._dtmf_wait())
-            return
-        self._submit_digits()
+        self._digits.press(digit)
 
     def on_mark_played(self, name: str) -> None:
         if self._playout.acknowledge(name) and self._item is not None and self._item.mark == name:
@@ -397,15 +391,7 @@ class RealtimeEngine:
             self._send(tool_output(call_id, result))
             self._respond({})
 
-    async def _dtmf_wait(self) -> None:
-        await asyncio.sleep(self.settings.dtmf_timeout_ms / 1000.0)
-        self._dtmf_task = None
-        self._submit_digits()
-
-    def _submit_digits(self) -> None:
-        digits, self._digits = self._digits, ""
-        if not digits:
-            return
+    def _tell_digits(self, digits: str) -> None:
         self._emit(TranscriptEvent("user", f"[DTMF] {digits}"))
         self._send({"type": "conversation.item.create",
                     "item": {"type": "message", "role": "user",
@@ -426,13 +412,7 @@ class RealtimeEngine:
 
     async def _last_words(self, text: str, reason: str, fallback: tuple[bytes, int] | None) -> None:
         try:
-            try:
-                await self._voice.play_text(text)
-            except ProvidersFailed:
-                if fallback is not None:
-                    await self._voice.play_audio(*fallback)
-            self._emit(TranscriptEvent("assistant", text))
-            await self._playout.drained()
+            await self._voice.last_words(text, fallback)
         finally:
             self._end_call(reason)
 

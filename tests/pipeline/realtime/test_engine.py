@@ -174,3 +174,15 @@ async def test_url_and_session_shapes() -> None:
                             "turn_detection": {"type": "semantic_vad", "create_response": True,
                                                "interrupt_response": False}},
                   "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"}}}}
+
+
+async def test_digits_are_told_to_the_model_as_a_user_message() -> None:
+    async with FakeRealtime(replies=["Hi.", "Got it."]) as fake:
+        async with rig(fake) as r:
+            await r.until(lambda: TranscriptEvent("assistant", "Hi.") in r.events)
+            for digit in "12#":
+                r.engine.on_dtmf(digit)
+            await r.until(lambda: TranscriptEvent("assistant", "Got it.") in r.events)
+            assert TranscriptEvent("user", "[DTMF] 12") in r.events
+            assert fake.state.events.count("conversation.item.create") == 1
+            assert fake.state.problems == []
