@@ -20,10 +20,16 @@ Usage::
         fake.base_url                        # http://127.0.0.1:<port>; the socket is /v1/realtime
         fake.state.truncates                 # [{"item_id", "audio_end_ms", "sent_ms"}]
         assert fake.state.problems == []
+
+Subprocess (benchmarks); prints ``READY http://127.0.0.1:<port>`` once listening (problems go to stdout)::
+
+    python -m tests.fakes.realtime_server --silence-ms 300 --first-audio-ms 250 --reply "Sure." \
+        --api-key sk-bench
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -79,6 +85,9 @@ class RealtimeState:
     transcripts: list[str]
     audio_format: str
     ms_per_char: float
+    silence_ms: float = 500.0          # the server VAD's silence_duration_ms
+    first_audio_ms: float = 0.0        # a response waits this long before its first audio (the model's think time)
+    default_reply: str = "Okay."       # spoken once the scripted replies run out
     problems: list[str] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)        # each session.update's session
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -207,7 +216,7 @@ class _Session:
             if self.detection.get("interrupt_response", True) and self.response is not None \
                     and not self.response.done():
                 self.response.cancel()
-        elif self.speaking and self.quiet_ms >= 500:
+        elif self.speaking and self.quiet_ms >= self.state.silence_ms:
             self.speaking, self.loud_ms = False, 0.0
             item = f"item_in_{next(_ids)}"
             await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(self.buffer_ms),
@@ -309,7 +318,7 @@ class _Session:
     async def _start_response(self, body: Mapping[str, Any]) -> None:
         if self.response is not None and not self.response.done():
             return
-        reply = self.state.replies.pop(0) if self.state.replies else "Okay."
+        reply = self.state.replies.pop(0) if self.state.replies else self.state.default_reply
         self.response_id = f"resp_{next(_ids)}"
         self.response = asyncio.create_task(self._respond(self.response_id, reply))
 
@@ -343,6 +352,8 @@ class _Session:
                          "item": item})
         await self.send({"type": "conversation.item.added", "previous_item_id": None, "item": item})
         self.sent_ms[item_id] = 0.0
+        if self.state.first_audio_ms:
+            await asyncio.sleep(self.state.first_audio_ms / 1000.0)
         total_ms = max(_CHUNK_MS, len(text) * self.state.ms_per_char)
         words = text.split()
         chunks = max(1, math.ceil(total_ms / _CHUNK_MS))
@@ -401,8 +412,10 @@ class FakeRealtime(LocalServer):
     """The Realtime API's WebSocket at ``/v1/realtime`` (``api_key`` is the Bearer token it accepts)."""
 
     def __init__(self, *, replies: Sequence[Any] = (), transcripts: Sequence[str] = (),
-                 audio_format: str = "audio/pcmu", ms_per_char: float = 40.0, api_key: str = "sk-test") -> None:
-        self.state = RealtimeState(list(replies), list(transcripts), audio_format, ms_per_char)
+                 audio_format: str = "audio/pcmu", ms_per_char: float = 40.0, api_key: str = "sk-test",
+                 silence_ms: float = 500.0, first_audio_ms: float = 0.0, default_reply: str = "Okay.") -> None:
+        self.state = RealtimeState(list(replies), list(transcripts), audio_format, ms_per_char, silence_ms=silence_ms,
+                                   first_audio_ms=first_audio_ms, default_reply=default_reply)
         self.api_key = api_key
         super().__init__("fake OpenAI Realtime", Starlette(routes=[WebSocketRoute("/v1/realtime", self._socket)]))
 
@@ -434,3 +447,31 @@ class FakeRealtime(LocalServer):
         finally:
             if session.response is not None:
                 session.response.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Fake OpenAI Realtime API server")
+    p.add_argument("--api-key", default="sk-test")
+    p.add_argument("--audio-format", default="audio/pcmu", choices=["audio/pcmu", "audio/pcm"])
+    p.add_argument("--silence-ms", type=float, default=500.0)
+    p.add_argument("--first-audio-ms", type=float, default=0.0)
+    p.add_argument("--ms-per-char", type=float, default=40.0)
+    p.add_argument("--reply", default="Okay.", help="every response says this")
+    a = p.parse_args(argv)
+    fake = FakeRealtime(api_key=a.api_key, audio_format=a.audio_format, silence_ms=a.silence_ms,
+                        first_audio_ms=a.first_audio_ms, ms_per_char=a.ms_per_char, default_reply=a.reply)
+
+    async def run() -> None:
+        async with fake:
+            print(f"READY {fake.base_url}", flush=True)
+            try:
+                await asyncio.Event().wait()      # until SIGINT
+            finally:
+                print(f"problems: {fake.state.problems}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner() as runner:
+        runner.run(run())
+
+
+if __name__ == "__main__":
+    main()
