@@ -618,6 +618,10 @@ def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problem
     for stage in ("stt", "llm", "tts"):
         if getattr(c, f"{stage}_fallback_provider"):
             wanted[f"{stage}_fallback"] = (getattr(c, f"{stage}_fallback_provider"), f"{stage}_fallback_provider")
+    if "llm_fallback" in wanted and "realtime" in (wanted["llm"][0], wanted["llm_fallback"][0]):
+        problems.add("'llm_fallback_provider' cannot pair a chat model with the speech-to-speech 'realtime' engine "
+                     "(a call runs one or the other): remove llm_fallback_provider")
+        return None
     chosen: dict[str, ProviderSettings] = {}
     for role, (name, key) in wanted.items():
         try:

@@ -59,7 +59,6 @@ __all__ = ["RealtimeEngine", "RealtimeOptions"]
 
 logger = logging.getLogger(__name__)
 
-_BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
 _MAX_QUEUED = 200          # client events waiting for the socket (4 s of 20 ms frames); more audio is dropped
 
 
@@ -121,7 +120,8 @@ class RealtimeEngine:
         self._socket: RealtimeSocket | None = None
         self._item: _Item | None = None
         self._cut: set[str] = set()
-        self._transcripts: dict[str, str] = {}
+        self._transcripts: dict[str, str] = {}    # the current item's words so far (or all of them)
+        self._reported: set[str] = set()          # items whose whole transcript went out as a TranscriptEvent
         self._active = False                      # a response is in progress at the server
         self._response_id = ""
         self._pending: list[Mapping[str, Any]] = []   # response.create bodies waiting for it to finish
@@ -130,6 +130,9 @@ class RealtimeEngine:
         self._first_delta: float | None = None
         self._digits = DigitCollector(timeout_ms=settings.dtmf_timeout_ms, spawn=self._start,
                                       on_digits=self._tell_digits)
+        self._configured = False                  # the server accepted our session.update
+        self._writing = asyncio.Lock()            # one voice at a time into the playout (model or filler)
+        self._filler: asyncio.Task[None] | None = None
         self._closed = False
         self._ending = False
 
@@ -192,7 +195,7 @@ class RealtimeEngine:
         it never collides with the model's responses; skipped while the agent is speaking."""
         if self._closed or self._ending or self._playout.speaking:
             return
-        self._start(self._say_filler(text))
+        self._filler = self._start(self._say_filler(text))
 
     def end_with(self, text: str, reason: str) -> bool:
         if self._closed or self._ending:
@@ -269,9 +272,9 @@ class RealtimeEngine:
             self._transcripts[item_id] = self._transcripts.get(item_id, "") + str(event.get("delta", ""))
         elif kind == "response.output_audio_transcript.done":
             item_id = str(event.get("item_id", ""))
-            self._transcripts.pop(item_id, None)
-            text = str(event.get("transcript", "")).strip()
+            text = self._transcripts[item_id] = str(event.get("transcript", "")).strip()
             if text and item_id not in self._cut:
+                self._reported.add(item_id)
                 self._emit(TranscriptEvent("assistant", text))
         elif kind == "conversation.item.input_audio_transcription.completed":
             text = str(event.get("transcript", "")).strip()
@@ -282,6 +285,8 @@ class RealtimeEngine:
                 self._interrupt(cancel=False, barge_in=True)
         elif kind == "input_audio_buffer.speech_stopped":
             self._speech_end, self._first_delta = self._clock(), None
+        elif kind == "session.updated":
+            self._configured = True
         elif kind == "response.created":
             self._active = True
             self._response_id = str((event.get("response") or {}).get("id", ""))
@@ -305,6 +310,8 @@ class RealtimeEngine:
             return
         if self._item is None or self._item.id != item_id:
             self._item = _Item(item_id, start_ms=self._playout.sent_ms + self._playout.queued_ms)
+            self._transcripts = {item_id: self._transcripts.get(item_id, "")}   # older items are done with
+            self._reported &= {item_id}
             if self._from_model is not None:
                 self._from_model.reset()
         if self._first_delta is None:
@@ -316,7 +323,8 @@ class RealtimeEngine:
         else:
             pcm = raw[: len(raw) - len(raw) % 2]
             pcm = self._from_model.process(pcm) if self._from_model is not None else pcm
-        await self._playout.write(pcm)
+        async with self._writing:
+            await self._playout.write(pcm)
 
     def _audio_done(self, item_id: str) -> None:
         item = self._item
@@ -337,25 +345,32 @@ class RealtimeEngine:
             self._respond(self._pending.pop(0))
 
     def _error(self, error: Mapping[str, Any]) -> None:
-        code, message = str(error.get("code") or ""), str(error.get("message") or "")
-        if code in _BENIGN_ERRORS or (error.get("type") == "invalid_request_error" and
-                                      "truncate" in str(error.get("event_id") or "") + message):
-            logger.info("realtime: %s (%s); ignored", code or error.get("type"), message)
+        """A request of ours refused mid-call (a truncate racing the end of an item, a cancel after the
+        response finished) is logged and the call goes on; anything else, or a refused session, ends it."""
+        kind, code = str(error.get("type") or ""), str(error.get("code") or "")
+        message = str(error.get("message") or "")
+        if kind == "invalid_request_error" and self._configured:
+            logger.info("realtime refused a request: %s (%s); the call goes on", code or kind, message)
             return
-        self._fail("provider_failed", f"realtime error {error.get('type', '')} {code}: {message}")
+        self._fail("provider_failed", f"realtime error {kind} {code}: {message}")
 
     # ------------------------------------------------------------------------------ barge-in
     def _interrupt(self, *, cancel: bool, barge_in: bool) -> None:
         """Stop the agent now: flush the playout and truncate its item at what was heard."""
         item = self._item
         speaking = self._playout.speaking
+        filler = self._filler is not None and not self._filler.done()
+        if self._filler is not None:
+            self._filler.cancel()
         if self._active:
             if cancel:
                 self._send({"type": "response.cancel"})
             if self._response_id:
                 self._cut.add(self._response_id)    # its audio still in flight is not played
         self._pending.clear()
-        if item is None or item.cut or not speaking:
+        if item is None or item.cut or item.played or not speaking:
+            if speaking and filler:
+                self._playout.clear()         # only the filler was playing: nothing to truncate
             return
         heard_ms = item.audio_ms if item.played else min(item.audio_ms,
                                                          max(0.0, self._playout.played_ms() - item.start_ms))
@@ -364,12 +379,12 @@ class RealtimeEngine:
         self._playout.clear()
         self._send({"type": "conversation.item.truncate", "item_id": item.id, "content_index": 0,
                     "audio_end_ms": int(heard_ms)})
-        transcript = self._transcripts.pop(item.id, "")
+        transcript = self._transcripts.get(item.id, "")
         said = truncate_words(transcript, heard_ms / item.audio_ms) if transcript and item.audio_ms else ""
         if barge_in:
             logger.info("barge-in: caller interrupted after %d ms of the model's %d ms", heard_ms, item.audio_ms)
             self._emit(BargeIn(said))
-        if said:
+        if said and item.id not in self._reported:     # the whole answer's words were not reported yet
             self._emit(TranscriptEvent("assistant", said))
 
     # ------------------------------------------------------------------------------ tools, digits
@@ -418,7 +433,8 @@ class RealtimeEngine:
 
     async def _say_filler(self, text: str) -> None:
         try:
-            await self._voice.play_text(text)
-            self._playout.end_of_audio()
+            async with self._writing:
+                await self._voice.play_text(text)
+                self._playout.end_of_audio()
         except ProvidersFailed as exc:
             logger.info("filler not spoken: %s", exc)

@@ -33,3 +33,6 @@ def test_realtime_choices_and_missing_key_are_named() -> None:
     assert "OPENAI_API_KEY" in text
     with pytest.raises(ConfigError, match="'stt_provider': provider 'realtime' has no STT"):
         Config.from_mapping({"stt_provider": "realtime", "api_keys": {"openai": "sk-test"}})
+    with pytest.raises(ConfigError, match="'llm_fallback_provider' cannot pair"):
+        Config.from_mapping({"llm_provider": "realtime", "llm_fallback_provider": "openai",
+                             "api_keys": {"openai": "sk-test"}})

@@ -186,3 +186,22 @@ async def test_digits_are_told_to_the_model_as_a_user_message() -> None:
             assert TranscriptEvent("user", "[DTMF] 12") in r.events
             assert fake.state.events.count("conversation.item.create") == 1
             assert fake.state.problems == []
+
+
+async def test_barge_in_after_the_whole_answer_arrived_still_reports_what_was_heard() -> None:
+    long = " ".join(f"word{i}" for i in range(60))
+    async with FakeRealtime(replies=[long], ms_per_char=20) as fake:
+        async with rig(fake, options=RealtimeOptions(turn_detection="local")) as r:
+            await r.until(lambda: TranscriptEvent("assistant", long) in r.events, timeout=10)
+            await r.until(lambda: audio_ms(r) > 3000)          # all of it received; about 3 s played
+            assert r.playout.speaking
+            await r.speak(200, then_silence_ms=100)
+            await r.until(lambda: fake.state.truncates)
+            [barge] = [e for e in r.events if isinstance(e, BargeIn)]
+            assert barge.heard and long.startswith(barge.heard) and barge.heard != long
+            [truncate] = fake.state.truncates
+            assert 2500 < truncate["audio_end_ms"] < truncate["sent_ms"] == len(long) * 20
+            assert [e for e in r.events if isinstance(e, TranscriptEvent) and e.role == "assistant"] == [
+                TranscriptEvent("assistant", long)]                 # reported once, not again on the barge-in
+            assert "response.cancel" not in fake.state.events      # the response had finished: nothing to cancel
+            assert fake.state.problems == []
