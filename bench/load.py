@@ -225,21 +225,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ready_url(child: Child, timeout_s: float = 30.0) -> str:
+    """The URL a fake server prints as ``READY <url>`` once it listens (stopping it if it never does)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        child.check_alive()
+        for line in child.log.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return line.split(None, 1)[1].strip()
+        time.sleep(0.05)
+    child.stop()
+    raise RuntimeError(f"the {child.name} did not print READY within {timeout_s:g} s:\n{child.tail()}")
+
+
 def start_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
     argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0",
             "--stt-delay-ms", str(args.stt_ms), "--llm-delay-ms", str(args.llm_ms), "--tts-delay-ms", str(args.tts_ms),
             "--llm-token-interval-ms", str(args.token_ms), "--tts-ms-per-char", str(args.tts_ms_per_char),
             "--transcript", TRANSCRIPT, "--reply", REPLY]
     child = Child("fake OpenAI server", argv, workdir / "fake_openai.log")   # inherits the client's --nice
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        child.check_alive()
-        for line in child.log.read_text(errors="replace").splitlines():
-            if line.startswith("READY "):
-                return child, line.split(None, 1)[1].strip()
-        time.sleep(0.05)
-    child.stop()
-    raise RuntimeError(f"the fake OpenAI server did not print READY within 30 s:\n{child.tail()}")
+    return child, ready_url(child)
 
 
 def start_realtime_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
@@ -248,15 +253,7 @@ def start_realtime_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child,
             str(args.vad_stop_ms), "--first-audio-ms", str(args.rt_first_audio_ms), "--ms-per-char",
             str(args.tts_ms_per_char), "--reply", REPLY]
     child = Child("fake Realtime server", argv, workdir / "fake_realtime.log")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        child.check_alive()
-        for line in child.log.read_text(errors="replace").splitlines():
-            if line.startswith("READY "):
-                return child, line.split(None, 1)[1].strip()
-        time.sleep(0.05)
-    child.stop()
-    raise RuntimeError(f"the fake Realtime server did not print READY within 30 s:\n{child.tail()}")
+    return child, ready_url(child)
 
 
 def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transport: str = "phone",

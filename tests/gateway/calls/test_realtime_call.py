@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.simulate.call import SimulatedCall
 from pipeline.conversation import ConversationSettings, Persona
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.realtime_server import FakeRealtime
 from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.gateway.browser.test_ws import open_session
+from tests.gateway.calls.test_call_lifetime import _call as dial
 from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.asyncio
@@ -33,14 +33,6 @@ LONG = ("Let me tell you about tonight's menu. We have fresh pasta with basil, a
 def realtime_config(openai: FakeOpenAI, realtime: FakeRealtime, twilio_url: str, **overrides: Any) -> Any:
     return phone_config(openai.base_url, twilio_url, llm_provider="realtime",
                         base_urls={"openai": openai.base_url, "realtime": realtime.base_url}, **overrides)
-
-
-async def dial(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
-    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-    twilio.known_calls = twilio.known_calls | {call.call_sid}
-    await call.dial()
-    await call.connect()
-    return call
 
 
 def heard_ms_at(media: list[tuple[float, int]], start: float, clear: float, rate: int = 8000) -> float:
