@@ -46,6 +46,7 @@ from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
 from pipeline.silero_vad import SileroModel
+from pipeline.tools import McpServer, McpStartError, ToolSettings, mcp_specs
 
 __all__ = ["Services", "create_app"]
 
@@ -77,6 +78,9 @@ class Services:
     draining: bool = False           # SIGTERM received: /ready 503, new calls refused (gateway.drain)
     admission: Admission | None = None   # max_concurrent_calls and the event loop's lag (gateway.admission)
     debug: bool = False
+    tool_http: aiohttp.ClientSession | None = None   # HTTP tools' requests (the providers' pooled session)
+    tool_settings: ToolSettings = field(default_factory=ToolSettings)
+    mcp_servers: list[McpServer] = field(default_factory=list)   # started by the lifespan, for every call
 
 
 
@@ -157,6 +161,21 @@ async def conversation_settings(config: Config) -> ConversationSettings:
     return dataclasses.replace(settings, silero_model=model)
 
 
+async def start_mcp_servers(config: Config, servers: list[McpServer]) -> None:
+    """Start every configured MCP server into ``servers`` (the lifespan closes them); the first that
+    cannot start stops startup with an McpStartError naming its key, after closing the ones started."""
+    for spec in mcp_specs(config.mcp, config.mcp_servers):
+        server = McpServer(spec)
+        try:
+            await server.start(config.mcp_start_timeout_secs)
+        except McpStartError:
+            for started in servers:
+                await started.close()
+            servers.clear()
+            raise
+        servers.append(server)
+
+
 def create_app(config: Config) -> Starlette:
     from gateway.browser import softphone
     from gateway.browser import ws as browser_ws
@@ -178,6 +197,8 @@ def create_app(config: Config) -> Starlette:
                 providers=chain, conversation_settings=await conversation_settings(config), metrics=Metrics(),
                 access=access, bus=build_bus(config), debug=logging.getLogger("gateway").isEnabledFor(logging.DEBUG))
             app.state.services = services
+            services.tool_http, services.tool_settings = provider_http, ToolSettings.from_config(config)
+            await start_mcp_servers(config, services.mcp_servers)
             services.recordings, services.transcripts = build_storage(config)
             for store in (services.recordings, services.transcripts):
                 if store is not None:
@@ -221,6 +242,8 @@ def create_app(config: Config) -> Starlette:
                     close = getattr(provider, "close", None)
                     if close is not None:
                         await close()
+                for server in services.mcp_servers:
+                    await server.close()
 
     webrtc_routes, browser_start = _webrtc(config)
     middleware = [Middleware(BodyLimit, max_body_bytes=config.max_request_body_bytes)]   # before anything reads

@@ -29,6 +29,7 @@ from carriers import CARRIERS
 from gateway.carrier_config import CarriersConfig, _ConfigError, _mask_url
 from pipeline.providers import PROVIDERS, ProviderSettings, lookup
 from pipeline.silero_vad import SileroModel, SileroUnavailable
+from pipeline.tools.mcp import mcp_specs
 
 __all__ = ["CarriersConfig", "Config", "ConfigError", "Providers", "RecordingConfig", "TranscriptsConfig"]
 
@@ -203,6 +204,16 @@ class Config:
     silence_prompt_text: str = "Are you still there?"
     goodbye_text: str = "Thank you for calling. Goodbye."
     goodbye_timeout_secs: float = 15.0   # a goodbye that has not played by then is cut by the hang-up
+    # tools (pipeline.tools)
+    mcp: Mapping[str, Any] = field(default_factory=dict)   # seed key: {command, args, tools_filter}, a stdio server
+    mcp_servers: tuple[Mapping[str, Any], ...] = ()        # more: {command, args} or {url}, each with tools_filter
+    mcp_start_timeout_secs: float = 20.0  # an MCP server must start and list its tools within this at startup
+    tool_max_rounds: int = 3             # LLM requests answering tool results, per caller turn
+    tool_filler_secs: float = 2.0        # a tool still running after this: the caller hears tool_filler_text
+    tool_filler_text: str = "One moment."
+    tool_max_repeats: int = 3            # the same tool with the same arguments, per call; more are refused
+    tool_timeout_secs: float = 10.0      # an MCP tool call, and an HTTP tool without its own timeout_secs
+    tool_max_result_bytes: int = 8000    # a longer tool result (an HTTP body, MCP text) is cut to this
     # outbound calls
     amd_action: str = "hangup"           # a machine answered: "hangup", or "message" (say voicemail_text first)
     voicemail_text: str = ""             # the message left on a machine (else goodbye_text)
@@ -417,7 +428,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if origin in (collections.abc.Mapping, dict):
             if text:
                 value = json.loads(value)
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            any_values = tp.__args__[1] is Any       # e.g. 'mcp': checked by its own validation
+            if not isinstance(value, dict) or not (any_values or all(isinstance(v, str) for v in value.values())):
                 raise ValueError
             return dict(value)
     except (ValueError, TypeError):
@@ -505,12 +517,13 @@ def _validate(c: Config, problems: _Problems) -> None:
                 "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events", "load_lag_threshold_ms",
                 "load_window_secs", "load_sample_ms",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
-                "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs")
+                "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs",
+                "mcp_start_timeout_secs", "tool_max_repeats", "tool_timeout_secs", "tool_max_result_bytes")
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
     for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs",
-                "media_flood_close_ms", "max_concurrent_calls"):
+                "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds", "tool_filler_secs"):
         if getattr(c, key) < 0:
             problems.add(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:
@@ -544,6 +557,10 @@ def _validate(c: Config, problems: _Problems) -> None:
         problems.add(f"'redis_url' must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0 "
                      f"(got {_mask_url(c.redis_url)!r})")
     _validate_storage(c, problems)
+    try:
+        mcp_specs(c.mcp, c.mcp_servers)
+    except ValueError as exc:
+        problems.add(str(exc))
     for s in c.webrtc_ice_servers:
         if not isinstance(s, Mapping) or "urls" not in s:
             problems.add("'webrtc_ice_servers' entries must be objects with 'urls' "

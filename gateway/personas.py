@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,14 +27,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from pipeline.conversation import Persona
+from pipeline.tools import BUILTINS
+from pipeline.tools.http import METHODS, HttpToolSpec, placeholders
 
 __all__ = ["PersonaBook", "PersonaError", "dialable"]
 
 logger = logging.getLogger(__name__)
 
 _FIELDS = ("system", "greeting", "voice", "language")
-_OPTIONAL = ("transfer_targets",)
+_OPTIONAL = ("transfer_targets", "builtin_tools", "tools")
+_TOOL_FIELDS = {"name", "description", "parameters", "method", "url", "headers", "timeout_secs"}
 _DEFAULT = Persona()
 
 
@@ -96,11 +102,10 @@ class PersonaBook:
         if context:
             system = next((m.get("content", "") for m in context if m.get("role") == "system"), "")
             if system:
-                base = Persona(name="context", system=system, greeting=base.greeting, voice=base.voice,
-                               language=base.language, transfer_targets=base.transfer_targets)
-        overrides = {k: parameters[k] for k in ("greeting", "voice", "language") if parameters.get(k)}
+                base = dataclasses.replace(base, name="context", system=system)
+        overrides: dict[str, Any] = {k: parameters[k] for k in ("greeting", "voice", "language") if parameters.get(k)}
         if overrides:
-            base = Persona(**{**_asdict(base), **overrides})
+            base = dataclasses.replace(base, **overrides)
         return base
 
     def _lookup_name(self, name: str) -> Persona | None:
@@ -110,9 +115,53 @@ class PersonaBook:
         return self._personas.get(key) if key else None
 
 
-def _asdict(p: Persona) -> dict[str, Any]:
-    return {"name": p.name, "system": p.system, "greeting": p.greeting, "voice": p.voice, "language": p.language,
-            "transfer_targets": p.transfer_targets}
+def _http_tools(specs: Any, where: str) -> tuple[HttpToolSpec, ...]:
+    """A persona's ``tools``: each checked here, so a mistake stops startup (or a reload) with its place.
+    Header values may name environment variables as ``${NAME}``, read now."""
+    if not isinstance(specs, list):
+        raise PersonaError(f"{where}: 'tools' must be a list of HTTP tools")
+    tools: list[HttpToolSpec] = []
+    for i, spec in enumerate(specs):
+        at = f"{where} tools[{i}]"
+        if not isinstance(spec, dict) or not _TOOL_FIELDS >= set(spec) or not {"name", "url"} <= set(spec):
+            raise PersonaError(f"{at}: an object with 'name', 'url' and any of {sorted(_TOOL_FIELDS)}")
+        name, url, method = spec["name"], spec["url"], str(spec.get("method", "GET")).upper()
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in BUILTINS:
+            raise PersonaError(f"{at}: 'name' must be 1-64 letters, digits, '_' or '-', not a built-in's name")
+        if name in {t.name for t in tools}:
+            raise PersonaError(f"{at}: a second tool named {name!r}")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or method not in METHODS:
+            raise PersonaError(f"{at}: 'url' must be an http(s) URL template and 'method' one of {', '.join(METHODS)}")
+        parameters = spec.get("parameters", {"type": "object", "properties": {}})
+        try:
+            jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        except jsonschema.SchemaError as exc:
+            raise PersonaError(f"{at}: 'parameters' is not a valid JSON schema: {exc.message}") from None
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            raise PersonaError(f"{at}: 'parameters' must be a JSON schema of type 'object'")
+        unknown = set(placeholders(url)) - set(parameters.get("properties", {}))
+        if unknown:
+            raise PersonaError(f"{at}: the url names {sorted(unknown)}, which 'parameters' does not declare")
+        timeout = spec.get("timeout_secs")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise PersonaError(f"{at}: 'timeout_secs' must be a number of seconds greater than 0")
+        tools.append(HttpToolSpec(name, str(spec.get("description", name)), parameters, method, url,
+                                  _headers(spec.get("headers", {}), at), float(timeout) if timeout else None))
+    return tuple(tools)
+
+
+def _headers(headers: Any, at: str) -> dict[str, str]:
+    """Header values with each ``${NAME}`` replaced by the environment variable's value."""
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise PersonaError(f"{at}: 'headers' must map header names to strings (use ${{NAME}} for a secret)")
+
+    def variable(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1))
+        if value is None:
+            raise PersonaError(f"{at}: header uses the environment variable {match.group(1)}, which is not set")
+        return value
+
+    return {k: re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", variable, v) for k, v in headers.items()}
 
 
 def dialable(target: str) -> bool:
@@ -143,9 +192,14 @@ def _parse(data: Any, where: str) -> tuple[dict[str, Persona], dict[str, str]]:
         wrong = [k for k in _FIELDS if k in spec and not isinstance(spec[k], str)]
         if wrong:
             raise PersonaError(f"{where}: persona '{name}' fields {wrong} must be strings")
+        builtins = spec.get("builtin_tools", [])
+        if not isinstance(builtins, list) or not set(builtins) <= set(BUILTINS) - {"transfer_call"}:
+            raise PersonaError(f"{where}: persona '{name}' builtin_tools must list some of \"end_call\", "
+                               "\"send_dtmf\" (transfer_call is on when transfer_targets are set)")
         personas[name] = Persona(name=name, system=spec["system"], greeting=spec.get("greeting", _DEFAULT.greeting),
                                  voice=spec.get("voice"), language=spec.get("language", _DEFAULT.language),
-                                 transfer_targets=dict(targets))
+                                 transfer_targets=dict(targets), builtin_tools=tuple(builtins),
+                                 tools=_http_tools(spec.get("tools", []), f"{where}: persona '{name}'"))
     numbers_spec = data.get("numbers") or {}
     if not isinstance(numbers_spec, dict):
         raise PersonaError(f"{where}: 'numbers' must be an object mapping E.164 numbers to persona names")

@@ -27,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+from pipeline.engine import OnTool
 from pipeline.events import (
     BargeIn,
     BotSpeaking,
@@ -41,7 +42,7 @@ from pipeline.events import (
 from pipeline.frames import AudioFrame
 from pipeline.playout import Playout
 from pipeline.provider_chain import ProviderCalls, ProviderChain
-from pipeline.providers.base import Tool, ToolCall
+from pipeline.providers.base import Message, Tool
 from pipeline.response import Responder
 from pipeline.settings import ConversationSettings, Persona
 from pipeline.turns import PIPELINE_RATE, Turn, TurnTaker
@@ -70,7 +71,7 @@ class Conversation:
                  playout: Playout, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
                  on_event: Callable[[Event], None], end_call: Callable[[str], None],
                  context: Sequence[Mapping[str, str]] = (), clock: Callable[[], float] = time.monotonic,
-                 tools: Sequence[Tool] = (), on_tool: Callable[[ToolCall], Awaitable[None]] | None = None) -> None:
+                 tools: Sequence[Tool] = (), on_tool: OnTool | None = None) -> None:
         self.settings = settings
         self.persona = persona
         self._providers = providers
@@ -79,15 +80,15 @@ class Conversation:
         self._emit = on_event
         self._end_call = end_call
         self._clock = clock
-        self.messages: list[dict[str, str]] = ([dict(m) for m in context]
-                                               or [{"role": "system", "content": persona.system}])
+        self.messages: list[Message] = ([dict(m) for m in context]
+                                        or [{"role": "system", "content": persona.system}])
         calls = ProviderCalls(providers, settings=settings, persona=persona)
         self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
                                 on_speech_start=self._speech_started, on_turn=self._take_turn,
                                 on_failure=self._fail, clock=clock)
         self._responder = Responder(playout=playout, providers=calls, messages=self.messages, spawn=spawn,
                                     on_event=on_event, on_failure=self._fail, clock=clock, tools=tools,
-                                    on_tool=on_tool)
+                                    on_tool=on_tool, max_tool_rounds=settings.tool_max_rounds)
         self._closed = False
         self._ending = False
         self._apology_task: asyncio.Task[None] | None = None
@@ -120,6 +121,11 @@ class Conversation:
     def interrupt(self) -> None:
         """Barge-in requested by the client (browser ``interrupt`` message)."""
         self._responder.interrupt()
+
+    def filler(self, text: str) -> None:
+        """A tool is slow: say ``text`` ("One moment.") now, interruptible, as part of the answer."""
+        if not (self._closed or self._ending):
+            self._responder.filler(text)
 
     def on_speaking(self, speaking: bool, at: float) -> None:
         """Playout callback: the first frame of an answer went out, or the agent went quiet."""

@@ -23,12 +23,18 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from pipeline.frames import AudioFrame
+from pipeline.providers.base import ToolCall
 from pipeline.settings import Persona
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "OnTool"]
+
+# The tool callback every engine takes: run the model's call and return the result text for the model,
+# or None when nothing goes back (the tool ended or transferred the call).
+OnTool = Callable[[ToolCall], Awaitable[str | None]]
 
 
 @runtime_checkable
@@ -44,7 +50,12 @@ class Engine(Protocol):
       to :meth:`on_speaking`; the transport's reader task calls :meth:`on_audio`, :meth:`on_dtmf` and
       :meth:`on_mark_played` as messages arrive, and :meth:`interrupt` for a client's explicit barge-in;
       the playout pacer calls :meth:`on_speaking`; the gateway (max call length, drain, answering machine)
-      calls :meth:`end_with`; the call's teardown calls :meth:`close` once, last.
+      calls :meth:`end_with`; the tool runner (:mod:`pipeline.tools`) calls :meth:`filler` while a tool
+      is slow; the call's teardown calls :meth:`close` once, last.
+    * **Tools.** An engine is built with the call's ``tools`` (:class:`~pipeline.providers.base.Tool`)
+      and an ``on_tool`` callback (:data:`OnTool`): for each call the model makes it awaits
+      ``on_tool(call)`` and gives the returned text back to the model as the call's result (its
+      ``call.id`` names it); ``None`` means nothing goes back (the tool ended or transferred the call).
     * **What it emits.** Through its ``on_event`` callback: :mod:`pipeline.events` values
       (``TranscriptEvent`` for both sides' final words, ``BotSpeaking``, ``BargeIn`` with what was heard,
       ``TurnLatency``, ``ErrorEvent`` before an apology). Through the playout: the agent's audio, marks
@@ -74,6 +85,10 @@ class Engine(Protocol):
 
     def on_speaking(self, speaking: bool, at: float) -> None:
         """Playout callback: the agent's audio started or stopped going out at clock time ``at``."""
+
+    def filler(self, text: str) -> None:
+        """A tool the model called is still running: say ``text`` ("One moment.") now, interruptible,
+        instead of leaving the caller in silence (the tool runner calls this; nothing if not answering)."""
 
     def end_with(self, text: str, reason: str) -> bool:
         """Say ``text`` uninterruptibly, then end the call with ``reason``; False if already ending."""

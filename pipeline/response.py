@@ -21,15 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.audio import Resampler
+from pipeline.engine import OnTool
 from pipeline.events import BargeIn, BotSpeaking, Event, TranscriptEvent, TurnLatency
 from pipeline.playout import Playout
 from pipeline.provider_chain import ProviderCalls, ProvidersFailed
-from pipeline.providers.base import Tool, ToolCall, closing
+from pipeline.providers.base import Message, Tool, ToolCall, ToolExchange, ToolResult, closing
 from pipeline.text import ClauseSplitter, truncate_words
 
 __all__ = ["Clause", "Responder", "Response", "heard"]
@@ -62,6 +63,7 @@ class Response:
     llm_ms: float = 0.0
     tts_ms: float = 0.0
     reported: bool = False
+    step_from: int = 0      # the clauses of the current step (after tool use) start here
 
     @property
     def running(self) -> bool:
@@ -99,10 +101,10 @@ class Responder:
     fills it in as it streams (or removes it when nothing was said). ``on_failure(code, message)`` is
     called when no provider could produce the answer."""
 
-    def __init__(self, *, playout: Playout, providers: ProviderCalls, messages: list[dict[str, str]],
+    def __init__(self, *, playout: Playout, providers: ProviderCalls, messages: list[Message],
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]], on_event: Callable[[Event], None],
                  on_failure: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic,
-                 tools: Sequence[Tool] = (), on_tool: Callable[[ToolCall], Awaitable[None]] | None = None) -> None:
+                 tools: Sequence[Tool] = (), on_tool: OnTool | None = None, max_tool_rounds: int = 3) -> None:
         self._playout = playout
         self._providers = providers
         self._messages = messages
@@ -112,6 +114,8 @@ class Responder:
         self._clock = clock
         self._tools = tuple(tools)
         self._on_tool = on_tool
+        self._max_tool_rounds = max_tool_rounds
+        self._filler: asyncio.Task[None] | None = None
         self._response: Response | None = None
         self._count = 0
 
@@ -163,24 +167,80 @@ class Responder:
 
     def _answer(self) -> Body:
         async def body(response: Response) -> None:
-            clauses: asyncio.Queue[str | None] = asyncio.Queue()
-            tool_calls: list[ToolCall] = []
-            try:
-                async with asyncio.TaskGroup() as tg:   # the LLM streams while earlier clauses are spoken
-                    tg.create_task(self._speak_queue(response, clauses))
-                    text = await self._generate(response, clauses, tool_calls)
-            except ExceptionGroup as group:
-                raise _first(group, ProvidersFailed) from None
-            if text:
-                self._emit(TranscriptEvent("assistant", text))
-            for call in tool_calls:
-                if self._on_tool is not None and any(t.name == call.name for t in self._tools):
-                    logger.info("model called tool %s", call.name)
-                    self._playout.end_of_audio()
-                    await self._on_tool(call)
-                else:
-                    logger.warning("model called unknown tool %r; ignored", call.name)
+            for step in range(self._max_tool_rounds + 1):
+                calls = await self._answer_step(response)
+                if not calls or self._on_tool is None:
+                    return
+                results = await self._run_tools(calls)
+                await self._filler_done()
+                if results is None:                     # a call-control tool: nothing goes back
+                    return
+                if step == self._max_tool_rounds:
+                    logger.warning("tool_max_rounds (%d) reached; the model's last tool results are dropped",
+                                   self._max_tool_rounds)
+                    return
+                self._next_step(response, ToolExchange(results))
         return body
+
+    async def _answer_step(self, response: Response) -> list[ToolCall]:
+        """One LLM request: its words spoken clause by clause; the tool calls it made returned."""
+        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        tool_calls: list[ToolCall] = []
+        try:
+            async with asyncio.TaskGroup() as tg:   # the LLM streams while earlier clauses are spoken
+                tg.create_task(self._speak_queue(response, clauses))
+                text = await self._generate(response, clauses, tool_calls)
+        except ExceptionGroup as group:
+            raise _first(group, ProvidersFailed) from None
+        if text:
+            self._emit(TranscriptEvent("assistant", text))
+        return tool_calls
+
+    async def _run_tools(self, calls: Sequence[ToolCall]) -> tuple[ToolResult, ...] | None:
+        """Each call through ``on_tool``, in order; None when one of them has nothing to send back (it
+        ended or transferred the call)."""
+        assert self._on_tool is not None
+        self._playout.end_of_audio()          # the words before the call go out in full
+        results: list[ToolResult] = []
+        for call in calls:
+            logger.info("model called tool %s", call.name)
+            content = await self._on_tool(call)
+            if content is None:
+                return None
+            results.append(ToolResult(call, content))
+        return tuple(results)
+
+    def _next_step(self, response: Response, exchange: ToolExchange) -> None:
+        """Put the step's tool exchange into the context after its words, and a fresh assistant message
+        for the answer the model gives with the results."""
+        if not response.message["content"] and response.message in self._messages:
+            self._messages.remove(response.message)
+        response.message = {"role": "assistant", "content": ""}
+        response.step_from = len(response.clauses)
+        self._messages += [exchange, response.message]
+
+    def filler(self, text: str) -> None:
+        """Speak ``text`` now as part of the running answer (a tool is slow): interruptible like it; the
+        answer's next words wait until it has been written out."""
+        response = self._response
+        if response is None or not response.running or self._filler is not None:
+            return
+
+        async def speak() -> None:
+            try:
+                await self._speak_clause(response, text)
+            except ProvidersFailed as exc:      # silence, as before fillers; the answer goes on
+                logger.warning("the filler could not be spoken: %s", exc)
+                return
+            self._playout.end_of_audio()
+            self._emit(TranscriptEvent("assistant", text))
+
+        self._filler = self._spawn(speak())
+
+    async def _filler_done(self) -> None:
+        filler, self._filler = self._filler, None
+        if filler is not None:
+            await filler
 
     # ------------------------------------------------------------------------------ speaking
     async def _generate(self, response: Response, clauses: asyncio.Queue[str | None],
@@ -328,10 +388,13 @@ class Responder:
         running = response.running
         if not self._playout.speaking and not running:
             return
-        said = heard(response.clauses, self._playout.played_ms(), self._written_ms())
+        said = heard(response.clauses[response.step_from:], self._playout.played_ms(), self._written_ms())
         if running:
             assert response.task is not None
             response.task.cancel()
+        if self._filler is not None:
+            self._filler.cancel()
+            self._filler = None
         self._playout.clear()
         response.message["content"] = said
         if not said:
@@ -344,6 +407,8 @@ class Responder:
     def close(self) -> None:
         if self._response is not None and self._response.task is not None:
             self._response.task.cancel()
+        if self._filler is not None:
+            self._filler.cancel()
 
     def _forget(self, response: Response) -> None:
         if response.message in self._messages and not response.message["content"]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from pipeline.silero_vad import SileroModel
+    from pipeline.tools.http import HttpToolSpec
 
 __all__ = ["ConversationSettings", "Persona"]
 
@@ -33,6 +34,8 @@ class Persona:
     voice: str | None = None
     language: str = "en"
     transfer_targets: Mapping[str, str] = field(default_factory=dict)   # name -> E.164 or sip: URI
+    builtin_tools: tuple[str, ...] = ()    # "end_call", "send_dtmf" (transfer_call: on with transfer_targets)
+    tools: tuple[HttpToolSpec, ...] = ()   # HTTP tools (pipeline.tools.http)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,7 @@ class ConversationSettings:
     silence_hangup_secs: float = 10.0    # after the prompt, this much more silence ends the call
     silence_prompt_text: str = "Are you still there?"
     goodbye_text: str = "Thank you for calling. Goodbye."
+    tool_max_rounds: int = 3             # LLM requests answering tool results, per caller turn
     silero_model: SileroModel | None = field(default=None, compare=False, repr=False)
 
     @classmethod

@@ -35,9 +35,9 @@ from pipeline.conversation import Conversation, Event, Persona
 from pipeline.engine import Engine
 from pipeline.frames import AudioFrame, Frame
 from pipeline.playout import Playout
-from pipeline.providers.base import Tool, ToolCall
 from pipeline.realtime.client import RealtimeModel
 from pipeline.realtime.engine import RealtimeEngine, RealtimeOptions
+from pipeline.tools import ToolRunner, builtin_tools, http_tools
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -126,8 +126,7 @@ class Call:
             playout = Playout(sample_rate=leg.sample_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=leg.frame_ms,
                               coalesce_ms=leg.coalesce_ms)
-            tools = _tools(persona) if leg.can_transfer else []
-            convo = self._new_engine(persona, playout, tg, tools)
+            convo = self._new_engine(persona, playout, tg, self._tools(persona))
             playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo
             tasks = [tg.create_task(playout.run(self._send)), *leg.tasks(tg, self),
@@ -138,7 +137,7 @@ class Call:
             for task in tasks:
                 task.cancel()
 
-    def _new_engine(self, persona: Persona, playout: Playout, tg: asyncio.TaskGroup, tools: list[Tool]) -> Engine:
+    def _new_engine(self, persona: Persona, playout: Playout, tg: asyncio.TaskGroup, tools: ToolRunner) -> Engine:
         """The cascade, or the speech-to-speech session when the LLM stage is ``realtime``."""
         services, config = self.services, self.services.config
         model = services.providers.llm[0] if services.providers.llm else None
@@ -148,11 +147,11 @@ class Call:
                                       connect_timeout_secs=config.llm_timeout_secs)
             return RealtimeEngine(model=model, options=options, settings=services.conversation_settings,
                                   persona=persona, providers=services.providers, playout=playout,
-                                  spawn=tg.create_task, on_event=self._observe, end_call=self.finish, tools=tools,
-                                  on_tool=self._run_tool)
+                                  spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
+                                  tools=tools.tools, on_tool=tools)
         return Conversation(settings=services.conversation_settings, persona=persona, providers=services.providers,
                             playout=playout, spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
-                            context=self.session.context, tools=tools, on_tool=self._run_tool)
+                            context=self.session.context, tools=tools.tools, on_tool=tools)
 
     async def _limit_duration(self) -> None:
         """``max_call_secs``: the goodbye, then the end, even if the goodbye has not finished by
@@ -271,20 +270,38 @@ class Call:
         else:
             self.finish("answering_machine")
 
-    async def _run_tool(self, call: ToolCall) -> None:
-        if call.name != "transfer_call" or self.conversation is None:
-            return
-        targets = self.conversation.persona.transfer_targets
-        target = targets.get(str(call.arguments.get("target", "")))
-        if target is None:
-            logger.warning("model asked to transfer to an unknown target; ignored")
-            return
+    # ------------------------------------------------------------------------------ tools
+    def _tools(self, persona: Persona) -> ToolRunner:
+        """The call's tools: the persona's built-ins (call control here), its HTTP tools, the MCP servers'."""
+        services = self.services
+        settings = services.tool_settings
+        bound = builtin_tools(persona, self, can_transfer=self.leg.can_transfer)
+        if services.tool_http is not None:
+            bound += http_tools(persona.tools, services.tool_http, settings)
+        for server in services.mcp_servers:
+            bound += server.bound(settings)
+        return ToolRunner(bound, settings, filler=self._filler)
+
+    def _filler(self, text: str) -> None:
+        if self.conversation is not None:
+            self.conversation.filler(text)
+
+    async def end_call(self) -> None:
+        """The model's ``end_call``: its last words play, then the goodbye, then the hang-up."""
         if self._playout is not None:
-            await self._playout.drained()      # the caller hears "transferring you" first
-        try:
-            await self.transfer(target)
-        except CallControlFailed as exc:
-            logger.error("transfer failed: %s", exc)
+            await self._playout.drained()
+        if self.conversation is not None:
+            self.conversation.end_with(self.services.config.goodbye_text, "agent_hangup")
+
+    async def transfer_to(self, target: str) -> None:
+        """The model's ``transfer_call``: the caller hears "transferring you" first."""
+        if self._playout is not None:
+            await self._playout.drained()
+        await self.transfer(target)
+
+    async def send_digits(self, digits: str) -> None:
+        """The model's ``send_dtmf``."""
+        await self.send_dtmf(digits)
 
     # ------------------------------------------------------------------------------ the finaliser
     async def _finalise(self) -> None:
@@ -305,15 +322,3 @@ class Call:
         metrics.calls_ended.labels(carrier=self.leg.label, reason=reason).inc()
         logger.info("%s ended reason=%s after %.1f s", self.leg.label, reason, time.monotonic() - self._started_at)
         self.finalised.set()
-
-
-def _tools(persona: Persona) -> list[Tool]:
-    """The model may transfer only to the persona's named targets (never to a number it makes up)."""
-    if not persona.transfer_targets:
-        return []
-    return [Tool("transfer_call", "Transfer the caller to a person or department when they ask for it or "
-                 "when you cannot help. Say a short sentence first, e.g. 'Let me transfer you.'",
-                 {"type": "object",
-                  "properties": {"target": {"type": "string", "enum": sorted(persona.transfer_targets)}},
-                  "required": ["target"]})]
-

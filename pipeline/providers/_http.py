@@ -201,11 +201,11 @@ def json_event(name: str, data: bytes) -> Any:
         raise ProviderError(name, "stream event is not JSON", transient=True) from exc
 
 
-def tool_call(provider: str, name: str, arguments: str) -> ToolCall | None:
+def tool_call(provider: str, name: str, arguments: str, call_id: str = "") -> ToolCall | None:
     """The ToolCall for a streamed call's JSON arguments; None (and a warning) when they are not JSON."""
     try:   # the model writes these, steered by what the caller says: never trust their shape
         parsed = loads(arguments or "{}")
     except ValueError:
         logger.warning("%s: tool call %s has arguments that are not JSON; ignored", provider, name)
         return None
-    return ToolCall(name, parsed if isinstance(parsed, dict) else {})
+    return ToolCall(name, parsed if isinstance(parsed, dict) else {}, call_id)

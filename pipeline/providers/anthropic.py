@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.providers._chat import split_system
+from pipeline.providers._chat import Part, split_system
 from pipeline.providers._http import HTTPClient, json_event, provider_errors, raise_for_status, sse_events, tool_call
 from pipeline.providers.base import (
     BuildOptions,
@@ -61,7 +61,7 @@ class AnthropicLLM(HTTPClient):
     def _body(self, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
         system, turns = split_system(messages)
         body: dict[str, Any] = {"model": self.settings.model, "max_tokens": self._max_tokens, "stream": True,
-                                "messages": [{"role": role, "content": text} for role, text in turns]}
+                                "messages": [{"role": role, "content": _content(parts)} for role, parts in turns]}
         if system:
             body["system"] = system
         if tools:
@@ -70,7 +70,7 @@ class AnthropicLLM(HTTPClient):
         return body
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
-        calls: dict[int, list[str]] = {}     # content block index -> [tool name, input JSON so far]
+        calls: dict[int, list[str]] = {}     # content block index -> [tool name, input JSON so far, id]
         stopped = False
         with provider_errors(self.name):
             async with self._http.post(f"{self._url}/v1/messages", json=self._body(messages, tools),
@@ -83,13 +83,14 @@ class AnthropicLLM(HTTPClient):
                         if kind == "content_block_start":
                             block = payload.get("content_block") or {}
                             if block.get("type") == "tool_use":
-                                calls[int(payload.get("index", 0))] = [str(block.get("name", "")), ""]
+                                calls[int(payload.get("index", 0))] = [str(block.get("name", "")), "",
+                                                                       str(block.get("id", ""))]
                         elif kind == "content_block_delta":
                             delta = payload.get("delta") or {}
                             if delta.get("type") == "text_delta" and delta.get("text"):
                                 yield str(delta["text"])
                             elif delta.get("type") == "input_json_delta":
-                                call = calls.setdefault(int(payload.get("index", 0)), ["", ""])
+                                call = calls.setdefault(int(payload.get("index", 0)), ["", "", ""])
                                 call[1] += delta.get("partial_json", "")
                         elif kind == "error":
                             raise _stream_error(self.name, payload)
@@ -99,9 +100,31 @@ class AnthropicLLM(HTTPClient):
                             break
         if not stopped:
             raise ProviderError(self.name, "the stream ended before message_stop", transient=True)
-        for name, arguments in calls.values():
-            if (found := tool_call(self.name, name, arguments)) is not None:
+        for name, arguments, call_id in calls.values():
+            if (found := tool_call(self.name, name, arguments, call_id)) is not None:
                 yield found
+
+
+def _content(parts: Sequence[Part]) -> str | list[dict[str, Any]]:
+    """A turn's content: plain text, or blocks when it holds tool use (``tool_use`` in the assistant's
+    turn; ``tool_result`` blocks first in the user's turn after it, each naming its ``tool_use_id``)."""
+    if len(parts) == 1 and isinstance(parts[0], str):
+        return parts[0]
+    blocks: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, str):
+            blocks.append({"type": "text", "text": part})
+        elif isinstance(part, ToolCall):
+            blocks.append({"type": "tool_use", "id": _id(part), "name": part.name, "input": dict(part.arguments)})
+        else:
+            blocks.append({"type": "tool_result", "tool_use_id": _id(part.call), "content": part.content})
+    return blocks
+
+
+def _id(call: ToolCall) -> str:
+    """The call's id; one made up for a call that came without (another vendor's, after a fallback):
+    the same ToolCall object sits in the tool_use and its tool_result, so the pair still matches."""
+    return call.id or f"toolu_{id(call):x}"
 
 
 def _stream_error(name: str, payload: dict[str, Any]) -> ProviderError:

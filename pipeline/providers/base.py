@@ -28,9 +28,7 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 __all__ = ["BuildOptions", "closing", "LLMProvider", "Message", "ProviderError", "ProviderSettings",
-           "ProviderSpec", "STTProvider", "Tool", "ToolCall", "TTSProvider"]
-
-Message = Mapping[str, str]
+           "ProviderSpec", "STTProvider", "Tool", "ToolCall", "ToolExchange", "ToolResult", "TTSProvider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +43,42 @@ class Tool:
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """The model asked for ``name`` with ``arguments`` (already parsed from JSON); ``id`` is the vendor's
-    call id where it has one (a realtime ``call_id``)."""
+    id of the call (OpenAI ``call_...``, Anthropic ``toolu_...``, Gemini's optional one), which its
+    result must name when it goes back."""
 
     name: str
     arguments: Mapping[str, Any] = field(default_factory=dict)
     id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What running ``call`` gave, as text for the model (an error is text too: the model is told)."""
+
+    call: ToolCall
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolExchange:
+    """One step of tool use in the context: the calls the model made and their results, in its order.
+
+    It follows the assistant's text message of the same step (if any) and precedes the answer the
+    model gives once it has the results. Each LLM provider writes it in its vendor's shape: OpenAI an
+    assistant message with ``tool_calls`` and one ``tool`` message per result; Anthropic ``tool_use``
+    blocks and a user message of ``tool_result`` blocks; Gemini ``functionCall`` and
+    ``functionResponse`` parts. Usage::
+
+        call = ToolCall("lookup_booking", {"ref": "AB12"}, id="call_1")
+        messages.append(ToolExchange((ToolResult(call, '{"status": "confirmed"}'),)))
+    """
+
+    results: tuple[ToolResult, ...]
+
+
+# The conversation's context: plain ``{"role": "system" | "user" | "assistant", "content": text}`` messages,
+# and a ToolExchange for each step of tool use.
+Message = Mapping[str, str] | ToolExchange
 
 
 class ProviderError(Exception):

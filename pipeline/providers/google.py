@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from pipeline.providers._chat import split_system
+from pipeline.providers._chat import Part, split_system
 from pipeline.providers._http import HTTPClient, json_event, provider_errors, raise_for_status, sse_events
 from pipeline.providers.base import (
     BuildOptions,
@@ -61,7 +61,7 @@ class GeminiLLM(HTTPClient):
     def _body(self, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
         system, turns = split_system(messages)
         body: dict[str, Any] = {"contents": [{"role": "model" if role == "assistant" else "user",
-                                              "parts": [{"text": text}]} for role, text in turns]}
+                                              "parts": [_part(part) for part in parts]} for role, parts in turns]}
         if system:
             body["systemInstruction"] = {"parts": [{"text": system}]}
         if tools:
@@ -112,8 +112,25 @@ def _parts(name: str, chunk: dict[str, Any], calls: list[ToolCall]) -> list[str]
         elif isinstance(part.get("functionCall"), dict):
             call = part["functionCall"]
             args = call.get("args")
-            calls.append(ToolCall(str(call.get("name", "")), args if isinstance(args, dict) else {}))
+            calls.append(ToolCall(str(call.get("name", "")), args if isinstance(args, dict) else {},
+                                  str(call.get("id") or "")))
     return texts
+
+
+def _part(part: Part) -> dict[str, Any]:
+    """One part of a turn: ``text``, the model's ``functionCall``, or our ``functionResponse`` (its
+    ``response`` must be an object: the result text goes in as ``{"result": ...}``)."""
+    if isinstance(part, str):
+        return {"text": part}
+    if isinstance(part, ToolCall):
+        call: dict[str, Any] = {"name": part.name, "args": dict(part.arguments)}
+        if part.id:
+            call["id"] = part.id
+        return {"functionCall": call}
+    response: dict[str, Any] = {"name": part.call.name, "response": {"result": part.content}}
+    if part.call.id:
+        response["id"] = part.call.id
+    return {"functionResponse": response}
 
 
 def _details(payload: Any) -> list[dict[str, Any]]:

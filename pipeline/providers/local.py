@@ -41,7 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.audio import rms
 from pipeline.pocketsphinx_worker import SILENCE_RMS, Decoded, decode, init_worker
-from pipeline.providers.base import BuildOptions, Message, ProviderError, ProviderSettings, ProviderSpec, Tool
+from pipeline.providers.base import (
+    BuildOptions,
+    Message,
+    ProviderError,
+    ProviderSettings,
+    ProviderSpec,
+    Tool,
+    ToolExchange,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -317,7 +325,8 @@ class EchoLLM:
             line = self._script[self._turn % len(self._script)]
             self._turn += 1
             return line
-        last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+        last = next((m.get("content", "") for m in reversed(messages)
+                     if not isinstance(m, ToolExchange) and m.get("role") == "user"), "")
         text = " ".join((last or "").split())
         if text.upper().startswith("[DTMF]"):
             digits = text[len("[DTMF]"):].strip()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -37,10 +38,12 @@ from pipeline.providers.base import (
     ProviderSpec,
     Tool,
     ToolCall,
+    ToolExchange,
     closing,
 )
 
-__all__ = ["SPECS", "OpenAILLM", "OpenAISTT", "OpenAITTS", "build_llm", "build_stt", "build_tts", "open_session"]
+__all__ = ["SPECS", "OpenAILLM", "OpenAISTT", "OpenAITTS", "build_llm", "build_stt", "build_tts", "chat_messages",
+           "open_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +80,13 @@ class OpenAILLM(HTTPClient):
         self._max_tokens = max_tokens
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str | ToolCall]:
-        body: dict[str, object] = {"model": self.settings.model, "messages": list(messages), "stream": True}
+        body: dict[str, object] = {"model": self.settings.model, "messages": chat_messages(messages), "stream": True}
         if self._max_tokens:
             body["max_tokens"] = self._max_tokens
         if tools:
             body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                                "parameters": dict(t.parameters)}} for t in tools]
-        calls: dict[int, list[str]] = {}     # index -> [name, arguments so far]
+        calls: dict[int, list[str]] = {}     # index -> [name, arguments so far, id]
         done = False
         with provider_errors(self.name):
             async with self._http.post(f"{self._url}/chat/completions", json=body, headers=self._headers,
@@ -100,9 +103,41 @@ class OpenAILLM(HTTPClient):
                             yield delta
         if not done:
             raise ProviderError(self.name, "the stream ended before [DONE]", transient=True)
-        for name, arguments in calls.values():
-            if (call := tool_call(self.name, name, arguments)) is not None:
+        for name, arguments, call_id in calls.values():
+            if (call := tool_call(self.name, name, arguments, call_id)) is not None:
                 yield call
+
+
+def chat_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Our context as Chat Completions messages. A ToolExchange becomes the assistant's ``tool_calls``
+    (joined to the assistant's text message just before it, if any) and one ``role: tool`` message per
+    result, naming its ``tool_call_id``::
+
+        [..., {"role": "assistant", "content": "Let me check.", "tool_calls": [{"id": "call_1", "type": "function",
+               "function": {"name": "lookup", "arguments": "{\"ref\": \"AB12\"}"}}]},
+         {"role": "tool", "tool_call_id": "call_1", "content": "confirmed"}]
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message, ToolExchange):
+            out.append(dict(message))
+            continue
+        calls = [{"id": _call_id(r.call), "type": "function",
+                  "function": {"name": r.call.name, "arguments": json.dumps(dict(r.call.arguments))}}
+                 for r in message.results]
+        last = out[-1] if out else None
+        if last is not None and last.get("role") == "assistant" and "tool_calls" not in last:
+            last["tool_calls"] = calls
+        else:
+            out.append({"role": "assistant", "content": None, "tool_calls": calls})
+        out += [{"role": "tool", "tool_call_id": _call_id(r.call), "content": r.content} for r in message.results]
+    return out
+
+
+def _call_id(call: ToolCall) -> str:
+    """The call's id; one made up for a call that came without (a compatible vendor that sends none, or
+    another vendor's call after a fallback): the same object is in the call and its result, so they match."""
+    return call.id or f"call_{id(call):x}"
 
 
 def _delta(name: str, data: bytes, calls: dict[int, list[str]]) -> str:
@@ -114,7 +149,8 @@ def _delta(name: str, data: bytes, calls: dict[int, list[str]]) -> str:
         return ""
     delta = choices[0].get("delta") or {}
     for call in delta.get("tool_calls") or ():
-        entry = calls.setdefault(int(call.get("index", 0)), ["", ""])
+        entry = calls.setdefault(int(call.get("index", 0)), ["", "", ""])
+        entry[2] = entry[2] or str(call.get("id") or "")
         function = call.get("function") or {}
         entry[0] += function.get("name") or ""
         entry[1] += function.get("arguments") or ""

@@ -31,7 +31,7 @@ from urllib.parse import quote, urlparse, urlunparse
 
 import aiohttp
 
-from pipeline.providers.base import ProviderError, ProviderSettings, Tool
+from pipeline.providers.base import Message, ProviderError, ProviderSettings, Tool
 
 __all__ = ["PCM24K", "PCMU", "AudioFormat", "RealtimeModel", "RealtimeSocket", "append_audio", "audio_format_for",
            "realtime_url", "session_update", "tool_output"]
@@ -178,7 +178,7 @@ class RealtimeModel:
             raise ProviderError("realtime", f"connection failed ({type(exc).__name__})", transient=True) from exc
         return RealtimeSocket(ws)
 
-    def stream(self, messages: Sequence[Mapping[str, str]], tools: Sequence[Tool] = ()) -> AsyncIterator[str]:
+    def stream(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> AsyncIterator[str]:
         """Not a chat model: the cascade never reaches here (the gateway picks the realtime engine)."""
         raise ProviderError("realtime", "a speech-to-speech model has no chat stream; it runs as the call's engine")
 

@@ -62,6 +62,8 @@ def _invalid(body: Any) -> str | None:
             return f"messages.{i}.role: Input should be 'user' or 'assistant'"
         if not message.get("content"):
             return f"messages.{i}: all messages must have non-empty content"
+        if (problem := _invalid_blocks(messages, i)) is not None:
+            return problem
     if messages[0]["role"] != "user":
         return "messages: first message must use the \"user\" role"
     if "system" in body and not isinstance(body["system"], (str, list)):
@@ -69,6 +71,49 @@ def _invalid(body: Any) -> str | None:
     for i, tool in enumerate(body.get("tools") or ()):
         if not tool.get("name") or (tool.get("input_schema") or {}).get("type") != "object":
             return f"tools.{i}.input_schema: Input should be an object schema"
+    return None
+
+
+def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content or ())
+
+
+def _invalid_blocks(messages: list[dict[str, Any]], i: int) -> str | None:
+    """The content blocks of message ``i`` as the API checks them: text blocks non-empty; ``tool_use``
+    (with ``id``, ``name`` and an object ``input``) only from the assistant, each answered by a
+    ``tool_result`` naming its ``tool_use_id`` in the user message right after it, where the results
+    come first; a ``tool_result`` only for a tool_use of the message before."""
+    message = messages[i]
+    if not isinstance(message.get("content"), (str, list)):
+        return f"messages.{i}.content: Input should be a valid string or list"
+    blocks = _blocks(message)
+    previous = _blocks(messages[i - 1]) if i else []
+    asked = [b.get("id") for b in previous if b.get("type") == "tool_use"]
+    results = [b for b in blocks if b.get("type") == "tool_result"]
+    for j, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and (not isinstance(block.get("text"), str) or not block["text"]):
+            return f"messages.{i}.content.{j}.text: text content blocks must be non-empty"
+        if kind == "tool_use" and (message["role"] != "assistant" or not block.get("id") or not block.get("name")
+                                   or not isinstance(block.get("input"), dict)):
+            return f"messages.{i}.content.{j}: tool_use blocks need id, name and an object input, from the assistant"
+        if kind == "tool_result" and (message["role"] != "user" or block.get("tool_use_id") not in asked
+                                      or not isinstance(block.get("content"), (str, list))):
+            return (f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` "
+                    "block in the previous message.")
+        if kind not in ("text", "tool_use", "tool_result"):
+            return f"messages.{i}.content.{j}.type: unsupported block type {kind!r}"
+    if results and any(b.get("type") != "tool_result" for b in blocks[:len(results)]):
+        return f"messages.{i}: tool_result blocks must come first in the user message's content"
+    if i == len(messages) - 1 and any(b.get("type") == "tool_use" for b in blocks):
+        return f"messages.{i}: the last message has `tool_use` blocks without a `tool_result` after them"
+    unanswered = set(asked) - {b.get("tool_use_id") for b in results}
+    if asked and unanswered:
+        return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                f"{sorted(unanswered)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
+                "next message.")
     return None
 
 

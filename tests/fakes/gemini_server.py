@@ -76,7 +76,8 @@ class FakeGemini(LLMFake):
             return self._error(400, problem)
         text, tool_calls = self.state.next_reply()
         parts: list[dict[str, Any]] = [{"text": w} for w in words(text)]
-        parts += [{"functionCall": {"name": c["name"], "args": c.get("arguments", {})}} for c in tool_calls]
+        parts += [{"functionCall": {"id": f"fc_{i}_{c['name']}", "name": c["name"], "args": c.get("arguments", {})}}
+                  for i, c in enumerate(tool_calls)]
         if not parts:
             parts = [{"text": ""}]
         frames = [_chunk(model, part, finish=i == len(parts) - 1) for i, part in enumerate(parts)]
@@ -99,9 +100,8 @@ def _invalid(body: Any) -> str | None:
     for i, content in enumerate(body["contents"]):
         if content.get("role") != ("user" if i % 2 == 0 else "model"):
             return f"* GenerateContentRequest.contents[{i}].role: roles must be user/model taking turns from the user"
-        parts = content.get("parts")
-        if not isinstance(parts, list) or not parts or not all(isinstance(p.get("text"), str) for p in parts):
-            return f"* GenerateContentRequest.contents[{i}].parts: must have text parts"
+        if (problem := _invalid_parts(body["contents"], i)) is not None:
+            return problem
     system = body.get("systemInstruction")
     if system is not None and not (isinstance(system.get("parts"), list) and system["parts"]):
         return "* GenerateContentRequest.system_instruction.parts: must not be empty"
@@ -115,4 +115,43 @@ def _invalid(body: Any) -> str | None:
     config = body.get("generationConfig") or {}
     if "maxOutputTokens" in config and not isinstance(config["maxOutputTokens"], int):
         return "* generation_config.max_output_tokens: must be an integer"
+    return None
+
+
+def _invalid_parts(contents: list[dict[str, Any]], i: int) -> str | None:
+    """The parts of content ``i``: each one ``text``, a ``functionCall`` (the model's, with a name and
+    object ``args``) or a ``functionResponse`` (ours, in the user turn after the calls: one per call,
+    naming it, its ``response`` an object, and its ``id`` the call's when the call had one)."""
+    parts = contents[i].get("parts")
+    if not isinstance(parts, list) or not parts:
+        return f"* GenerateContentRequest.contents[{i}].parts: must not be empty"
+    role = contents[i].get("role")
+    previous = contents[i - 1].get("parts") or [] if i else []
+    calls = [p["functionCall"] for p in previous if isinstance(p, dict) and "functionCall" in p]
+    responses = []
+    for j, part in enumerate(parts):
+        where = f"* GenerateContentRequest.contents[{i}].parts[{j}]"
+        if not isinstance(part, dict) or len(part) != 1:
+            return f"{where}: a part holds exactly one of text, functionCall, functionResponse"
+        if "text" in part:
+            if not isinstance(part["text"], str):
+                return f"{where}.text: must be a string"
+        elif "functionCall" in part:
+            call = part["functionCall"]
+            if role != "model" or not call.get("name") or not isinstance(call.get("args", {}), dict):
+                return f"{where}.function_call: the model's, with a name and object args"
+        elif "functionResponse" in part:
+            response = part["functionResponse"]
+            responses.append(response)
+            if role != "user" or not response.get("name") or not isinstance(response.get("response"), dict):
+                return f"{where}.function_response: ours, with a name and an object response"
+        else:
+            return f"{where}: unknown part {sorted(part)}"
+    if calls or responses:
+        asked = sorted((c["name"], c.get("id", "")) for c in calls)
+        answered = sorted((r["name"], r.get("id", "")) for r in responses)
+        if role == "user" and asked != answered:
+            return (f"* GenerateContentRequest.contents[{i}]: please ensure that the number of function response "
+                    f"parts is equal to the number of function call parts of the function call turn "
+                    f"(calls {asked}, responses {answered})")
     return None

@@ -124,6 +124,43 @@ def _bad(message: str) -> JSONResponse:
     return _err(400, message, "invalid_request_error")
 
 
+def _invalid_messages(messages: list[Any]) -> str | None:
+    """Why Chat Completions would refuse these messages with a 400, or None: the roles, and tool use as
+    documented (an assistant's ``tool_calls``, each with an ``id`` and JSON ``function.arguments``, answered
+    by one ``role: tool`` message per id, naming it in ``tool_call_id``, before any other message)."""
+    pending: set[str] = set()
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            return f"Invalid value: '{role}'. Supported values are: 'system', 'assistant', 'user', 'tool'."
+        if role == "tool":
+            if message.get("tool_call_id") not in pending or not isinstance(message.get("content"), str):
+                return (f"Invalid parameter: messages[{i}]: messages with role 'tool' must be a response to a "
+                        "preceeding message with 'tool_calls'.")
+            pending.discard(message["tool_call_id"])
+            continue
+        if pending:
+            return ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                    f"'tool_call_id'. The following tool_call_ids did not have response messages: {sorted(pending)}")
+        for call in message.get("tool_calls") or () if role == "assistant" else ():
+            function = call.get("function") or {}
+            try:
+                json.loads(function.get("arguments"))
+            except (TypeError, ValueError):
+                return f"messages[{i}].tool_calls: function.arguments must be a JSON string"
+            if not call.get("id") or call.get("type") != "function" or not function.get("name"):
+                return f"messages[{i}].tool_calls: each needs an id, type 'function' and function.name"
+            pending.add(call["id"])
+        if role != "assistant" and "tool_calls" in message:
+            return f"messages[{i}]: only assistant messages carry tool_calls"
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
+            return f"messages[{i}].content: a string (null only beside tool_calls)"
+    if pending:
+        return f"tool_call_ids without response messages: {sorted(pending)}"
+    return None
+
+
 def _cycle(items: Transcripts | Replies) -> Callable[[Any], str]:
     if callable(items):
         return items
@@ -236,6 +273,8 @@ class _App:
         body = await self._json(request)
         if body is None or not isinstance(body.get("messages"), list):
             return _bad("Missing required parameter: 'messages'.")
+        if (problem := _invalid_messages(body["messages"])) is not None:
+            return _bad(problem)
         self.state.llm_requests.append(body)
         reply: Any = self.state.next_reply(body["messages"])
         # a reply may be {"content": "...", "tool_calls": [{"name": ..., "arguments": {...}}]}
@@ -271,7 +310,7 @@ class _App:
             for index, call in enumerate(tool_calls):   # streamed as OpenAI does: name first, arguments in pieces
                 arguments = json.dumps(call.get("arguments", {}))
                 half = len(arguments) // 2
-                yield chunk({"tool_calls": [{"index": index, "id": f"call_{index}", "type": "function",
+                yield chunk({"tool_calls": [{"index": index, "id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
                                              "function": {"name": call["name"], "arguments": arguments[:half]}}]})
                 yield chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]})
             yield chunk({}, "tool_calls" if tool_calls else "stop")

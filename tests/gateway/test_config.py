@@ -497,3 +497,19 @@ def test_new_keys_are_validated_naming_the_key() -> None:
     c = Config.from_mapping({"log_transcripts": True, "recording": {"enable": True, "bucket": "b",
                                                                     "require_at_start": True}}, OPENAI)
     assert c.log_transcripts and c.recording.require_at_start and c.startup_check_timeout_secs == 3.0
+
+
+def test_tool_keys_are_validated_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"mcp": {"command": "python", "url": "http://127.0.0.1:9000/mcp"},
+                                "mcp_servers": [{"url": "http://127.0.0.1:9000/mcp", "tools_filter": "lookup"}],
+                                "tool_max_repeats": 0, "tool_filler_secs": -1}))
+    with pytest.raises(ConfigError) as err:
+        Config.load(path, {})
+    text = str(err.value)
+    assert "'mcp' needs either 'command'" in text and str(path) in text
+    with pytest.raises(ConfigError, match=r"'mcp_servers\[0\].tools_filter' must be a list"):
+        Config.from_mapping({"mcp_servers": [{"url": "http://127.0.0.1:9000/mcp", "tools_filter": "lookup"}]})
+    assert "'tool_max_repeats' must be greater than 0" in text and "'tool_filler_secs' must be 0 or more" in text
+    good = Config.from_mapping({"mcp": {"command": "python", "args": ["tools.py"], "tools_filter": ["lookup"]}})
+    assert good.mcp == {"command": "python", "args": ["tools.py"], "tools_filter": ["lookup"]}

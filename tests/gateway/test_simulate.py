@@ -220,7 +220,7 @@ def test_the_dev_config_configures_the_emulated_carrier_and_nothing_real(carrier
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("voice", "code", "expected"), [
     (["--say", "I would like to pay my bill."], 0, r"^\[call 1\] turn 1: answered, \d+ ms"),
-    (["--audio", "silence"], 1, r"^\[call 1\] turn 1: NO ANSWER: no agent audio within 3 s of the end of speech"),
+    (["--audio", "silence"], 1, r"^\[call 1\] turn 1: NO ANSWER: no agent audio within 6 s of the end of speech"),
 ])
 async def test_an_external_gateway_gets_latencies_and_a_late_or_missing_answer_fails(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, voice: list[str], code: int, expected: str) -> None:
@@ -232,7 +232,8 @@ async def test_an_external_gateway_gets_latencies_and_a_late_or_missing_answer_f
     async with running_gateway(config) as url:
         got = await asyncio.to_thread(main, [
             "simulate", "--url", url, "--public-url", PUBLIC_URL, "--credential", f"auth_token={creds['auth_token']}",
-            "--credential", f"account_sid={creds['account_sid']}", "--answer-timeout", "3", *voice])
+            "--credential", f"account_sid={creds['account_sid']}", "--answer-timeout", "6", *voice])
+    # 6 s, not 3: the offline STT and TTS answer in about 1 s alone but slower on a loaded machine
     out = capsys.readouterr().out
     assert got == code, out
     assert re.search(expected, out, re.MULTILINE), out

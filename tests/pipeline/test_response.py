@@ -18,6 +18,7 @@ from pipeline.conversation import (
 )
 from pipeline.frames import AudioFrame, Clear
 from pipeline.provider_chain import ProviderCalls
+from pipeline.providers.base import Tool, ToolCall, ToolExchange, ToolResult
 from pipeline.response import Clause, Responder, heard
 from tests.pipeline.call_harness import (
     FAST,
@@ -178,3 +179,42 @@ async def test_responder_barge_in_keeps_what_was_heard_in_the_context() -> None:
     assert responder.current is None
     responder.interrupt()                        # nothing left to interrupt
     assert playout.cleared == 1 and len([e for e in events if isinstance(e, BargeIn)]) == 1
+
+
+class ToolLLM:
+    """An LLM that answers every request with a sentence and a tool call; records the contexts it got."""
+
+    name = "tool-llm"
+
+    def __init__(self) -> None:
+        self.contexts: list[list[Any]] = []
+
+    async def stream(self, messages: Any, tools: Any = ()) -> Any:
+        self.contexts.append(list(messages))
+        n = len(self.contexts)
+        yield f"Step {n}. "
+        yield ToolCall("lookup", {"n": n}, f"call_{n}")
+
+
+@pytest.mark.asyncio
+async def test_tool_results_go_back_to_the_model_until_tool_max_rounds() -> None:
+    playout = FakePlayout()
+    messages: list[Any] = [dict(SYSTEM), {"role": "user", "content": "Look it up."}]
+    llm, asked = ToolLLM(), []
+
+    async def on_tool(call: ToolCall) -> str:
+        asked.append(call)
+        return f"result {call.arguments['n']}"
+
+    calls = ProviderCalls(ProviderChain(stt=[], llm=[llm], tts=[ToneTTS()]), settings=FAST, persona=Persona())
+    responder = Responder(playout=playout, providers=calls, messages=messages,  # type: ignore[arg-type]  # FakePlayout
+                          spawn=asyncio.ensure_future, on_event=lambda e: None, on_failure=lambda c, m: None,
+                          tools=[Tool("lookup", "Look up")], on_tool=on_tool, max_tool_rounds=1)
+    response = responder.answer()
+    assert response.task is not None
+    await response.task
+    assert [c.id for c in asked] == ["call_1", "call_2"] and len(llm.contexts) == 2   # one follow-up, no more
+    exchange = ToolExchange((ToolResult(asked[0], "result 1"),))
+    assert llm.contexts[1][2:] == [{"role": "assistant", "content": "Step 1."}, exchange]
+    assert messages[2:] == [{"role": "assistant", "content": "Step 1."}, exchange,
+                            {"role": "assistant", "content": "Step 2."}]       # the last results are dropped

@@ -118,6 +118,32 @@ async def test_model_transfers_through_a_tool(tmp_path: Path) -> None:
             await call.close()
 
 
+async def test_a_tool_result_goes_back_to_the_model(tmp_path: Path) -> None:
+    personas = tmp_path / "personas.json"
+    personas.write_text(json.dumps({"personas": {"ivr": {"system": "You navigate phone menus.", "greeting": "Hi.",
+                                                         "builtin_tools": ["send_dtmf"]}},
+                                    "numbers": {"default": "ivr"}}))
+    async with (FakeOpenAI() as openai,
+                FakeRealtime(replies=["Hi.", {"tool": "send_dtmf", "arguments": {"digits": "5"}}, "Done."],
+                             transcripts=["press five for sales"]) as fake,
+                FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        config = realtime_config(openai, fake, twilio.base_url, personas_file=str(personas))
+        async with running_gateway(config) as url:
+            call = await dial(url, twilio)
+            await call.wait_quiet(300, timeout=10)
+            end = await call.speak(speech_pcm("Press five for sales.", 8000))
+            await call.wait_audio(after=end, timeout=5)
+            async with asyncio.timeout(10):
+                while fake.state.events.count("response.create") < 2:     # the greeting's, then the tool's
+                    await asyncio.sleep(0.05)
+            [output] = fake.state.tool_outputs
+            assert output["output"] == "Sent the keypad tones 5."
+            assert [t["name"] for t in fake.state.sessions[0]["tools"]] == ["send_dtmf"]
+            await call.wait_quiet(300)
+            assert fake.state.problems == []
+            await call.hang_up()
+
+
 async def test_provider_error_mid_response_apologises_and_ends() -> None:
     async with (FakeOpenAI(tts_ms_per_char=10) as openai,
                 FakeRealtime(replies=[GREETING, {"text": LONG, "error_after_ms": 500}],

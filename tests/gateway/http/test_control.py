@@ -63,6 +63,7 @@ async def test_the_model_transfers_only_to_the_personas_named_targets(tmp_path: 
                                     "numbers": {"default": "desk"}}))
     replies = [{"content": "Let me transfer you.", "tool_calls": [{"name": "transfer_call",
                                                                    "arguments": {"target": "ceo"}}]},
+               "Sorry, I can only transfer you to sales.",     # the model is told "ceo" is not a target
                {"content": "One moment.", "tool_calls": [{"name": "transfer_call", "arguments": {"target": "sales"}}]}]
     async with (FakeOpenAI(transcripts=["the boss please", "sales please"], replies=replies,
                            tts_ms_per_char=10) as fake,
@@ -76,6 +77,8 @@ async def test_the_model_transfers_only_to_the_personas_named_targets(tmp_path: 
             assert twilio.updates == []                          # "ceo" is not a target: nothing happens
             end = await call.speak(synthetic_voice(0.8))
             await call.wait_closed(10)
+            refusal = fake.state.llm_requests[1]["messages"][-1]
+            assert refusal["role"] == "tool" and "invalid arguments" in refusal["content"] and "ceo" in refusal["content"]
             tools = fake.state.llm_requests[0]["tools"]
             assert tools[0]["function"]["parameters"]["properties"]["target"]["enum"] == ["sales"]
             assert twilio.updates == [(call.call_sid, "<Response><Dial>+14155550123</Dial></Response>")]

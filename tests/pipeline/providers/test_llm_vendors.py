@@ -5,6 +5,7 @@ a hang past the timeout; and each one configured through Config (key variable, b
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from gateway.config import Config
 from pipeline.providers import PROVIDERS, ProviderSettings, build_llm
 from pipeline.providers.anthropic import AnthropicLLM
-from pipeline.providers.base import LLMProvider, ProviderError, Tool, ToolCall
+from pipeline.providers.base import LLMProvider, ProviderError, Tool, ToolCall, ToolExchange, ToolResult
 from pipeline.providers.google import GeminiLLM
 from pipeline.providers.openai import OpenAILLM
 from tests.fakes._llm import LLMFake, Reply
@@ -99,7 +100,72 @@ async def test_a_tool_call_comes_after_the_text(vendor: Vendor) -> None:
     async with vendor.running([reply]) as (_fake, settings), aiohttp.ClientSession() as http:
         items = await collect(build_llm(settings, http, timeout_s=5), (TOOL,))
     assert "".join(i for i in items if isinstance(i, str)) == "Let me transfer you."
-    assert items[-1] == ToolCall("transfer_call", {"target": "sales"})
+    call = items[-1]
+    assert isinstance(call, ToolCall) and (call.name, call.arguments) == ("transfer_call", {"target": "sales"})
+    assert call.id                                   # the vendor's id, which the result must name
+
+
+@vendors
+async def test_tool_results_go_back_in_the_vendors_shape_and_the_model_answers(vendor: Vendor) -> None:
+    """The second request carries the model's call and our result (a fake refuses a wrongly shaped one)."""
+    ask = {"content": "Let me check.", "tool_calls": [{"name": "lookup", "arguments": {"ref": "AB12"}},
+                                                      {"name": "lookup", "arguments": {"ref": "CD34"}}]}
+    tool = Tool("lookup", "Look a booking up", {"type": "object", "properties": {"ref": {"type": "string"}}})
+    async with vendor.running([ask, "It is confirmed."]) as (fake, settings), aiohttp.ClientSession() as http:
+        llm = build_llm(settings, http, timeout_s=5)
+        first = [item async for item in llm.stream(MESSAGES, (tool,))]
+        calls = [i for i in first if isinstance(i, ToolCall)]
+        exchange = ToolExchange(tuple(ToolResult(c, f"booking {c.arguments['ref']} confirmed") for c in calls))
+        context = [*MESSAGES, {"role": "assistant", "content": "Let me check."}, exchange]
+        answer = "".join([str(i) async for i in llm.stream(context, (tool,))])
+    assert answer == "It is confirmed."
+    body = vendor.bodies(fake)[1]
+    ids = [c.id for c in calls]
+    if vendor.cls is OpenAILLM:
+        assistant, *results = body["messages"][2:]
+        assert assistant["content"] == "Let me check." and [c["id"] for c in assistant["tool_calls"]] == ids
+        assert [json.loads(c["function"]["arguments"]) for c in assistant["tool_calls"]] == [{"ref": "AB12"}, {"ref": "CD34"}]
+        assert results == [{"role": "tool", "tool_call_id": ids[0], "content": "booking AB12 confirmed"},
+                           {"role": "tool", "tool_call_id": ids[1], "content": "booking CD34 confirmed"}]
+    elif vendor.cls is AnthropicLLM:
+        assistant, results = body["messages"][1:]
+        assert assistant["content"][0] == {"type": "text", "text": "Let me check."}
+        assert [(b["type"], b["id"], b["input"]) for b in assistant["content"][1:]] == [
+            ("tool_use", ids[0], {"ref": "AB12"}), ("tool_use", ids[1], {"ref": "CD34"})]
+        assert results == {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": ids[0], "content": "booking AB12 confirmed"},
+            {"type": "tool_result", "tool_use_id": ids[1], "content": "booking CD34 confirmed"}]}
+    else:
+        model, results = body["contents"][1:]
+        assert model["parts"][0] == {"text": "Let me check."}
+        assert [p["functionCall"] for p in model["parts"][1:]] == [
+            {"id": ids[0], "name": "lookup", "args": {"ref": "AB12"}}, {"id": ids[1], "name": "lookup", "args": {"ref": "CD34"}}]
+        assert results == {"role": "user", "parts": [
+            {"functionResponse": {"id": ids[0], "name": "lookup", "response": {"result": "booking AB12 confirmed"}}},
+            {"functionResponse": {"id": ids[1], "name": "lookup", "response": {"result": "booking CD34 confirmed"}}}]}
+
+
+BAD_TOOL_RESULTS = {   # a result that answers no call of the message before it
+    "anthropic": ("/v1/messages", {"model": "m", "max_tokens": 10, "stream": True, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Checking."},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]}),
+    "google": ("/v1beta/models/m:streamGenerateContent?alt=sse", {"contents": [
+        {"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": [{"text": "Checking."}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "lookup", "response": {"result": "ok"}}}]}]}),
+    "xai": ("/chat/completions", {"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Checking."},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TOOL_RESULTS))
+async def test_the_fakes_refuse_a_tool_result_without_its_call(name: str) -> None:
+    vendor, (path, body) = VENDORS[name], BAD_TOOL_RESULTS[name]
+    headers = {"authorization": f"Bearer {KEY}", "x-api-key": KEY, "x-goog-api-key": KEY,
+               "anthropic-version": "2023-06-01"}
+    async with vendor.running() as (fake, _settings), aiohttp.ClientSession() as http:
+        async with http.post(fake.base_url.rstrip("/") + path, json=body, headers=headers) as response:
+            assert response.status == 400, await response.text()
 
 
 @vendors

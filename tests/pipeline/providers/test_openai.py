@@ -112,7 +112,9 @@ async def test_llm_tool_calls_are_assembled_and_yielded_after_the_text() -> None
         llm = OpenAILLM(settings(fake, "gpt-4o-mini"), http, timeout_s=5)
         items = [d async for d in llm.stream([{"role": "user", "content": "sales please"}], [tool])]
     assert "".join(i for i in items if isinstance(i, str)) == "Let me transfer you."
-    assert items[-1] == ToolCall("transfer_call", {"target": "sales"})
+    call = items[-1]
+    assert isinstance(call, ToolCall) and call.id.startswith("call_")    # the id streamed with the name
+    assert call == ToolCall("transfer_call", {"target": "sales"}, call.id)
     sent = fake.state.llm_requests[0]["tools"]
     assert sent == [{"type": "function", "function": {"name": "transfer_call", "description": "Transfer the caller",
                                                       "parameters": dict(tool.parameters)}}]
