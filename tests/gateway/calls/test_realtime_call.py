@@ -93,18 +93,21 @@ async def test_twilio_call_greets_answers_and_truncates_at_what_was_heard() -> N
             assert call.received.invalid == []
 
 
+def one_persona(tmp_path: Path, **persona: Any) -> str:
+    """A personas file whose only persona (greeting "Hi.") answers every number."""
+    path = tmp_path / "personas.json"
+    path.write_text(json.dumps({"personas": {"agent": {"system": "You answer the phone.", "greeting": "Hi.",
+                                                       **persona}}, "numbers": {"default": "agent"}}))
+    return str(path)
+
+
 async def test_model_transfers_through_a_tool(tmp_path: Path) -> None:
-    personas = tmp_path / "personas.json"
-    personas.write_text(json.dumps({"personas": {"desk": {"system": "You are a front desk.", "greeting": "Hi.",
-                                                          "voice": "verse",
-                                                          "transfer_targets": {"sales": "+14155550123"}}},
-                                    "numbers": {"default": "desk"}}))
+    personas = one_persona(tmp_path, voice="verse", transfer_targets={"sales": "+14155550123"})
     async with (FakeOpenAI() as openai,
                 FakeRealtime(replies=["Hi.", {"tool": "transfer_call", "arguments": {"target": "sales"}}],
                              transcripts=["sales please"]) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
-        config = realtime_config(openai, fake, twilio.base_url, personas_file=str(personas))
-        async with running_gateway(config) as url:
+        async with running_gateway(realtime_config(openai, fake, twilio.base_url, personas_file=personas)) as url:
             call = await dial(url, twilio)
             await call.wait_quiet(300, timeout=10)
             await call.speak(speech_pcm("Sales please.", 8000))
@@ -119,16 +122,12 @@ async def test_model_transfers_through_a_tool(tmp_path: Path) -> None:
 
 
 async def test_a_tool_result_goes_back_to_the_model(tmp_path: Path) -> None:
-    personas = tmp_path / "personas.json"
-    personas.write_text(json.dumps({"personas": {"ivr": {"system": "You navigate phone menus.", "greeting": "Hi.",
-                                                         "builtin_tools": ["send_dtmf"]}},
-                                    "numbers": {"default": "ivr"}}))
+    personas = one_persona(tmp_path, builtin_tools=["send_dtmf"])
     async with (FakeOpenAI() as openai,
                 FakeRealtime(replies=["Hi.", {"tool": "send_dtmf", "arguments": {"digits": "5"}}, "Done."],
                              transcripts=["press five for sales"]) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
-        config = realtime_config(openai, fake, twilio.base_url, personas_file=str(personas))
-        async with running_gateway(config) as url:
+        async with running_gateway(realtime_config(openai, fake, twilio.base_url, personas_file=personas)) as url:
             call = await dial(url, twilio)
             await call.wait_quiet(300, timeout=10)
             end = await call.speak(speech_pcm("Press five for sales.", 8000))
