@@ -19,6 +19,12 @@ subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCa
 gateway CPU per call-second side by side. The caller then speaks a Piper sentence (``voxray[local]``; trimmed
 to its last voiced sample) in every run, since Silero rightly takes the synthetic voice for no speech.
 
+``--engine realtime`` runs the calls through the speech-to-speech engine instead of the cascade
+(``llm_provider: "realtime"``) against the fake Realtime API (``tests/fakes/realtime_server.py``, another
+subprocess: its server VAD ends the turn after ``--vad-stop-ms`` of silence, its first audio comes
+``--rt-first-audio-ms`` later); ``added`` then subtracts those two, and CPU is the same gateway figure, so
+the two engines' runs sit side by side. Phone calls only.
+
 ``--transports phone,ws,webrtc`` measures browser sessions too (``bench/browsers.py``: ``GET /ws`` PCM16 and
 WebRTC over aiortc), each transport against a fresh gateway process, one after the other in the same run, at
 ``--calls`` (phone), ``--ws-sessions`` and ``--webrtc-sessions`` levels.
@@ -28,6 +34,7 @@ Usage::
     .venv/bin/python -m bench.load [--calls 1,50,100,150,200] [--seconds 30] [--json out.json]
     .venv/bin/python -m bench.load --calls 20 --seconds 20 --vad energy,silero
     .venv/bin/python -m bench.load --calls 50,100,150 --workers 2      # two worker processes on one port
+    .venv/bin/python -m bench.load --calls 1,20,50 --engine realtime
     .venv/bin/python -m bench.load --transports phone,ws,webrtc --calls 1,8,50,100 --ws-sessions 1,8,50,100 \
         --webrtc-sessions 1,4,8,12
 
@@ -240,24 +247,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ready_url(child: Child, timeout_s: float = 30.0) -> str:
+    """The URL a fake server prints as ``READY <url>`` once it listens (stopping it if it never does)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        child.check_alive()
+        for line in child.log.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return line.split(None, 1)[1].strip()
+        time.sleep(0.05)
+    child.stop()
+    raise RuntimeError(f"the {child.name} did not print READY within {timeout_s:g} s:\n{child.tail()}")
+
+
 def start_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
     argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0",
             "--stt-delay-ms", str(args.stt_ms), "--llm-delay-ms", str(args.llm_ms), "--tts-delay-ms", str(args.tts_ms),
             "--llm-token-interval-ms", str(args.token_ms), "--tts-ms-per-char", str(args.tts_ms_per_char),
             "--transcript", TRANSCRIPT, "--reply", REPLY]
     child = Child("fake OpenAI server", argv, workdir / "fake_openai.log")   # inherits the client's --nice
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        child.check_alive()
-        for line in child.log.read_text(errors="replace").splitlines():
-            if line.startswith("READY "):
-                return child, line.split(None, 1)[1].strip()
-        time.sleep(0.05)
-    child.stop()
-    raise RuntimeError(f"the fake OpenAI server did not print READY within 30 s:\n{child.tail()}")
+    return child, ready_url(child)
 
 
-def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transport: str = "phone") -> tuple[Child, str]:
+def start_realtime_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
+    """The fake Realtime API: every response says REPLY after ``--rt-first-audio-ms``."""
+    argv = [sys.executable, "-m", "tests.fakes.realtime_server", "--api-key", "sk-bench", "--silence-ms",
+            str(args.vad_stop_ms), "--first-audio-ms", str(args.rt_first_audio_ms), "--ms-per-char",
+            str(args.tts_ms_per_char), "--reply", REPLY]
+    child = Child("fake Realtime server", argv, workdir / "fake_realtime.log")
+    return child, ready_url(child)
+
+
+def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transport: str = "phone",
+                  realtime_url: str = "") -> tuple[Child, str]:
     port = free_port()
     closed_port = free_port()          # nothing listens here: a REST hang-up would fail fast, and none is made
     config = {
@@ -267,6 +289,8 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
                                 "api_base_url": f"http://127.0.0.1:{closed_port}"}},
         "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type, "workers": args.workers,
     }
+    if realtime_url:
+        config.update(llm_provider="realtime", base_urls={"openai": fake_url, "realtime": realtime_url})
     if transport != "phone":
         config["webrtc_ice_servers"] = []      # host candidates only (never aiortc's default public STUN server)
     for item in args.set:                # --set key=value (JSON value, else a string)
@@ -609,11 +633,18 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
     rms_min, rms_all, rms_last = frame_rms_range(speech)
     tokens = first_clause_tokens(REPLY)
     fixed_ms = args.vad_stop_ms + args.stt_ms + args.llm_ms + args.tts_ms + (tokens - 1) * args.token_ms
-    own_fake, gateway = fake is None, None
+    if args.engine == "realtime":
+        fixed_ms = args.vad_stop_ms + args.rt_first_audio_ms
+    own_fake, gateway, realtime, cascade_fake = fake is None, None, None, fake
     try:
         if fake is None:
             fake, fake_url = start_fake(args, workdir)
-        gateway, url = start_gateway(args, workdir, fake_url, transport)
+        cascade_fake = fake
+        realtime_url = ""
+        if args.engine == "realtime":       # the cascade's fake stays up: the TTS stage renders the apology
+            realtime, realtime_url = start_realtime_fake(args, workdir)
+            fake = realtime                 # the fake whose CPU is measured: the one the calls talk to
+        gateway, url = start_gateway(args, workdir, fake_url, transport, realtime_url)
         idle0_mb, threads0 = proc_status(gateway.pid)
         if transport != "phone":
             print(f"\n== {transport}: {TRANSPORTS[transport]} (N = concurrent sessions) ==")
@@ -623,8 +654,13 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
               f"{'Piper' if args.piper_speech else 'synthetic voiced'} PCM, RMS {rms_all:.3f} "
               f"(min 20 ms frame {rms_min:.3f}, "
               f"last frame {rms_last:.3f}; VAD threshold 0.02, stop below 0.012)")
-        print(f"fixed: vad_stop {args.vad_stop_ms} + stt {args.stt_ms:g} + llm {args.llm_ms:g} + tts {args.tts_ms:g} "
-              f"+ {tokens - 1} token waits = {fixed_ms:g} ms subtracted from latency to give 'added'")
+        if args.engine == "realtime":
+            print(f"engine realtime; fixed: the fake's server VAD silence {args.vad_stop_ms} + first audio "
+                  f"{args.rt_first_audio_ms:g} = {fixed_ms:g} ms subtracted from latency to give 'added'")
+        else:
+            print(f"fixed: vad_stop {args.vad_stop_ms} + stt {args.stt_ms:g} + llm {args.llm_ms:g} + tts "
+                  f"{args.tts_ms:g} + {tokens - 1} token waits = {fixed_ms:g} ms subtracted from latency to give "
+                  "'added'")
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
         results = []
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(20.0)) as http:
@@ -649,7 +685,7 @@ async def bench(args: argparse.Namespace, levels: list[int], transport: str = "p
                            "last_frame_rms": rms_last},
                 "gateway_idle_rss_mb": idle0_mb, "gateway_idle_threads": threads0, "levels": results}
     finally:
-        for child in (gateway, fake if own_fake else None):
+        for child in (gateway, realtime, cascade_fake if own_fake else None):
             if child is not None:
                 child.stop()
 
@@ -807,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=0,
                    help="run the fake providers and this client at this lower priority (they stand for remote "
                         "parties; the gateway keeps normal priority)")
+    p.add_argument("--engine", default="cascade", choices=["cascade", "realtime"],
+                   help="the calls' engine: the cascade (STT, LLM, TTS fakes) or realtime (the fake Realtime API)")
+    p.add_argument("--rt-first-audio-ms", type=float, default=250.0,
+                   help="realtime: the fake model's wait from the end of the turn to its first audio")
     p.add_argument("--target-added-ms", type=float, default=20.0)
     p.add_argument("--target-rss-mb", type=float, default=2.0)
     p.add_argument("--target-gap-ms", type=float, default=40.0)
@@ -818,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--transports takes {', '.join(TRANSPORTS)}")
     level_args = {"phone": args.calls, "ws": args.ws_sessions, "webrtc": args.webrtc_sessions}
     plan = [(t, [int(x) for x in level_args[t].split(",") if x.strip()]) for t in transports]
+    if args.engine == "realtime" and transports != ["phone"]:
+        p.error("--engine realtime measures phone calls only (--transports phone)")
     if "webrtc" in transports:
         browsers.use_loopback_ice()
     vads = [v.strip() for v in args.vad.split(",") if v.strip()]
@@ -862,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": platform.platform(), "client_loop": loop_name,
                 "delays_ms": {"stt": args.stt_ms, "llm": args.llm_ms, "tts": args.tts_ms, "token": args.token_ms},
                 "vad_stop_ms": args.vad_stop_ms, "tts_ms_per_char": args.tts_ms_per_char, "transcript": TRANSCRIPT,
-                "reply": REPLY, "seconds": args.seconds, "transports": transports, "vads": vads,
+                "reply": REPLY, "seconds": args.seconds, "engine": args.engine,
+                "rt_first_audio_ms": args.rt_first_audio_ms, "transports": transports, "vads": vads,
                 "speech": "piper" if args.piper_speech else "synthetic"}
         Path(args.json).write_text(json.dumps({"meta": meta, **out}, indent=2))
         print(f"wrote {args.json}")

@@ -175,6 +175,11 @@ class Config:
     llm_fallback_provider: str = ""
     tts_fallback_provider: str = ""
     llm_max_tokens: int = 300
+    # speech-to-speech (llm_provider "realtime")
+    realtime_model: str = "gpt-realtime"
+    realtime_voice: str = "alloy"        # when the persona names no voice
+    realtime_turn_detection: str = "server_vad"   # or "semantic_vad", or "local" (our VAD ends the turn)
+    realtime_transcribe_model: str = "gpt-4o-mini-transcribe"   # the caller's words for transcripts ("" = none)
     # browser transports (seed keys)
     transport: str = "both"
     webrtc_ice_servers: tuple[Mapping[str, Any], ...] = ()
@@ -503,6 +508,7 @@ _CHOICES = {
     "carrier": tuple(CARRIERS),
     "amd_action": ("hangup", "message"),
     "busy_answer": ("speak", "503"),
+    "realtime_turn_detection": ("server_vad", "semantic_vad", "local"),
 }
 
 
@@ -638,6 +644,9 @@ def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problem
         name = getattr(c, stage_key) or c.provider
         explicit = bool(name)
         name = name or "openai"
+        if name == "realtime" and stage != "llm" and not getattr(c, stage_key):
+            name = "openai"       # the speech-to-speech model's last words and transcripts use OpenAI's
+            notes.append(f"{stage}: provider 'realtime' is the speech-to-speech engine; {stage} uses 'openai'")
         if not explicit and not _api_key(c, "openai", environ):
             name = "local"
             notes.append(f"{stage}: no provider configured and no OPENAI_API_KEY; using the offline 'local' provider")
@@ -645,6 +654,10 @@ def _resolve_providers(c: Config, environ: Mapping[str, str], problems: _Problem
     for stage in ("stt", "llm", "tts"):
         if getattr(c, f"{stage}_fallback_provider"):
             wanted[f"{stage}_fallback"] = (getattr(c, f"{stage}_fallback_provider"), f"{stage}_fallback_provider")
+    if "llm_fallback" in wanted and "realtime" in (wanted["llm"][0], wanted["llm_fallback"][0]):
+        problems.add("'llm_fallback_provider' cannot pair a chat model with the speech-to-speech 'realtime' engine "
+                     "(a call runs one or the other): remove llm_fallback_provider")
+        return None
     chosen: dict[str, ProviderSettings] = {}
     for role, (name, key) in wanted.items():
         try:
@@ -707,6 +720,8 @@ def _api_key(c: Config, name: str, environ: Mapping[str, str]) -> str | None:
     """``api_keys.<name>`` (or an alias's entry), then the provider's key variables in order."""
     spec = lookup(name)
     names = (spec.name, *spec.aliases) if spec else (name,)
+    if spec and spec.key_env:      # providers reading one key variable share its api_keys entry (realtime: openai)
+        names += tuple(p.name for p in PROVIDERS.values() if p.key_env == spec.key_env and p is not spec)
     if key := next((c.api_keys[n] for n in names if c.api_keys.get(n)), None):
         return key
     return next((environ[v] for v in spec.key_envs if environ.get(v)), None) if spec else None
@@ -731,6 +746,8 @@ def _settings(c: Config, stage: str, name: str, key: str, environ: Mapping[str, 
     if base and spec.api_root and urlparse(base).path in ("", "/"):
         base = base.rstrip("/") + spec.api_root   # WHISPER_BASE_URL=http://localhost:9000 style roots
     model = {"stt": c.stt_model, "llm": c.model, "tts": c.tts_model}[stage] or spec.default_models[stage]
+    if spec.name == "realtime":
+        model = c.realtime_model or spec.default_models[stage]   # never ``model``: that names a chat model
     voice = (c.tts_voice or spec.default_voice) if stage == "tts" else None
     options = {**spec.option_defaults(), **c.provider_options.get(spec.name, {})}
     return ProviderSettings(name=spec.name, model=model, api_key=api_key, base_url=base, voice=voice,

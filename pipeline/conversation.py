@@ -41,7 +41,7 @@ from pipeline.events import (
 )
 from pipeline.frames import AudioFrame
 from pipeline.playout import Playout
-from pipeline.provider_chain import ProviderCalls, ProviderChain, ProvidersFailed
+from pipeline.provider_chain import ProviderCalls, ProviderChain
 from pipeline.providers.base import Message, Tool
 from pipeline.response import Responder
 from pipeline.settings import ConversationSettings, Persona
@@ -177,14 +177,7 @@ class Conversation:
     async def _last_words(self, text: str, reason: str, fallback: tuple[bytes, int] | None) -> None:
         self.messages.append({"role": "assistant", "content": text})
         try:
-            try:
-                await self._responder.play_text(text)
-            except ProvidersFailed:
-                # TTS is down: play the audio rendered once at startup (or nothing).
-                if fallback is not None:
-                    await self._responder.play_audio(*fallback)
-            self._emit(TranscriptEvent("assistant", text))
-            await self._playout.drained()
+            await self._responder.last_words(text, fallback)
         finally:
             self._end_call(reason)
 

@@ -347,6 +347,17 @@ class Responder:
             pcm = Resampler(rate, self._playout.sample_rate).process(pcm)
         await self._playout.write(pcm)
 
+    async def last_words(self, text: str, fallback: tuple[bytes, int] | None = None) -> None:
+        """Speak ``text`` (or play ``fallback``, audio rendered at startup, when no TTS can), report it, and
+        wait until it has played: the goodbye or the apology before a call ends."""
+        try:
+            await self.play_text(text)
+        except ProvidersFailed:
+            if fallback is not None:
+                await self.play_audio(*fallback)
+        self._emit(TranscriptEvent("assistant", text))
+        await self._playout.drained()
+
     def _written_ms(self) -> float:
         return self._playout.sent_ms + self._playout.queued_ms
 

@@ -42,7 +42,7 @@ from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
 from pipeline.text import looks_incomplete
 from pipeline.vad import EnergyVAD, Vad, VadEvent
 
-__all__ = ["PIPELINE_RATE", "Turn", "TurnTaker", "new_vad"]
+__all__ = ["PIPELINE_RATE", "DigitCollector", "Turn", "TurnTaker", "new_vad"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ class TurnTaker:
         self._last_speech_at = 0.0
         self._speech_at_ms = 0.0       # where in the utterance's audio speech was last heard
         self._turn_task: asyncio.Task[None] | None = None
-        self._digits = ""
-        self._dtmf_task: asyncio.Task[None] | None = None
+        self._digits = DigitCollector(timeout_ms=settings.dtmf_timeout_ms, spawn=spawn,
+                                      on_digits=lambda digits: on_turn(Turn(f"[DTMF] {digits}")))
 
     @property
     def busy(self) -> bool:
@@ -151,18 +151,12 @@ class TurnTaker:
             self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._live, self._clock()))
 
     def on_dtmf(self, digit: str) -> None:
-        if self._dtmf_task is not None:
-            self._dtmf_task.cancel()
-        if digit == "#":
-            self._submit_digits()
-            return
-        self._digits += digit
-        self._dtmf_task = self._spawn(self._dtmf_wait())
+        self._digits.press(digit)
 
     def close(self) -> None:
-        for task in (self._turn_task, self._dtmf_task):
-            if task is not None:
-                task.cancel()
+        if self._turn_task is not None:
+            self._turn_task.cancel()
+        self._digits.close()
         if self._live is not None:
             self._live.close()
 
@@ -246,13 +240,44 @@ class TurnTaker:
             if self._live is live:
                 self._live = None
 
-    # ------------------------------------------------------------------------------ DTMF
-    async def _dtmf_wait(self) -> None:
-        await asyncio.sleep(self.settings.dtmf_timeout_ms / 1000.0)
-        self._dtmf_task = None
-        self._submit_digits()
 
-    def _submit_digits(self) -> None:
+class DigitCollector:
+    """Keypresses collected until ``#`` or a pause of ``timeout_ms``, then handed on as one string.
+
+    Usage::
+
+        digits = DigitCollector(timeout_ms=1500, spawn=tg.create_task, on_digits=lambda d: print(d))
+        digits.press("1"); digits.press("2"); digits.press("#")      # prints "12"
+    """
+
+    def __init__(self, *, timeout_ms: float, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+                 on_digits: Callable[[str], None]) -> None:
+        self._timeout_s = timeout_ms / 1000.0
+        self._spawn = spawn
+        self._on_digits = on_digits
+        self._digits = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def press(self, digit: str) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if digit == "#":
+            self._submit()
+            return
+        self._digits += digit
+        self._task = self._spawn(self._wait())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _wait(self) -> None:
+        await asyncio.sleep(self._timeout_s)
+        self._task = None
+        self._submit()
+
+    def _submit(self) -> None:
         digits, self._digits = self._digits, ""
         if digits:
-            self._on_turn(Turn(f"[DTMF] {digits}"))
+            self._on_digits(digits)

@@ -35,6 +35,8 @@ from pipeline.conversation import Conversation, Event, Persona
 from pipeline.engine import Engine
 from pipeline.frames import AudioFrame, Frame
 from pipeline.playout import Playout
+from pipeline.realtime.client import RealtimeModel
+from pipeline.realtime.engine import RealtimeEngine, RealtimeOptions
 from pipeline.tools import ToolRunner, builtin_tools, http_tools
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class Call:
         self.leg = leg
         self.persona = persona
         self.reason: str | None = None
-        self.conversation: Engine | None = None      # the cascade today; a speech-to-speech model later
+        self.conversation: Engine | None = None      # the cascade, or a speech-to-speech session
         self.finalised = asyncio.Event()   # set once the finaliser has run (DELETE waits for it)
         self._ended = asyncio.Event()
         self._finalised = False
@@ -124,11 +126,7 @@ class Call:
             playout = Playout(sample_rate=leg.sample_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=leg.frame_ms,
                               coalesce_ms=leg.coalesce_ms)
-            tools = self._tools(persona)
-            convo = Conversation(settings=services.conversation_settings, persona=persona,
-                                 providers=services.providers, playout=playout, spawn=tg.create_task,
-                                 on_event=self._observe, end_call=self.finish, context=self.session.context,
-                                 tools=tools.tools, on_tool=tools)
+            convo = self._new_engine(persona, playout, tg, self._tools(persona))
             playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo
             tasks = [tg.create_task(playout.run(self._send)), *leg.tasks(tg, self),
@@ -138,6 +136,22 @@ class Call:
             convo.close()
             for task in tasks:
                 task.cancel()
+
+    def _new_engine(self, persona: Persona, playout: Playout, tg: asyncio.TaskGroup, tools: ToolRunner) -> Engine:
+        """The cascade, or the speech-to-speech session when the LLM stage is ``realtime``."""
+        services, config = self.services, self.services.config
+        model = services.providers.llm[0] if services.providers.llm else None
+        if isinstance(model, RealtimeModel):
+            options = RealtimeOptions(voice=config.realtime_voice, turn_detection=config.realtime_turn_detection,
+                                      transcribe_model=config.realtime_transcribe_model,
+                                      connect_timeout_secs=config.llm_timeout_secs)
+            return RealtimeEngine(model=model, options=options, settings=services.conversation_settings,
+                                  persona=persona, providers=services.providers, playout=playout,
+                                  spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
+                                  tools=tools.tools, on_tool=tools)
+        return Conversation(settings=services.conversation_settings, persona=persona, providers=services.providers,
+                            playout=playout, spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
+                            context=self.session.context, tools=tools.tools, on_tool=tools)
 
     async def _limit_duration(self) -> None:
         """``max_call_secs``: the goodbye, then the end, even if the goodbye has not finished by
