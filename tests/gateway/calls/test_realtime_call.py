@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.simulate.call import SimulatedCall
 from pipeline.conversation import ConversationSettings, Persona
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, phone_config, running_gateway
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.realtime_server import FakeRealtime
 from tests.fakes.twilio_rest import FakeTwilioREST
@@ -188,3 +189,56 @@ async def test_browser_ws_call_uses_pcm24k_and_reports_transcripts() -> None:
             await client.ws.send(json.dumps({"type": "end"}))
             await client.closed_with()
             assert fake.state.problems == []
+
+
+async def test_an_mcp_tool_answers_through_the_realtime_session() -> None:
+    """The same tool registry as the cascade's: a real stdio MCP server's tool, offered as a session tool,
+    its result sent back as the function call's output."""
+    from tests.gateway.calls.test_call_tools import MCP
+
+    async with (FakeOpenAI() as openai,
+                FakeRealtime(replies=[GREETING, {"tool": "lookup_booking", "arguments": {"ref": "AB12"}}, "Done."],
+                             transcripts=["where is my booking"]) as fake,
+                FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        async with running_gateway(realtime_config(openai, fake, twilio.base_url, mcp=MCP)) as url:
+            call = await dial(url, twilio)
+            await call.wait_quiet(300, timeout=10)
+            end = await call.speak(speech_pcm("Where is my booking?", 8000))
+            await call.wait_audio(after=end, timeout=5)
+            async with asyncio.timeout(10):
+                while not fake.state.tool_outputs:
+                    await asyncio.sleep(0.05)
+            assert [t["name"] for t in fake.state.sessions[0]["tools"]] == ["lookup_booking", "slow_lookup", "crash"]
+            [output] = fake.state.tool_outputs
+            assert output["output"] == "Booking AB12: confirmed, two nights from May 3."
+            assert fake.state.problems == []
+            await call.hang_up()
+
+
+@pytest.mark.parametrize("carrier", ["telnyx", "vonage", "plivo", "exotel"])
+async def test_every_carriers_codec_reaches_the_model_and_back(carrier: str) -> None:
+    """µ-law legs (Telnyx, Plivo) go to the model as ``audio/pcmu`` untouched; Exotel's 8 kHz PCM is
+    encoded to µ-law; Vonage's 16 kHz PCM is resampled to the model's 24 kHz PCM."""
+    from tests.carriers.test_conformance import CARRIERS
+
+    gateway_creds, caller_creds = CARRIERS[carrier]
+    async with (FakeOpenAI() as openai,
+                FakeRealtime(replies=[GREETING, "Sure. For what time?"], transcripts=["book a table"],
+                             audio_format="audio/pcm" if carrier == "vonage" else "audio/pcmu") as fake):
+        config = phone_config(openai.base_url, "http://127.0.0.1:9", llm_provider="realtime", carrier=carrier,
+                              base_urls={"openai": openai.base_url, "realtime": fake.base_url},
+                              carriers={carrier: gateway_creds})
+        async with running_gateway(config) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier=carrier, credentials=caller_creds)
+            assert (await call.dial()).status_code == 200
+            await call.connect()
+            await call.wait_audio(after=0, timeout=5)              # the greeting, in the model's voice
+            await call.wait_quiet(300, timeout=10)
+            before = fake.state.input_ms
+            end = await call.speak(speech_pcm("I would like to book a table for two.", 8000))
+            await call.wait_audio(after=end, timeout=5)            # the answer
+            wanted = {"type": "audio/pcm", "rate": 24000} if carrier == "vonage" else {"type": "audio/pcmu"}
+            assert fake.state.sessions[0]["audio"]["input"]["format"] == wanted
+            assert fake.state.input_ms - before > 1000             # the caller's speech reached the model
+            assert fake.state.problems == [] and call.received.invalid == []
+            await call.hang_up()
