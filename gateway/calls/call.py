@@ -148,7 +148,7 @@ class Call:
             return RealtimeEngine(model=model, options=options, settings=services.conversation_settings,
                                   persona=persona, providers=services.providers, playout=playout,
                                   spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
-                                  tools=tools.tools, on_tool=tools)
+                                  tools=tools.tools, on_tool=tools, context=self.session.context)
         return Conversation(settings=services.conversation_settings, persona=persona, providers=services.providers,
                             playout=playout, spawn=tg.create_task, on_event=self._observe, end_call=self.finish,
                             context=self.session.context, tools=tools.tools, on_tool=tools)

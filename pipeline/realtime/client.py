@@ -34,7 +34,7 @@ import aiohttp
 from pipeline.providers.base import Message, ProviderError, ProviderSettings, Tool
 
 __all__ = ["PCM24K", "PCMU", "AudioFormat", "RealtimeModel", "RealtimeSocket", "append_audio", "audio_format_for",
-           "realtime_url", "session_update", "tool_output"]
+           "message_item", "realtime_url", "session_update", "tool_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,18 @@ def session_update(*, instructions: str, voice: str, audio_format: AudioFormat, 
 def append_audio(audio: bytes) -> dict[str, Any]:
     """``input_audio_buffer.append`` of caller audio already in the session's format."""
     return {"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode("ascii")}
+
+
+def message_item(role: str, text: str) -> dict[str, Any]:
+    """A ``conversation.item.create`` of a text message: the caller's (``user``, ``input_text``) or the
+    agent's (``assistant``, ``output_text``) words.
+
+    >>> message_item("user", "[DTMF] 12")["item"]["content"]
+    [{'type': 'input_text', 'text': '[DTMF] 12'}]
+    """
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}}
 
 
 def tool_output(call_id: str, output: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from pipeline.realtime.client import (
     RealtimeSocket,
     append_audio,
     audio_format_for,
+    message_item,
     session_update,
     tool_output,
 )
@@ -93,8 +94,9 @@ class RealtimeEngine:
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]], on_event: Callable[[Event], None],
                  end_call: Callable[[str], None], tools: Sequence[Tool] = (),
                  on_tool: Callable[[ToolCall], Awaitable[str | None]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 context: Sequence[Mapping[str, str]] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.persona = persona
+        self._context = [dict(m) for m in context]
         self.settings = settings
         self._model = model
         self._options = options
@@ -140,10 +142,14 @@ class RealtimeEngine:
     def start(self) -> None:
         """Connect, configure the session, and ask the model for the persona's greeting."""
         voice = self.persona.voice or self._options.voice
+        system = [m.get("content", "") for m in self._context if m.get("role") == "system"]
         self._outbox.put_nowait(session_update(
-            instructions=self.persona.system, voice=voice, audio_format=self._format,
-            turn_detection=self._options.turn_detection, transcribe_model=self._options.transcribe_model,
-            tools=self._tools, interrupt=self.settings.barge_in))
+            instructions="\n\n".join(system) if system else self.persona.system, voice=voice,
+            audio_format=self._format, turn_detection=self._options.turn_detection,
+            transcribe_model=self._options.transcribe_model, tools=self._tools, interrupt=self.settings.barge_in))
+        for message in self._context:          # a call's context (the /calls or /start body): as the cascade's
+            if message.get("role") in ("user", "assistant") and message.get("content"):
+                self._outbox.put_nowait(message_item(message["role"], message["content"]))
         if self.persona.greeting:
             self._respond({"instructions": f"Greet the caller with exactly these words: {self.persona.greeting}"})
         self._start(self._run())
@@ -408,9 +414,7 @@ class RealtimeEngine:
 
     def _tell_digits(self, digits: str) -> None:
         self._emit(TranscriptEvent("user", f"[DTMF] {digits}"))
-        self._send({"type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user",
-                             "content": [{"type": "input_text", "text": f"[DTMF] {digits}"}]}})
+        self._send(message_item("user", f"[DTMF] {digits}"))
         self._respond({})
 
     # ------------------------------------------------------------------------------ ending

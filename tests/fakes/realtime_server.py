@@ -96,6 +96,7 @@ class RealtimeState:
     responses: list[dict[str, Any]] = field(default_factory=list)       # response.create bodies
     truncates: list[dict[str, Any]] = field(default_factory=list)
     tool_outputs: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)       # message items the client created
     input_ms: float = 0.0
     connections: int = 0
 
@@ -262,6 +263,7 @@ class _Session:
                     for c in content):
                 await self.problem(f"bad message item {item!r}")
                 return
+            self.state.messages.append(item)
         else:
             await self.problem(f"unknown item type {kind!r}")
             return

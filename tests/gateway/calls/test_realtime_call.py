@@ -242,3 +242,25 @@ async def test_every_carriers_codec_reaches_the_model_and_back(carrier: str) -> 
             assert fake.state.input_ms - before > 1000             # the caller's speech reached the model
             assert fake.state.problems == [] and call.received.invalid == []
             await call.hang_up()
+
+
+async def test_a_sessions_context_becomes_the_instructions_and_the_first_items() -> None:
+    """A browser's (or ``/calls``') context: its system message is the session's instructions, the earlier
+    turns are conversation items before the greeting, as the cascade keeps them in its messages."""
+    context = {"messages": [{"role": "system", "content": "You are Ada, who books tables."},
+                            {"role": "user", "content": "My name is Sam."},
+                            {"role": "assistant", "content": "Hello Sam."}]}
+    async with (FakeOpenAI() as openai,
+                FakeRealtime(replies=[GREETING], transcripts=[], audio_format="audio/pcm") as fake):
+        async with running_gateway(realtime_config(openai, fake, "http://127.0.0.1:9")) as url:
+            client = await open_session(url, context=context)
+            await client.event("ready")
+            await client.event("transcript", role="assistant", text=GREETING)
+            assert fake.state.sessions[0]["instructions"] == "You are Ada, who books tables."
+            assert [(m["role"], m["content"]) for m in fake.state.messages] == [
+                ("user", [{"type": "input_text", "text": "My name is Sam."}]),
+                ("assistant", [{"type": "output_text", "text": "Hello Sam."}])]
+            assert fake.state.events.index("conversation.item.create") < fake.state.events.index("response.create")
+            await client.ws.send(json.dumps({"type": "end"}))
+            await client.closed_with()
+            assert fake.state.problems == []
