@@ -45,6 +45,7 @@ from pipeline.provider_chain import ProviderCalls, ProviderChain
 from pipeline.providers.base import Message, Tool
 from pipeline.response import Responder
 from pipeline.settings import ConversationSettings, Persona
+from pipeline.silence import SilenceWatch
 from pipeline.turns import PIPELINE_RATE, Turn, TurnTaker
 
 __all__ = [
@@ -93,8 +94,10 @@ class Conversation:
         self._ending = False
         self._apology_task: asyncio.Task[None] | None = None
         self._silence_task: asyncio.Task[None] | None = None
-        self._last_activity = clock()
-        self._prompted = False
+        self._silence = SilenceWatch(
+            prompt_secs=settings.silence_prompt_secs, hangup_secs=settings.silence_hangup_secs, busy=self._busy,
+            prompt=lambda: self._responder.say(settings.silence_prompt_text),
+            give_up=lambda: self.end_with(settings.goodbye_text, "silence"), clock=clock)
 
     # ------------------------------------------------------------------------------ inputs
     def start(self) -> None:
@@ -102,7 +105,7 @@ class Conversation:
         if self.persona.greeting:
             self._responder.say(self.persona.greeting)
         if self.settings.silence_prompt_secs > 0:
-            self._silence_task = self._spawn(self._watch_silence())
+            self._silence_task = self._spawn(self._silence.run())
 
     def on_audio(self, frame: AudioFrame) -> None:
         if self._closed or self._ending:
@@ -129,7 +132,7 @@ class Conversation:
 
     def on_speaking(self, speaking: bool, at: float) -> None:
         """Playout callback: the first frame of an answer went out, or the agent went quiet."""
-        self._last_activity = at
+        self._silence.activity(at)
         self._responder.on_speaking(speaking, at)
 
     def close(self) -> None:
@@ -143,7 +146,7 @@ class Conversation:
 
     # ------------------------------------------------------------------------------ turns
     def _speech_started(self) -> None:
-        self._last_activity, self._prompted = self._clock(), False
+        self._silence.activity(caller=True)
         if self.settings.barge_in:
             self._responder.interrupt()
 
@@ -180,26 +183,6 @@ class Conversation:
             await self._responder.last_words(text, fallback)
         finally:
             self._end_call(reason)
-
-    async def _watch_silence(self) -> None:
-        """Ask "are you still there?" after ``silence_prompt_secs`` of silence on both sides, and
-        say goodbye after ``silence_hangup_secs`` more."""
-        while True:
-            wait = self.settings.silence_hangup_secs if self._prompted else self.settings.silence_prompt_secs
-            delay = self._last_activity + wait - self._clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            if self._busy():
-                self._last_activity = self._clock()
-                continue
-            if self._prompted:
-                logger.info("no answer to the silence prompt; ending the call")
-                self.end_with(self.settings.goodbye_text, "silence")
-                return
-            self._prompted = True
-            self._last_activity = self._clock()
-            self._responder.say(self.settings.silence_prompt_text)
 
     def _busy(self) -> bool:
         return self._turns.busy or self._playout.speaking or self._responder.running

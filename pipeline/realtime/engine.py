@@ -52,6 +52,7 @@ from pipeline.realtime.client import (
 )
 from pipeline.response import Responder
 from pipeline.settings import ConversationSettings, Persona
+from pipeline.silence import SilenceWatch
 from pipeline.text import truncate_words
 from pipeline.turns import DigitCollector, new_vad
 from pipeline.vad import VadEvent
@@ -137,6 +138,13 @@ class RealtimeEngine:
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
         self._ending = False
+        self._caller_speaking = False             # between the server's speech_started and speech_stopped
+        self._silence = SilenceWatch(
+            prompt_secs=settings.silence_prompt_secs, hangup_secs=settings.silence_hangup_secs,
+            busy=lambda: self._caller_speaking or self._active or playout.speaking,
+            prompt=lambda: self._respond({"instructions": "Ask the caller, in exactly these words: "
+                                                          f"{settings.silence_prompt_text}"}),
+            give_up=lambda: self.end_with(settings.goodbye_text, "silence"), clock=clock)
 
     # ------------------------------------------------------------------------------ inputs
     def start(self) -> None:
@@ -153,15 +161,20 @@ class RealtimeEngine:
         if self.persona.greeting:
             self._respond({"instructions": f"Greet the caller with exactly these words: {self.persona.greeting}"})
         self._start(self._run())
+        if self.settings.silence_prompt_secs > 0:
+            self._start(self._silence.run())
 
     def on_audio(self, frame: AudioFrame) -> None:
         if self._closed or self._ending:
             return
         if self._vad is not None:
             event = self._vad.process(frame.pcm, frame.sample_rate)
-            if event is VadEvent.SPEECH_START and self.settings.barge_in:
-                self._interrupt(cancel=True, barge_in=True)
+            if event is VadEvent.SPEECH_START:
+                self._silence.activity(caller=True)
+                if self.settings.barge_in:
+                    self._interrupt(cancel=True, barge_in=True)
             elif event is VadEvent.SPEECH_STOP:
+                self._silence.activity(caller=True)
                 self._speech_end = self._clock()
                 self._send({"type": "input_audio_buffer.commit"})
                 self._respond({})
@@ -189,6 +202,7 @@ class RealtimeEngine:
         self._interrupt(cancel=True, barge_in=True)
 
     def on_speaking(self, speaking: bool, at: float) -> None:
+        self._silence.activity(at)
         self._emit(BotSpeaking(speaking))
         if speaking and self._speech_end is not None:
             end, self._speech_end = self._speech_end, None
@@ -287,9 +301,13 @@ class RealtimeEngine:
             if text:
                 self._emit(TranscriptEvent("user", text))
         elif kind == "input_audio_buffer.speech_started":
+            self._caller_speaking = True
+            self._silence.activity(caller=True)
             if self.settings.barge_in and not self._ending:
                 self._interrupt(cancel=False, barge_in=True)
         elif kind == "input_audio_buffer.speech_stopped":
+            self._caller_speaking = False
+            self._silence.activity(caller=True)
             self._speech_end, self._first_delta = self._clock(), None
         elif kind == "session.updated":
             self._configured = True

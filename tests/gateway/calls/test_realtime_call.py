@@ -264,3 +264,22 @@ async def test_a_sessions_context_becomes_the_instructions_and_the_first_items()
             await client.ws.send(json.dumps({"type": "end"}))
             await client.closed_with()
             assert fake.state.problems == []
+
+
+async def test_silence_prompts_in_the_models_voice_then_says_goodbye_and_hangs_up() -> None:
+    prompt = ConversationSettings().silence_prompt_text
+    async with (FakeOpenAI() as openai,
+                FakeRealtime(replies=[GREETING, prompt], transcripts=[]) as fake,
+                FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
+        config = realtime_config(openai, fake, twilio.base_url, silence_prompt_secs=1.0, silence_hangup_secs=1.0,
+                                 goodbye_text="Goodbye for now.")
+        async with running_gateway(config) as url:
+            call = await dial(url, twilio)
+            await call.wait_closed(timeout=20)
+            assert [r.get("instructions", "") for r in fake.state.responses][1].endswith(prompt)
+            assert openai.state.tts_requests[-1]["input"] == "Goodbye for now."     # last words by TTS
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"{url}/metrics")).text
+            assert 'reason="silence"' in metrics
+            assert fake.state.problems == []
+            await call.close()
