@@ -141,6 +141,7 @@ class Playout:
     # ------------------------------------------------------------------ pacer
     async def run(self, send: Send) -> None:
         """Send queued frames paced to real time; runs until cancelled."""
+        loop = asyncio.get_running_loop()      # once: on 3.11 each lookup costs a getpid() system call
         while True:
             if self._clear_pending:
                 self._clear_pending = False
@@ -149,18 +150,18 @@ class Playout:
             if not self._queue:
                 now = self._clock()
                 if self._play_until > now:
-                    await self._sleep(self._play_until - now)
+                    await self._sleep(loop, self._play_until - now)
                     continue
                 self._set_speaking(False)
                 self._drained.set()
-                await self._sleep(None)
+                await self._sleep(loop, None)
                 continue
             now = self._clock()
             if self._play_until < now:
                 self._play_until = now          # the transport ran dry (or a new utterance starts)
             ahead = self._play_until - now
             if ahead > self._lead:
-                await self._sleep(ahead - self._lead + self._coalesce)
+                await self._sleep(loop, ahead - self._lead + self._coalesce)
                 continue
             await self._send_due(send, now)
 
@@ -168,9 +169,8 @@ class Playout:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _sleep(self, delay: float | None) -> None:
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, delay: float | None) -> None:
         """Sleep ``delay`` seconds (forever if None) or until woken; one future, no task per wait."""
-        loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         handle = None
         if delay is not None:
