@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SID = "MZ" + "0" * 32
+SID = "MZ3f9c1be07d54a28e6b0c9d1e2f3a4b5c"      # 32 hex digits, as Twilio's are
 FRAMES = 2000          # messages per timed run of an in-process stage
 SOCKET_IN = "WebSocket receive only (uvicorn + socket_io)"
 CALL_IN = "server CPU per message: receive + decode + gate + turns"
@@ -252,8 +252,10 @@ def _serve(port: int, ws: str) -> None:
     async def speak(io: Any) -> None:
         stream = TwilioMediaStream()
         stream.decode(_start_message())
+        # as gateway.calls.call builds it (a ref older than outbound_tick_ms has no shared grid)
+        grid = {"tick_ms": config.outbound_tick_ms} if hasattr(config, "outbound_tick_ms") else {}
         playout = Playout(sample_rate=8000, lead_ms=config.outbound_lead_ms,
-                          max_buffer_ms=config.playout_max_buffer_ms, frame_ms=20)
+                          max_buffer_ms=config.playout_max_buffer_ms, frame_ms=20, **grid)
 
         async def send(frame: Any) -> None:
             for m in stream.encode(frame):
@@ -435,6 +437,8 @@ def _in_worktree(ref: str, argv: list[str]) -> dict[str, dict[str, float]]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), ref], check=True)
         try:
             # the script itself comes from this tree, so an older ref needs no copy of it
+            (tree / "bench").mkdir(exist_ok=True)
+            (tree / "bench" / "__init__.py").touch()
             (tree / "bench" / "per_message.py").write_text(Path(__file__).read_text())
             out = subprocess.run([sys.executable, "-m", "bench.per_message", *argv, "--json-out", "-"], cwd=tree,
                                  env={**os.environ, "PYTHONPATH": str(tree)}, check=True, capture_output=True,
