@@ -98,7 +98,11 @@ class StreamChecks:
 
     def _check_stream(self, data: dict[str, Any]) -> None:
         """A stream id other than the started one is an error (an absent one is tolerated)."""
-        sid = next((data[k] for k in self.id_keys if data.get(k) is not None), None)
+        sid = None
+        for key in self.id_keys:        # a loop, not a generator: this runs on every media message
+            sid = data.get(key)
+            if sid is not None:
+                break
         if sid is not None and self.started and sid != getattr(self, self.id_attr):
             raise CarrierProtocolError(f"{self.carrier} {self.id_keys[0]} does not match the stream")
 

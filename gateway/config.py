@@ -192,6 +192,7 @@ class Config:
     max_utterance_secs: float = 30.0     # longer speech is cut into a turn
     barge_in: bool = True
     outbound_lead_ms: int = 100          # audio sent ahead of real time (the carrier buffer we keep)
+    outbound_tick_ms: int = 10           # the pacers of all calls wake on one grid of this step (0: each its own)
     playout_max_buffer_ms: int = 10000   # TTS audio held before the producer waits
     dtmf_timeout_ms: int = 1500          # digits are collected until this pause or '#'
     # providers' limits
@@ -541,8 +542,9 @@ def _validate(c: Config, problems: _Problems) -> None:
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
-    for key in ("ws_write_coalesce_ms", "provider_retries", "media_max_bad_messages", "silence_prompt_secs",
-                "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds", "tool_filler_secs"):
+    for key in ("ws_write_coalesce_ms", "outbound_tick_ms", "provider_retries", "media_max_bad_messages",
+                "silence_prompt_secs", "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds",
+                "tool_filler_secs"):
         if getattr(c, key) < 0:
             problems.add(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:
@@ -552,6 +554,9 @@ def _validate(c: Config, problems: _Problems) -> None:
         problems.add(f"'port' must be at most 65535 (got {c.port})")
     if c.vad_stop_ms / 1000.0 > c.turn_stop_secs:
         problems.add(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
+    if c.outbound_tick_ms >= c.outbound_lead_ms > 0:
+        problems.add(f"'outbound_tick_ms' ({c.outbound_tick_ms}) must be below 'outbound_lead_ms' "
+                     f"({c.outbound_lead_ms}): a pacer wake-up may come one tick late and the lead must cover it")
     if c.ws_write_coalesce_ms > 200:
         problems.add(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
     if c.webrtc_max_sdp_bytes > c.max_request_body_bytes:

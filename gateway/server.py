@@ -91,6 +91,9 @@ def build_server(app: Starlette, config: Config, *, handle_signals: bool = True,
         host=config.host, port=config.port, log_config=None, lifespan="on", access_log=False,
         # the protocol layer refuses frames past the limit (close 1009); the call checks it too
         ws_max_size=config.ws_max_message_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
+        # no permessage-deflate: a client that offers it would have every 20 ms media message inflated and
+        # deflated (base64 µ-law barely compresses); carriers do not need it
+        ws_per_message_deflate=False,
         http=guarded_http_protocol(header_timeout_s=config.http_header_timeout_secs,
                                    max_header_bytes=config.http_max_header_bytes),
         timeout_keep_alive=config.http_keep_alive_timeout_secs,

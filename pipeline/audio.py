@@ -83,24 +83,43 @@ for _t in (_ULAW_DEC, _ULAW_ENC, _ALAW_DEC, _ALAW_ENC):
     _t.flags.writeable = False
 
 
+def _byte_tables(dec: np.ndarray) -> tuple[bytes, bytes]:
+    """The low and the high byte of each decoded sample, as ``bytes.translate`` tables."""
+    pairs = dec.view(np.uint8)
+    return pairs[0::2].tobytes(), pairs[1::2].tobytes()
+
+
+# Decoding a 20 ms frame through two ``bytes.translate`` calls and two slice assignments is about twice
+# as fast as a numpy table lookup (no array objects per frame); the output is the same table's.
+_ULAW_LO, _ULAW_HI = _byte_tables(_ULAW_DEC)
+_ALAW_LO, _ALAW_HI = _byte_tables(_ALAW_DEC)
+
+
+def _decode(data: bytes, lo: bytes, hi: bytes) -> bytes:
+    out = bytearray(2 * len(data))
+    out[0::2] = data.translate(lo)
+    out[1::2] = data.translate(hi)
+    return bytes(out)
+
+
 def ulaw_decode(data: bytes) -> bytes:
     """G.711 µ-law bytes -> PCM16 LE."""
-    return _ULAW_DEC[np.frombuffer(data, np.uint8)].tobytes()
+    return _decode(data, _ULAW_LO, _ULAW_HI)
 
 
 def ulaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 µ-law bytes (one per sample)."""
-    return bytes(_ULAW_ENC[np.frombuffer(pcm, "<u2")].tobytes())   # bytes(): typed for mypy, no copy
+    return bytes(_ULAW_ENC.take(np.frombuffer(pcm, "<u2")).tobytes())   # bytes(): typed for mypy, no copy
 
 
 def alaw_decode(data: bytes) -> bytes:
     """G.711 A-law bytes -> PCM16 LE."""
-    return _ALAW_DEC[np.frombuffer(data, np.uint8)].tobytes()
+    return _decode(data, _ALAW_LO, _ALAW_HI)
 
 
 def alaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 A-law bytes (one per sample)."""
-    return bytes(_ALAW_ENC[np.frombuffer(pcm, "<u2")].tobytes())
+    return bytes(_ALAW_ENC.take(np.frombuffer(pcm, "<u2")).tobytes())
 
 
 # --------------------------------------------------------------------------- resampling

@@ -4,9 +4,15 @@ The carrier (or browser) plays what we send at real time; keeping only ``lead_ms
 of playback means a barge-in ``clear`` drops little and the buffer never runs dry. ``clear()`` drops
 queued audio and sends the transport's flush frame before anything else.
 
+The pacer's timed wake-ups fall on a shared grid of ``tick_ms`` (on the event loop's clock): every call
+that is due within the same tick wakes in the same loop iteration, so a process carrying many calls
+wakes ``1000 / tick_ms`` times a second instead of once per call per frame. A wake-up is then at most
+``tick_ms`` late, which the ``lead_ms`` already in the carrier's buffer absorbs (``tick_ms`` must stay
+below ``lead_ms``). Audio written to an idle playout is still sent at once (no timer involved).
+
 Usage (one per call; ``send`` writes one frame to the socket)::
 
-    playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000)
+    playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000, tick_ms=10)
     tg.create_task(playout.run(send))
     await playout.write(pcm8k)          # waits while more than max_buffer_ms is queued
     playout.mark("r1-c0")               # acknowledged by the carrier once played
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,14 +38,17 @@ class Playout:
     """Bounded, paced outbound audio queue for one call."""
 
     def __init__(self, *, sample_rate: int, lead_ms: float, max_buffer_ms: float, frame_ms: int = 20,
-                 coalesce_ms: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 coalesce_ms: float = 0.0, tick_ms: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  on_speaking: Callable[[bool, float], None] | None = None) -> None:
+        if tick_ms < 0 or (tick_ms and tick_ms >= lead_ms):
+            raise ValueError(f"tick_ms must be 0 (off) or below lead_ms={lead_ms} (got {tick_ms})")
         self.sample_rate = sample_rate
         self._frame_bytes = sample_rate * frame_ms // 1000 * 2
         self._bytes_per_ms = sample_rate * 2 / 1000.0
         self._lead = lead_ms / 1000.0
         self._max_bytes = int(max_buffer_ms * self._bytes_per_ms)
         self._coalesce = coalesce_ms / 1000.0
+        self._tick = tick_ms / 1000.0
         self._clock = clock
         self.on_speaking = on_speaking   # (speaking, at): the transport wires it to the conversation
         self._queue: collections.deque[bytes | Mark] = collections.deque()
@@ -131,6 +141,7 @@ class Playout:
     # ------------------------------------------------------------------ pacer
     async def run(self, send: Send) -> None:
         """Send queued frames paced to real time; runs until cancelled."""
+        loop = asyncio.get_running_loop()      # once: on 3.11 each lookup costs a getpid() system call
         while True:
             if self._clear_pending:
                 self._clear_pending = False
@@ -139,18 +150,18 @@ class Playout:
             if not self._queue:
                 now = self._clock()
                 if self._play_until > now:
-                    await self._sleep(self._play_until - now)
+                    await self._sleep(loop, self._play_until - now)
                     continue
                 self._set_speaking(False)
                 self._drained.set()
-                await self._sleep(None)
+                await self._sleep(loop, None)
                 continue
             now = self._clock()
             if self._play_until < now:
                 self._play_until = now          # the transport ran dry (or a new utterance starts)
             ahead = self._play_until - now
             if ahead > self._lead:
-                await self._sleep(ahead - self._lead + self._coalesce)
+                await self._sleep(loop, ahead - self._lead + self._coalesce)
                 continue
             await self._send_due(send, now)
 
@@ -158,11 +169,15 @@ class Playout:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _sleep(self, delay: float | None) -> None:
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, delay: float | None) -> None:
         """Sleep ``delay`` seconds (forever if None) or until woken; one future, no task per wait."""
-        loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        handle = None if delay is None else loop.call_later(delay, _resolve, waiter)
+        handle = None
+        if delay is not None:
+            at = loop.time() + delay
+            if self._tick:
+                at = math.ceil(at / self._tick) * self._tick     # the shared grid: wake with the other calls
+            handle = loop.call_at(at, _resolve, waiter)
         try:
             await waiter
         finally:

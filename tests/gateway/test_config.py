@@ -36,6 +36,7 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.session_store == "memory"
     assert c.session_ttl_secs == 3600
     assert c.ws_write_coalesce_ms == 0
+    assert c.outbound_tick_ms == 10 and c.outbound_tick_ms < c.outbound_lead_ms
     assert c.transport == "both"
     assert c.vad_type == "energy"
     assert c.webrtc_ice_servers == ()
@@ -219,6 +220,9 @@ def test_derived_providers_is_not_a_config_key() -> None:
     ({"stt_timeout_secs": -1}, "'stt_timeout_secs'"),
     ({"ws_write_coalesce_ms": -1}, "'ws_write_coalesce_ms'"),
     ({"ws_write_coalesce_ms": 500}, "'ws_write_coalesce_ms'"),
+    ({"outbound_tick_ms": -1}, "'outbound_tick_ms'"),
+    ({"outbound_tick_ms": 100}, "'outbound_tick_ms'"),                       # not below outbound_lead_ms
+    ({"outbound_lead_ms": 10}, "'outbound_tick_ms'"),                        # the default tick no longer fits
     ({"provider_retries": -1}, "'provider_retries'"),
     ({"local_stt_processes": 0}, "'local_stt_processes'"),
     ({"local_stt_max_pending": 0}, "'local_stt_max_pending'"),

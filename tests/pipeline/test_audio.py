@@ -124,6 +124,21 @@ def test_ulaw_silence_frame_base64():
     assert len(b64) == 216 and b64 == "/" * 213 + "w=="
 
 
+@pytest.mark.parametrize("n", [1, 7, 160, 320, 4001])
+def test_g711_fast_paths_match_the_table_lookup_on_random_input(n):
+    """The translate-based decoders and the take-based encoders give the plain numpy table lookup's bytes."""
+    from pipeline import audio
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        codes = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        linear = rng.integers(-32768, 32768, n, dtype=np.int16).astype("<i2").tobytes()
+        assert ulaw_decode(codes) == audio._ULAW_DEC[np.frombuffer(codes, np.uint8)].tobytes()
+        assert alaw_decode(codes) == audio._ALAW_DEC[np.frombuffer(codes, np.uint8)].tobytes()
+        assert ulaw_encode(linear) == audio._ULAW_ENC[np.frombuffer(linear, "<u2")].tobytes()
+        assert alaw_encode(linear) == audio._ALAW_ENC[np.frombuffer(linear, "<u2")].tobytes()
+        assert type(ulaw_decode(codes)) is bytes and type(ulaw_encode(linear)) is bytes
+
+
 def test_g711_empty_and_odd_length():
     assert ulaw_encode(b"") == b"" and ulaw_decode(b"") == b""
     assert alaw_encode(b"") == b"" and alaw_decode(b"") == b""

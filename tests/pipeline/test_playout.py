@@ -359,6 +359,39 @@ async def test_coalesce_does_not_merge_across_marks() -> None:
     assert b"".join(f.pcm for f in sink.frames[i + 1:]) == pcm(40, value=2)
 
 
+# ------------------------------------------------------------------------------ the shared wake-up grid
+
+async def test_timed_wake_ups_fall_on_the_tick_grid_and_the_audio_is_unchanged() -> None:
+    loop = asyncio.get_running_loop()
+    scheduled: list[float] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when: float, callback, *args, **kw):   # the loop's timer observed, our code unpatched
+        if getattr(callback, "__module__", "") == "pipeline.playout":
+            scheduled.append(when)
+        return call_at(when, callback, *args, **kw)
+
+    loop.call_at = recording_call_at             # type: ignore[method-assign] - an instance attribute shadows it
+    try:
+        rng = np.random.default_rng(3)
+        data = rng.integers(-3000, 3000, 8000 * 3 // 10).astype("<i2").tobytes()   # 300 ms
+        playout = new(lead_ms=40, tick_ms=10)
+        async with running(playout, Sink()) as sink:
+            await playout.write(data)
+            await playout.drained()
+    finally:
+        del loop.call_at
+    assert sink.audio_bytes() == data and len(sink.audio()) == 15
+    assert len(scheduled) >= 5                                  # 300 ms at a 40 ms lead: the pacer slept
+    assert all(abs(w / 0.01 - round(w / 0.01)) < 1e-6 for w in scheduled)
+
+
+@pytest.mark.parametrize("tick_ms", [-1, 40, 100])
+async def test_a_tick_must_be_below_the_lead(tick_ms: float) -> None:
+    with pytest.raises(ValueError, match="tick_ms"):
+        new(lead_ms=40, tick_ms=tick_ms)
+
+
 # ------------------------------------------------------------------------------ speaking state
 
 async def test_speaking_played_ms_and_drained() -> None:
