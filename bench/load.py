@@ -14,6 +14,9 @@ subprocesses; this process runs every :class:`~gateway.simulate.call.SimulatedCa
 * gaps         = SimulatedCall.received.underruns (playback ran dry inside an answer) and the largest
                  inter-arrival gap between consecutive media frames within one answer
 * failures     = calls that failed to dial / connect / get audio, or were closed by the gateway
+* refused      = calls the gateway turned away at admission with a clean answer (503, or the carrier's busy
+                 markup with no media stream); they are not failures, and CPU and RSS per call count the
+                 admitted calls only (``--set max_concurrent_calls=50 --calls 100``: the overload run)
 
 ``--vad energy,silero`` runs everything once per ``vad_type``, each against a fresh gateway, and prints the
 gateway CPU per call-second side by side. The caller then speaks a Piper sentence (``voxray[local]``; trimmed
@@ -341,6 +344,7 @@ class Level:
     window_end: CpuSample | None = None
     turns: list[Turn] = field(default_factory=list)
     failures: list[tuple[int, str, str]] = field(default_factory=list)
+    refused: list[tuple[int, int]] = field(default_factory=list)    # (call, HTTP status): a clean refusal
     calls: dict[int, Any] = field(default_factory=dict)        # SimulatedCall, or a bench.browsers session
     lags: list[float] = field(default_factory=list)
     probes: dict[str, list[float]] = field(default_factory=lambda: {"gateway": [], "fake": []})
@@ -387,6 +391,10 @@ async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech
     try:
         if transport == "phone":
             response = await call.dial()
+            if response.status_code == 503 or (response.status_code == 200 and "<Stream" not in response.text):
+                lvl.refused.append((i, response.status_code))   # 503, or "all lines are busy" and hang up
+                lvl.setup_done()
+                return
             if response.status_code != 200:
                 raise CallFailed(f"webhook answered HTTP {response.status_code}")
             stage = "connect"
@@ -546,6 +554,7 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
         stages[stage] = round(total / count * 1000.0, 2) if count else None
 
     gw_cpu_s = end.gateway - start.gateway
+    admitted = max(1, n - len(lvl.refused))
     cpu_pct = gw_cpu_s / span * 100.0
     lags_ms = [x * 1000.0 for x in lvl.lags]
     peak = rss.get("peak_rss_mb", idle_mb)
@@ -556,9 +565,9 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
                        "max": max(lat_ms) if lat_ms else None},
         "added_ms": {"p50": pct(added_ms, 50), "p90": pct(added_ms, 90), "p99": pct(added_ms, 99),
                      "max": max(added_ms) if added_ms else None},
-        "gateway_cpu_pct": cpu_pct, "gateway_cpu_ms_per_call_s": gw_cpu_s * 1000.0 / (span * n),
+        "gateway_cpu_pct": cpu_pct, "gateway_cpu_ms_per_call_s": gw_cpu_s * 1000.0 / (span * admitted),
         "gateway_rss_idle_before_mb": idle_mb, "gateway_rss_idle_first_mb": idle0_mb, "gateway_rss_peak_mb": peak,
-        "rss_per_call_mb": (peak - idle0_mb) / n, "rss_per_call_vs_level_idle_mb": (peak - idle_mb) / n,
+        "rss_per_call_mb": (peak - idle0_mb) / admitted, "rss_per_call_vs_level_idle_mb": (peak - idle_mb) / admitted,
         "gateway_threads_idle": idle_threads, "gateway_threads_peak": rss.get("peak_threads", idle_threads),
         "max_underrun_ms": max(underruns) * 1000.0 if underruns else 0.0, "underruns": len(underruns),
         "max_interarrival_gap_ms": max_gap_ms,
@@ -566,6 +575,7 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
         "gap_over_target_offset_ms_p50": pct(late_offsets, 50),
         "answer_audio_ms_p50": pct(answer_ms, 50),
         "failures": len(lvl.failures), "failure_details": [list(f) for f in lvl.failures[:20]],
+        "refused": len(lvl.refused), "refused_statuses": sorted({status for _, status in lvl.refused}),
         "invalid_messages": invalid,
         "client_cpu_pct": (end.client - start.client) / span * 100.0,
         # the event-loop (main) thread's part; the rest ran on threads (aiortc's codecs, executors)
@@ -598,17 +608,17 @@ def _f(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-HEADER = ("{:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>5} {:>7} {:>7} {:>6} {:>7}".format(
-    "N", "turns", "lat p50", "lat p99", "add p50", "add p99", "CPU %", "ms/call-s", "RSS MB", "MB/call",
-    "underrun", "gap ms", "fail", "cli CPU", "box CPU", "others", "lag p99"))
+HEADER = ("{:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>5} {:>7} {:>7} {:>7} {:>6} {:>7}"
+          .format("N", "turns", "lat p50", "lat p99", "add p50", "add p99", "CPU %", "ms/call-s", "RSS MB", "MB/call",
+                  "underrun", "gap ms", "fail", "refused", "cli CPU", "box CPU", "others", "lag p99"))
 
 
 def row(r: dict[str, Any]) -> str:
-    return "{:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>5} {:>7} {:>7} {:>6} {:>7}".format(
+    return "{:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>5} {:>7} {:>7} {:>7} {:>6} {:>7}".format(
         r["calls"], r["turns_measured"], _f(r["latency_ms"]["p50"]), _f(r["latency_ms"]["p99"]),
         _f(r["added_ms"]["p50"]), _f(r["added_ms"]["p99"]), _f(r["gateway_cpu_pct"]),
         _f(r["gateway_cpu_ms_per_call_s"], "{:.2f}"), _f(r["gateway_rss_peak_mb"]), _f(r["rss_per_call_mb"], "{:.3f}"),
-        _f(r["max_underrun_ms"]), _f(r["max_interarrival_gap_ms"]), r["failures"], _f(r["client_cpu_pct"]),
+        _f(r["max_underrun_ms"]), _f(r["max_interarrival_gap_ms"]), r["failures"], r["refused"], _f(r["client_cpu_pct"]),
         _f(r["machine_cpu_pct"]), _f(r["others_cpu_pct"], "{:.0f}"), _f(r["client_loop_lag_ms"]["p99"]))
 
 
