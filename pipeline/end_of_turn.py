@@ -119,7 +119,7 @@ def _strong(words: list[str]) -> str:
 
 
 def _weak(words: list[str]) -> str:
-    if words[-1] in _PARTICLES:
+    if words[-1] in _PARTICLES and (len(words) < 2 or words[-2] not in _OBJECTS):
         return f"particle {words[-1]!r}"
     return _number_run(words, cued=False)
 

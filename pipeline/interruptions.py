@@ -85,11 +85,13 @@ def backchannel_phrases(backchannels: Mapping[str, str], language: str) -> tuple
     return tuple(words for words in (tuple(_words(p)) for p in text.split(",")) if words)
 
 
-def is_backchannel(text: str, phrases: Iterable[tuple[str, ...]]) -> bool:
-    """True when ``text`` is only backchannel phrases ("Uh-huh.", "yeah, yeah", "okay right"). Usage::
+def is_backchannel(text: str, phrases: Iterable[tuple[str, ...]], *, partial: bool = False) -> bool:
+    """True when ``text`` is only backchannel phrases ("Uh-huh.", "yeah, yeah", "okay right"); with
+    ``partial`` (interim words), also when its last words may be the start of one ("uh" of "uh huh"). Usage::
 
         is_backchannel("Mm-hmm.", [("mm", "hmm")])        # True
         is_backchannel("yeah but wait", [("yeah",)])      # False
+        is_backchannel("uh", [("uh", "huh")], partial=True)   # True
     """
     words = _words(text)
     options = sorted(set(phrases), key=len, reverse=True)
@@ -101,6 +103,8 @@ def is_backchannel(text: str, phrases: Iterable[tuple[str, ...]]) -> bool:
             for phrase in options:
                 if tuple(words[i:i + len(phrase)]) == phrase:
                     reachable[i + len(phrase)] = True
+                elif partial and i + len(phrase) > len(words) and phrase[:len(words) - i] == tuple(words[i:]):
+                    return True
     return reachable[-1]
 
 
@@ -178,7 +182,7 @@ class InterruptionGuard:
 
     def confirm_with_transcript(self, text: str) -> None:
         """Interim words from a streaming STT: enough of them that are not a backchannel commit at once."""
-        if self.state is not State.IDLE and self._interrupts(text):
+        if self.state is not State.IDLE and self._interrupts(text, partial=True):
             self._commit("interim transcript")
 
     def on_speech_stop(self) -> bool:
@@ -211,9 +215,10 @@ class InterruptionGuard:
         self._cancel_timer()
 
     # ------------------------------------------------------------------------------ decisions
-    def _interrupts(self, text: str) -> bool:
+    def _interrupts(self, text: str, *, partial: bool = False) -> bool:
         words = _words(text)
-        return bool(words) and len(words) >= self.settings.min_words and not is_backchannel(text, self._phrases)
+        return (bool(words) and len(words) >= self.settings.min_words
+                and not is_backchannel(text, self._phrases, partial=partial))
 
     def _speech_confirmed(self, by: str) -> None:
         self._probe = None
