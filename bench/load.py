@@ -183,10 +183,10 @@ class Child:
     """A subprocess this benchmark started (and alone stops), logging to a file."""
 
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 niceness: int = 0) -> None:
+                 niceness: int = 0, cwd: Path = ROOT) -> None:
         self.name, self.log = name, log
         self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         self.pid = self.proc.pid

@@ -46,7 +46,7 @@ _AUXILIARIES = frozenset("is are was were am be been being have has had do does 
                          "shall should may might must".split())
 _CONTRACTIONS = frozenset("i'm i'd i'll i've you're you'd you'll we're we'd we'll they're they'd they'll "
                           "it's he's she's that's there's what's".split())
-_FILLERS = frozenset("um uh er erm uhm hmm mm".split())
+_FILLERS = frozenset("um uh er erm uhm".split())      # not "mm", "hmm": they end "mm-hmm"
 _NEEDS_OBJECT = frozenset("want need wanna gonna trying try give tell send get".split())
 _SUBJECTS = frozenset("i you we they he she it there someone somebody everyone nobody".split())
 _OBJECTS = frozenset("it them me him her us you this that".split())   # "let me in", "fill it out"

@@ -51,6 +51,7 @@ def test_an_unfinished_thought_waits(text: str) -> None:
     "Android",          # ends with "and" letters, but is a whole word
     "the Pandas",
     "Let me in",        # a particle after an object pronoun
+    "Mm-hmm.", "Uh-huh.",   # backchannels: a held agent must not wait turn_stop_secs for their "end"
     "",
 ])
 def test_a_finished_thought_is_answered_at_once(text: str) -> None:
