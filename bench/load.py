@@ -260,15 +260,21 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
     child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                   workdir / f"gateway{suffix}.log", env=env, niceness=-args.nice)   # back to normal priority
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    wait_healthy(child, url)
+    return child, url
+
+
+def wait_healthy(child: Child, url: str, timeout: float = 60.0) -> None:
+    """Until the gateway ``child`` at ``url`` answers /health (stopped and an error after ``timeout``)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         child.check_alive()
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return child, url
+                return
         time.sleep(0.1)
     child.stop()
-    raise RuntimeError(f"the gateway did not answer /health within 60 s:\n{child.tail()}")
+    raise RuntimeError(f"the gateway did not answer /health within {timeout:.0f} s:\n{child.tail()}")
 
 
 # ---------------------------------------------------------------------------------------------- one level

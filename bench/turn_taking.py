@@ -46,7 +46,18 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.load import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, ROOT, Child, free_port, piper_speech, proc_cpu_s, wait_quiet
+from bench.load import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    ROOT,
+    Child,
+    free_port,
+    piper_speech,
+    proc_cpu_s,
+    wait_healthy,
+    wait_quiet,
+)
 from gateway.simulate.call import SimulatedCall
 from pipeline.audio import silence
 from pipeline.settings import Persona
@@ -112,15 +123,8 @@ def start_gateway(root: Path, workdir: Path, fake_url: str, extra: dict[str, Any
     child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                   workdir / "gateway.log", env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        child.check_alive()
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return child, url
-        time.sleep(0.1)
-    child.stop()
-    raise RuntimeError(f"the gateway did not answer /health within 60 s:\n{child.tail()}")
+    wait_healthy(child, url)
+    return child, url
 
 
 class Bench:

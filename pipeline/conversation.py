@@ -87,7 +87,7 @@ class Conversation:
                                     on_event=on_event, on_failure=self._fail, clock=clock, tools=tools,
                                     on_tool=on_tool)
         self.interruptions = InterruptionGuard(settings=settings, language=persona.language, control=playout,
-                                               speaking=self._agent_speaking, interrupt=self._responder.interrupt,
+                                               speaking=lambda: playout.speaking, interrupt=self._responder.interrupt,
                                                spawn=spawn, clock=clock)
         self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
                                 on_speech_start=self._speech_started, on_turn=self._take_turn,
@@ -147,9 +147,6 @@ class Conversation:
         self._last_activity, self._prompted = self._clock(), False
         if self.settings.barge_in:
             self.interruptions.on_speech_start(self._turns.preroll)
-
-    def _agent_speaking(self) -> bool:
-        return self._playout.speaking or self._responder.running
 
     def _take_turn(self, turn: Turn) -> None:
         backchannel = self.interruptions.on_turn(turn.text)    # or it commits the interruption now

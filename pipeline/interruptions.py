@@ -111,8 +111,9 @@ def is_backchannel(text: str, phrases: Iterable[tuple[str, ...]], *, partial: bo
 class InterruptionGuard:
     """One call's barge-in decision; all methods run on the call's event loop.
 
-    ``speaking()`` tells whether the agent is talking (only then is a speech start a suspected
-    interruption), ``interrupt()`` commits one (cancel, flush, keep what was heard), ``model`` is the
+    ``speaking()`` tells whether the agent is talking, its audio queued or playing (only then is a speech
+    start a suspected interruption: a caller who speaks while an answer is still being prepared takes a
+    turn as before), ``interrupt()`` commits one (cancel, flush, keep what was heard), ``model`` is the
     Silero session used as speech evidence (None: sustained energy is the evidence), ``vad_is_speech_model``
     that the VAD itself is Silero (its speech start is the evidence)."""
 

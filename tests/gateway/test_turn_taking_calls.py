@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from gateway.simulate.call import SimulatedCall
 from pipeline.audio import silence
 from pipeline.settings import Persona
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, phone_config, running_gateway
@@ -23,14 +24,20 @@ GREETING = Persona().greeting
 MS_PER_CHAR = 60            # the fake TTS: the greeting lasts about 2 s
 
 
+async def greeted(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
+    """A call whose greeting has started playing."""
+    call = twilio_call(url, twilio)
+    await call.dial()
+    await call.connect()
+    await call.wait_audio(after=0, timeout=5)
+    return call
+
+
 async def test_uh_huh_over_the_greeting_leaves_the_agent_talking() -> None:
     async with (FakeOpenAI(transcripts=["Uh-huh."], replies=["Reply."], tts_ms_per_char=MS_PER_CHAR) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url:
-            call = twilio_call(url, twilio)
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
+            call = await greeted(url, twilio)
             await asyncio.sleep(0.3)
             await call.speak(speech_pcm("uh huh", 8000) + silence(600, 8000))
             await call.wait_quiet(600)
@@ -46,10 +53,7 @@ async def test_a_real_interruption_cuts_the_agent_off() -> None:
     async with (FakeOpenAI(transcripts=[words], replies=["Sure."], tts_ms_per_char=MS_PER_CHAR) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url:
-            call = twilio_call(url, twilio)
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
+            call = await greeted(url, twilio)
             await asyncio.sleep(0.3)
             speaking = asyncio.create_task(call.speak(speech_pcm(words, 8000) + silence(600, 8000)))
             await call.wait_clear(timeout=3)
@@ -70,10 +74,7 @@ async def test_a_pause_inside_a_phone_number_is_not_answered() -> None:
     async with (FakeOpenAI(transcripts=[first, whole], replies=["Thanks."], tts_ms_per_char=15) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
         async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url:
-            call = twilio_call(url, twilio)
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
+            call = await greeted(url, twilio)
             await call.wait_quiet(400)
             paused_at = await call.speak(speech_pcm("My phone number is five five five.", 8000))
             resumed_at = await call.speak(silence(1200, 8000))
