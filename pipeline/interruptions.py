@@ -135,7 +135,6 @@ class InterruptionGuard:
         self._evidence_ms = 0.0
         self._probe: SileroVAD | None = None
         self._timer: asyncio.Task[None] | None = None
-        self.confirmed_at: float | None = None    # when the last suspicion found speech (for the bench/logs)
 
     @property
     def suspected(self) -> bool:
@@ -151,7 +150,6 @@ class InterruptionGuard:
         if self.state is not State.IDLE or not self._speaking():
             return
         self.state, self._since, self._evidence_ms = State.SUSPECTED, self._clock(), 0.0
-        self.confirmed_at = None
         if self._vad_is_speech_model:
             self._speech_confirmed("the speech model's VAD")
             return
@@ -224,12 +222,11 @@ class InterruptionGuard:
     def _speech_confirmed(self, by: str) -> None:
         self._probe = None
         self._cancel_timer()
-        self.confirmed_at = self._clock()
         if not self._phrases and self.settings.min_words == 0:
             self._commit(by)
             return
         logger.info("interruption confirmed by %s after %.0f ms; holding the agent until the words are known",
-                    by, (self.confirmed_at - self._since) * 1000.0)
+                    by, (self._clock() - self._since) * 1000.0)
         self.state = State.HELD
         self._control.hold()
 
