@@ -215,10 +215,10 @@ class Child:
     """A subprocess this benchmark started (and alone stops), logging to a file."""
 
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 niceness: int = 0) -> None:
+                 niceness: int = 0, cwd: Path = ROOT) -> None:
         self.name, self.log = name, log
         self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         self.pid = self.proc.pid
@@ -309,16 +309,23 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
     child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                   workdir / f"gateway{suffix}.log", env=env, niceness=-args.nice)   # back to normal priority
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    wait_healthy(child, url, workers=args.workers)
+    return child, url
+
+
+def wait_healthy(child: Child, url: str, timeout: float = 60.0, workers: int = 1) -> None:
+    """Until the gateway ``child`` at ``url`` answers /health, and with ``workers`` > 1 its /ready counts them
+    all (stopped and an error after ``timeout``)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         child.check_alive()
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             if httpx.get(url + "/health", timeout=1).status_code == 200 and (
-                    args.workers == 1 or httpx.get(url + "/ready", timeout=1).json()["workers"] == args.workers):
-                return child, url
+                    workers == 1 or httpx.get(url + "/ready", timeout=1).json()["workers"] == workers):
+                return
         time.sleep(0.1)
     child.stop()
-    raise RuntimeError(f"the gateway did not answer /health within 60 s:\n{child.tail()}")
+    raise RuntimeError(f"the gateway did not answer /health within {timeout:.0f} s:\n{child.tail()}")
 
 
 # ---------------------------------------------------------------------------------------------- one level

@@ -48,7 +48,7 @@ from gateway.storage.transcripts import TranscriptWriter
 from pipeline.conversation import ConversationSettings, ProviderChain
 from pipeline.providers import build_llm, build_stt, build_tts
 from pipeline.providers.openai import open_session
-from pipeline.silero_vad import SileroModel
+from pipeline.silero_vad import SileroModel, SileroUnavailable
 from pipeline.tools import McpServer, McpStartError, ToolSettings, mcp_specs
 
 __all__ = ["Services", "announce_access", "create_app"]
@@ -171,11 +171,19 @@ async def _render_apology(c: Config, chain: ProviderChain) -> ProviderChain:
 
 
 async def conversation_settings(config: Config) -> ConversationSettings:
-    """The calls' settings; with vad_type 'silero', the one Silero session they share, loaded off the loop."""
+    """The calls' settings; with vad_type 'silero', or barge-ins confirmed by speech (interruption_strategy
+    'speech') when Silero is installed, the one Silero session they share, loaded off the loop."""
     settings = ConversationSettings.from_config(config)
-    if config.vad_type != "silero":
-        return settings
     model = SileroModel()
+    if config.vad_type != "silero":
+        if not config.barge_in or config.interruption_strategy != "speech":
+            return settings
+        try:
+            model.check()
+        except SileroUnavailable as exc:
+            logger.warning("barge-ins are confirmed by sustained energy, not speech, so noise can interrupt "
+                           "the agent: %s", exc)
+            return settings
     await asyncio.to_thread(model.load)
     return dataclasses.replace(settings, silero_model=model)
 

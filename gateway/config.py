@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from carriers import CARRIERS
 from gateway.carrier_config import CarriersConfig, _ConfigError, _mask_url
 from pipeline.providers import PROVIDERS, ProviderSettings, lookup
+from pipeline.settings import DEFAULT_BACKCHANNELS
 from pipeline.silero_vad import SileroModel, SileroUnavailable
 from pipeline.tools.mcp import mcp_specs
 
@@ -190,7 +191,12 @@ class Config:
     vad_stop_ms: int = 400               # silence this long ends speech and asks "is the turn complete?"
     turn_stop_secs: float = 3.0          # longest silence after speech before the turn is forced to end
     max_utterance_secs: float = 30.0     # longer speech is cut into a turn
-    barge_in: bool = True
+    barge_in: bool = True                # the seed's allow_interruptions (accepted as its alias)
+    interruption_strategy: str = "speech"   # "speech": a barge-in needs speech evidence; "immediate": any VAD start
+    interruption_speech_ms: int = 64     # Silero speech (or, without it, energy) this long confirms a barge-in
+    false_interruption_secs: float = 0.5  # a suspected barge-in with no speech by then: the agent goes on
+    min_words: int = 0                   # words (not backchannels) a barge-in needs before it cuts the answer
+    backchannels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_BACKCHANNELS))
     outbound_lead_ms: int = 100          # audio sent ahead of real time (the carrier buffer we keep)
     outbound_tick_ms: int = 10           # the pacers of all calls wake on one grid of this step (0: each its own)
     playout_max_buffer_ms: int = 10000   # TTS audio held before the producer waits
@@ -297,6 +303,7 @@ class Config:
         raw = dict(raw)
         if isinstance(raw.get("workers"), str) and raw["workers"].strip().lower() == "auto":
             raw["workers"] = cores()
+        _seed_alias(raw, "allow_interruptions", "barge_in", problems)
         try:
             carriers = CarriersConfig.build(raw.pop("carriers", {}), environ)
         except _ConfigError as exc:
@@ -339,6 +346,16 @@ class Config:
 # ---------------------------------------------------------------------------------------------- building
 
 _NESTED_ENV_ALIASES = {"VOXRAY_TRANSCRIPTS_TABLE": ("transcripts", "table_name")}
+
+
+def _seed_alias(raw: dict[str, Any], seed: str, key: str, problems: _Problems) -> None:
+    """The seed's name ``seed`` for ``key``: taken as it, unless both are given and differ."""
+    if seed not in raw:
+        return
+    value = raw.pop(seed)
+    if key in raw and raw[key] != value:
+        problems.add(f"'{seed}' (the seed's name for '{key}') is {value!r} but '{key}' is {raw[key]!r}: keep one")
+    raw.setdefault(key, value)
 
 
 def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -510,6 +527,7 @@ _CHOICES = {
     "amd_action": ("hangup", "message"),
     "busy_answer": ("speak", "503"),
     "realtime_turn_detection": ("server_vad", "semantic_vad", "local"),
+    "interruption_strategy": ("speech", "immediate"),
 }
 
 
@@ -535,7 +553,7 @@ def _validate(c: Config, problems: _Problems) -> None:
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
                 "webrtc_connect_timeout_secs", "webrtc_idle_timeout_secs", "webrtc_max_sdp_bytes",
                 "media_burst_ms", "call_stop_timeout_secs", "ws_max_queued_events", "load_lag_threshold_ms",
-                "load_window_secs", "load_sample_ms",
+                "load_window_secs", "load_sample_ms", "interruption_speech_ms", "false_interruption_secs",
                 "local_stt_processes", "local_stt_max_pending", "max_request_body_bytes", "http_header_timeout_secs",
                 "http_max_header_bytes", "http_keep_alive_timeout_secs", "startup_check_timeout_secs",
                 "mcp_start_timeout_secs", "tool_max_repeats", "tool_timeout_secs", "tool_max_result_bytes", "workers")
@@ -544,7 +562,7 @@ def _validate(c: Config, problems: _Problems) -> None:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
     for key in ("ws_write_coalesce_ms", "outbound_tick_ms", "provider_retries", "media_max_bad_messages",
                 "silence_prompt_secs", "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds",
-                "tool_filler_secs"):
+                "tool_filler_secs", "min_words"):
         if getattr(c, key) < 0:
             problems.add(f"'{key}' must be 0 or more (got {getattr(c, key)})")
     if c.server_api_key and c.allow_unauthenticated:
@@ -557,6 +575,14 @@ def _validate(c: Config, problems: _Problems) -> None:
     if c.outbound_tick_ms >= c.outbound_lead_ms > 0:
         problems.add(f"'outbound_tick_ms' ({c.outbound_tick_ms}) must be below 'outbound_lead_ms' "
                      f"({c.outbound_lead_ms}): a pacer wake-up may come one tick late and the lead must cover it")
+    if c.interruption_speech_ms / 1000.0 >= c.false_interruption_secs:
+        problems.add(f"'interruption_speech_ms' ({c.interruption_speech_ms}) must be shorter than "
+                     f"'false_interruption_secs' ({c.false_interruption_secs} s): speech must be able to confirm "
+                     "a barge-in before the agent gives up waiting for it")
+    for language, phrases in c.backchannels.items():
+        if not phrases.strip() or any(not p.strip() for p in phrases.split(",")):
+            problems.add(f"'backchannels.{language}' must be comma-separated phrases, e.g. \"uh huh, yeah, okay\" "
+                         f"(got {phrases!r}); remove the language to have none")
     if c.ws_write_coalesce_ms > 200:
         problems.add(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
     if c.webrtc_max_sdp_bytes > c.max_request_body_bytes:

@@ -40,6 +40,7 @@ from pipeline.events import (
     TurnLatency,
 )
 from pipeline.frames import AudioFrame
+from pipeline.interruptions import InterruptionGuard
 from pipeline.playout import Playout
 from pipeline.provider_chain import ProviderCalls, ProviderChain
 from pipeline.providers.base import Message, Tool
@@ -84,12 +85,18 @@ class Conversation:
         self.messages: list[Message] = ([dict(m) for m in context]
                                         or [{"role": "system", "content": persona.system}])
         calls = ProviderCalls(providers, settings=settings, persona=persona)
-        self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
-                                on_speech_start=self._speech_started, on_turn=self._take_turn,
-                                on_failure=self._fail, clock=clock, listen=calls.live_transcription)
         self._responder = Responder(playout=playout, providers=calls, messages=self.messages, spawn=spawn,
                                     on_event=on_event, on_failure=self._fail, clock=clock, tools=tools,
                                     on_tool=on_tool, max_tool_rounds=settings.tool_max_rounds)
+        self.interruptions = InterruptionGuard(settings=settings, language=persona.language, control=playout,
+                                               speaking=lambda: playout.speaking, interrupt=self._responder.interrupt,
+                                               spawn=spawn, clock=clock)
+        self._turns = TurnTaker(settings=settings, transcribe=calls.transcribe, spawn=spawn,
+                                on_speech_start=self._speech_started, on_turn=self._take_turn,
+                                on_failure=self._fail, clock=clock, on_speech_stop=self.interruptions.on_speech_stop,
+                                on_no_words=self.interruptions.on_silence, language=persona.language,
+                                listen=calls.live_transcription,
+                                on_interim=self.interruptions.confirm_with_transcript)
         self._closed = False
         self._ending = False
         self._apology_task: asyncio.Task[None] | None = None
@@ -111,6 +118,7 @@ class Conversation:
         if self._closed or self._ending:
             return
         self._turns.on_audio(frame)
+        self.interruptions.on_audio(frame)
 
     def on_dtmf(self, digit: str) -> None:
         if self._closed or self._ending:
@@ -139,6 +147,7 @@ class Conversation:
         """Stop everything; the tasks are cancelled by their TaskGroup or here."""
         self._closed = True
         self._turns.close()
+        self.interruptions.close()
         for task in (self._apology_task, self._silence_task):
             if task is not None:
                 task.cancel()
@@ -148,10 +157,13 @@ class Conversation:
     def _speech_started(self) -> None:
         self._silence.activity(caller=True)
         if self.settings.barge_in:
-            self._responder.interrupt()
+            self.interruptions.on_speech_start(self._turns.preroll)
 
     def _take_turn(self, turn: Turn) -> None:
+        backchannel = self.interruptions.on_turn(turn.text)    # or it commits the interruption now
         self._emit(TranscriptEvent("user", turn.text, spoken_s=turn.spoken_s, ended_s_ago=turn.ended_s_ago))
+        if backchannel:                                        # the agent went on talking
+            return
         self.messages.append({"role": "user", "content": turn.text})
         self._responder.answer(speech_end=turn.speech_end, turn_wait_ms=turn.turn_wait_ms, stt_ms=turn.stt_ms)
 

@@ -10,12 +10,18 @@ wakes ``1000 / tick_ms`` times a second instead of once per call per frame. A wa
 ``tick_ms`` late, which the ``lead_ms`` already in the carrier's buffer absorbs (``tick_ms`` must stay
 below ``lead_ms``). Audio written to an idle playout is still sent at once (no timer involved).
 
+A suspected barge-in pauses the pacer (``pause()``: nothing more is sent, the transport plays out the
+lead it holds); ``hold()`` also flushes the transport but keeps the audio it had not played yet, rewound
+into the queue; ``resume()`` carries on from exactly where the listener stopped hearing.
+
 Usage (one per call; ``send`` writes one frame to the socket)::
 
     playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000, tick_ms=10)
     tg.create_task(playout.run(send))
     await playout.write(pcm8k)          # waits while more than max_buffer_ms is queued
     playout.mark("r1-c0")               # acknowledged by the carrier once played
+    playout.pause(); playout.hold()     # suspected barge-in: stop sending; flush but keep the audio
+    playout.resume()                    # it was not one: carry on where the listener stopped
     playout.clear()                     # barge-in
 """
 
@@ -60,6 +66,9 @@ class Playout:
         self._drained = asyncio.Event()
         self._drained.set()
         self._clear_pending = False
+        self._paused = False
+        self._flushed = False       # hold() flushed the transport and nothing was sent since
+        self._sent: collections.deque[tuple[float, bytes | Mark]] = collections.deque()  # (played by, item)
         self._play_until = 0.0      # when the transport will have played everything we sent
         self._speaking = False
         self.sent_ms = 0.0          # audio sent so far (monotonic position in the outbound stream)
@@ -97,7 +106,9 @@ class Playout:
         self._queue.clear()
         self._queued_bytes = 0
         self._partial = b""
-        self._clear_pending = True
+        self._sent.clear()
+        self._paused = False
+        self._clear_pending = self._clear_pending or not self._flushed
         self.pending_marks.clear()
         now = self._clock()
         if self._play_until > now:
@@ -105,6 +116,50 @@ class Playout:
         self._play_until = now
         self._space.set()
         self._wake()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop sending (a suspected barge-in); the transport plays what it holds, at most ``lead_ms``."""
+        self._paused = True
+
+    def hold(self) -> None:
+        """Paused, and the transport flushed too; the audio it had not played yet goes back to the head
+        of the queue (with its marks), so :meth:`resume` loses nothing."""
+        self._paused = True
+        now = self._clock()
+        unplayed: list[bytes | Mark] = []
+        for ends_at, item in self._sent:
+            if isinstance(item, Mark):
+                if ends_at > now:
+                    self.pending_marks.discard(item.name)
+                    unplayed.append(item)
+                continue
+            left = ends_at - now
+            if left <= 0:
+                continue
+            keep = min(len(item), int(left * 1000.0 * self._bytes_per_ms) // 2 * 2)
+            if keep:
+                unplayed.append(item[len(item) - keep:])
+        self._sent.clear()
+        for item in reversed(unplayed):
+            self._queue.appendleft(item)
+            if isinstance(item, bytes):
+                self._queued_bytes += len(item)
+        if self._play_until > now:
+            self.sent_ms -= (self._play_until - now) * 1000.0
+        self._play_until = now
+        if not self._flushed:
+            self._clear_pending, self._flushed = True, True
+        self._wake()
+
+    def resume(self) -> None:
+        """Carry on sending after :meth:`pause` or :meth:`hold`."""
+        if self._paused:
+            self._paused = False
+            self._wake()
 
     def acknowledge(self, name: str) -> bool:
         """A marker came back; True when it was played (not flushed by a clear)."""
@@ -147,6 +202,9 @@ class Playout:
                 self._clear_pending = False
                 await send(Clear())
                 continue
+            if self._paused:
+                await self._sleep(loop, None)
+                continue
             if not self._queue:
                 now = self._clock()
                 if self._play_until > now:
@@ -157,6 +215,8 @@ class Playout:
                 await self._sleep(loop, None)
                 continue
             now = self._clock()
+            while self._sent and self._sent[0][0] <= now:
+                self._sent.popleft()
             if self._play_until < now:
                 self._play_until = now          # the transport ran dry (or a new utterance starts)
             ahead = self._play_until - now
@@ -206,6 +266,8 @@ class Playout:
             self._set_speaking(True)
             self._play_until += ms / 1000.0
             self.sent_ms += ms
+            self._sent.append((self._play_until, pcm))
+            self._flushed = False
             if self._queued_bytes <= self._max_bytes:
                 self._space.set()
             await send(AudioFrame(pcm, self.sample_rate))
@@ -213,6 +275,7 @@ class Playout:
             mark = self._queue.popleft()
             assert isinstance(mark, Mark)
             self.pending_marks.add(mark.name)
+            self._sent.append((self._play_until, mark))
             await send(mark)
 
     def _set_speaking(self, speaking: bool) -> None:

@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from pipeline.silero_vad import SileroModel
     from pipeline.tools.http import HttpToolSpec
 
-__all__ = ["ConversationSettings", "Persona"]
+__all__ = ["DEFAULT_BACKCHANNELS", "ConversationSettings", "Persona"]
+
+# Per language, comma-separated: what a listener says to show they follow, not to take the floor.
+DEFAULT_BACKCHANNELS: Mapping[str, str] = {
+    "en": "uh huh, mm hmm, mhm, hmm, yeah, yep, yup, okay, ok, right, alright, all right, sure, i see, got it",
+    "es": "ajá, sí, vale, claro, ya, ok, okay, mhm",
+    "fr": "oui, ouais, d'accord, ok, okay, mhm, je vois",
+    "de": "ja, genau, okay, ok, mhm, stimmt, alles klar",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,11 @@ class ConversationSettings:
     turn_stop_secs: float = 3.0
     max_utterance_secs: float = 30.0
     barge_in: bool = True
+    interruption_strategy: str = "speech"   # "speech": confirmed by speech evidence; "immediate": any VAD start
+    interruption_speech_ms: float = 64      # speech evidence that confirms an interruption
+    false_interruption_secs: float = 0.5    # no evidence by then: the agent resumes
+    min_words: int = 0                      # words (not backchannels) an interruption needs, 0 = any
+    backchannels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_BACKCHANNELS))
     stt_timeout_secs: float = 10.0
     stt_stream_final_wait_ms: float = 500   # a streaming STT: longest wait for its finals after the speech stops
     llm_timeout_secs: float = 10.0

@@ -1,4 +1,4 @@
-"""Text helpers for speech: clause splitting of streamed LLM output, turn completeness, truncation.
+"""Text helpers for speech: clause splitting of streamed LLM output, truncation.
 
 Usage::
 
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ClauseSplitter", "looks_incomplete", "truncate_words"]
+__all__ = ["ClauseSplitter", "truncate_words"]
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:\u2014]\s")
-_TRAILING_INCOMPLETE = frozenset(
-    "and or but so because the a an to of with for if um uh er like my your our is are was i'm".split())
 
 
 class ClauseSplitter:
@@ -55,14 +53,6 @@ class ClauseSplitter:
         c = _CLAUSE_END.search(self._buf, clause_min - 1 if clause_min > 0 else 0)
         candidates = [x.end() for x in (m, c) if x is not None]
         return min(candidates) if candidates else None
-
-
-def looks_incomplete(text: str) -> bool:
-    """True when a transcript probably stops mid-thought ("I want to book a table for ... and")."""
-    words = re.findall(r"[\w']+", text.lower())
-    if not words:
-        return False
-    return words[-1] in _TRAILING_INCOMPLETE or text.rstrip().endswith((",", "-", "..."))
 
 
 def truncate_words(text: str, fraction: float) -> str:

@@ -2,8 +2,9 @@
 
 The VAD marks speech starts and stops; a little audio from before each start (``preroll_ms``) joins the
 utterance so its first syllable is kept. At each speech stop the utterance is transcribed at once: words
-that sound complete are a turn now, words that trail off (:func:`~pipeline.text.looks_incomplete`) wait
-until ``turn_stop_secs`` after the speech ended, and speech resuming meanwhile continues the same turn.
+that end a thought are a turn now, words that do not (:func:`~pipeline.end_of_turn.judge`: the sentence
+so far, and the pitch of its last words) wait until ``turn_stop_secs`` after the speech ended, and speech
+resuming meanwhile continues the same turn.
 Speech longer than ``max_utterance_secs`` is cut into a turn as it goes. DTMF digits are collected until
 ``#`` or a pause of ``dtmf_timeout_ms`` and become a turn ``[DTMF] 123``.
 
@@ -34,12 +35,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.audio import Resampler
+from pipeline.end_of_turn import judge
 from pipeline.frames import AudioFrame
 from pipeline.live_stt import LiveTranscription
 from pipeline.provider_chain import ProvidersFailed
 from pipeline.settings import ConversationSettings
 from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
-from pipeline.text import looks_incomplete
 from pipeline.vad import EnergyVAD, Vad, VadEvent
 
 __all__ = ["PIPELINE_RATE", "DigitCollector", "Turn", "TurnTaker", "new_vad"]
@@ -95,19 +96,27 @@ class TurnTaker:
 
     ``on_speech_start`` is called when the VAD hears speech begin (before anything else happens: a
     barge-in goes there), ``on_turn`` with each complete turn, ``on_failure(code, message)`` when no STT
-    could transcribe. Tasks are started with ``spawn`` so the call's TaskGroup owns them."""
+    could transcribe. ``on_speech_stop`` (optional) is asked at each speech stop whether the sound was
+    speech (False drops the utterance: no turn), ``on_no_words`` is told when a transcript came back empty.
+    ``language`` picks the end-of-turn rules. Tasks are started with ``spawn`` so the call's TaskGroup
+    owns them."""
 
     def __init__(self, *, settings: ConversationSettings, transcribe: Transcribe,
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
                  on_speech_start: Callable[[], None], on_turn: Callable[[Turn], None],
                  on_failure: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic,
-                 listen: Listen | None = None, on_interim: Callable[[str], None] = _ignore) -> None:
+                 listen: Listen | None = None, on_interim: Callable[[str], None] = _ignore,
+                 on_speech_stop: Callable[[], bool] | None = None, on_no_words: Callable[[], None] | None = None,
+                 language: str = "en") -> None:
         self.settings = settings
         self._transcribe = transcribe
         self._spawn = spawn
         self._on_speech_start = on_speech_start
         self._on_turn = on_turn
         self._on_failure = on_failure
+        self._on_speech_stop = on_speech_stop
+        self._on_no_words = on_no_words
+        self._language = language
         self._clock = clock
         self._listen = listen
         self._on_interim = on_interim
@@ -123,6 +132,11 @@ class TurnTaker:
         self._turn_task: asyncio.Task[None] | None = None
         self._digits = DigitCollector(timeout_ms=settings.dtmf_timeout_ms, spawn=spawn,
                                       on_digits=lambda digits: on_turn(Turn(f"[DTMF] {digits}")))
+
+    @property
+    def preroll(self) -> tuple[AudioFrame, ...]:
+        """The audio kept from just before now (the VAD's speech start lags the sound)."""
+        return tuple(self._preroll)
 
     @property
     def busy(self) -> bool:
@@ -146,6 +160,9 @@ class TurnTaker:
             while self._preroll_ms - self._preroll[0].duration_ms >= self.settings.preroll_ms:
                 self._preroll_ms -= self._preroll.popleft().duration_ms
         if event is VadEvent.SPEECH_STOP and self._utterance is not None:
+            if self._on_speech_stop is not None and not self._on_speech_stop():
+                self._drop_utterance()
+                return
             if self._turn_task is not None:
                 self._turn_task.cancel()
             self._turn_task = self._spawn(self._end_of_speech(self._utterance, self._live, self._clock()))
@@ -175,6 +192,11 @@ class TurnTaker:
             self._preroll.clear()
             self._preroll_ms = 0.0
         self._last_speech_at, self._speech_at_ms = self._clock(), self._utterance_ms
+
+    def _drop_utterance(self) -> None:
+        """The sound was not speech: no turn (a turn it continued is still judged on its own words)."""
+        self._utterance, self._utterance_ms = None, 0.0
+        self._end_live(self._live)             # and its stream, if a streaming STT was hearing it
 
     def _append(self, frame: AudioFrame) -> None:
         assert self._utterance is not None
@@ -219,7 +241,9 @@ class TurnTaker:
             self._on_failure("stt_failed", str(exc))
             return
         stt_ms = (self._clock() - t0) * 1000.0
-        if not complete and looks_incomplete(text):
+        verdict = judge(text, pcm, PIPELINE_RATE, language=self._language)
+        if not complete and not verdict.complete:
+            logger.debug("turn not over (%s): waiting up to turn_stop_secs", verdict.reason)
             remaining = speech_end + self.settings.turn_stop_secs - self._clock()
             if remaining > 0:
                 await asyncio.sleep(remaining)     # cancelled if the caller speaks again
@@ -228,6 +252,8 @@ class TurnTaker:
             self._turn_task = None
         self._end_live(live)                   # this utterance is over (taken, or cut): its stream too
         if not text.strip():
+            if self._on_no_words is not None:
+                self._on_no_words()
             return
         spoken_s = sum(len(chunk) for chunk in utterance) / 2 / self._utterance_rate
         self._on_turn(Turn(text, spoken_s=spoken_s,

@@ -310,7 +310,8 @@ class SimulatedCall:
 # ---------------------------------------------------------------------------------------------- test audio
 def synthetic_voice(seconds: float = 1.2, rate: int = 8000) -> bytes:
     """A voiced, syllable-modulated signal well above the VAD threshold that ends exactly at its last sample
-    (it opens turns and barges in; no recogniser understands it: ``voxray simulate`` speaks real sentences)."""
+    (it opens turns for the energy VAD; the Silero model, which confirms barge-ins, takes it for no speech, and
+    no recogniser understands it: ``voxray simulate`` speaks real sentences)."""
     import numpy as np
 
     t = np.arange(int(seconds * rate)) / rate

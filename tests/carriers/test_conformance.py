@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.simulate.call import SimulatedCall, synthetic_voice
 from tests.conftest import PUBLIC_URL, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
+from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.asyncio
 
@@ -83,7 +84,7 @@ async def test_a_whole_call(carrier: str) -> None:
             await asyncio.sleep(1.5)
             assert call.playing()
             barge_at = time.monotonic()
-            barge = asyncio.create_task(call.speak(synthetic_voice(1.0)))
+            barge = asyncio.create_task(call.speak(speech_pcm("Thanks, that is all.", 8000)))  # speech: Silero confirms
             assert await call.wait_clear(timeout=5) - barge_at < 1.0
             end = await barge
             await call.wait_audio(after=end, timeout=10)

@@ -236,6 +236,14 @@ def test_derived_providers_is_not_a_config_key() -> None:
     ({"http_max_header_bytes": 512}, "'http_max_header_bytes'"),
     ({"forwarded_allow_ips": ["proxy.internal"]}, "'forwarded_allow_ips'"),
     ({"forwarded_allow_ips": "*"}, "'forwarded_allow_ips'"),
+    ({"interruption_strategy": "keyword"}, "'interruption_strategy'"),
+    ({"interruption_speech_ms": 0}, "'interruption_speech_ms'"),
+    ({"false_interruption_secs": 0}, "'false_interruption_secs'"),
+    ({"interruption_speech_ms": 600, "false_interruption_secs": 0.5}, "'interruption_speech_ms'"),
+    ({"min_words": -1}, "'min_words'"),
+    ({"backchannels": {"en": ["yeah"]}}, "'backchannels'"),
+    ({"backchannels": {"en": "yeah,,okay"}}, "'backchannels.en'"),
+    ({"allow_interruptions": False, "barge_in": True}, "'allow_interruptions'"),
 ])
 def test_bad_values_name_the_key(raw: dict[str, Any], key: str) -> None:
     assert key in error(raw, OPENAI)
@@ -567,3 +575,11 @@ def test_workers_take_a_number_or_auto_for_one_per_core() -> None:
     with pytest.raises(ConfigError) as info:
         Config.load(None, {}, {"workers": "0"})
     assert str(info.value) == "'workers' must be greater than 0 (got 0 from --workers)"
+
+
+def test_turn_taking_keys_and_the_seed_name_of_barge_in() -> None:
+    c = Config.from_mapping({"allow_interruptions": False, "min_words": 2, "interruption_strategy": "immediate",
+                             "backchannels": {"en": "yeah, okay"}}, OPENAI)
+    assert c.barge_in is False and c.min_words == 2 and c.interruption_strategy == "immediate"
+    assert c.backchannels == {"en": "yeah, okay"}
+    assert Config.from_mapping({}, OPENAI).backchannels["en"].startswith("uh huh")

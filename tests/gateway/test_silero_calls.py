@@ -37,13 +37,17 @@ def twilio_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
     return call
 
 
-@pytest.mark.parametrize(("vad_type", "barges_in"), [("silero", False), ("energy", True)])
-async def test_a_noise_burst_interrupts_the_greeting_only_for_the_energy_vad(vad_type: str, barges_in: bool) -> None:
-    """-20 dBFS of white noise for 250 ms while the greeting plays: a barge-in and an STT request with the
-    energy VAD, nothing with Silero (the greeting plays to its end)."""
+@pytest.mark.parametrize(("vad_type", "strategy", "barges_in"),
+                         [("silero", "speech", False), ("energy", "speech", False), ("energy", "immediate", True)])
+async def test_a_noise_burst_interrupts_the_greeting_only_without_speech_evidence(vad_type: str, strategy: str,
+                                                                                  barges_in: bool) -> None:
+    """-20 dBFS of white noise for 250 ms while the greeting plays: nothing with the Silero VAD, nor with the
+    energy VAD when Silero must confirm a barge-in (the greeting plays to its end, the noise is no turn);
+    a barge-in and an STT request with ``interruption_strategy: "immediate"`` (the old behaviour)."""
     async with (FakeOpenAI(transcripts=[TRANSCRIPT], replies=[REPLY], tts_ms_per_char=60) as fake,
                 FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio):
-        async with running_gateway(phone_config(fake.base_url, twilio.base_url, vad_type=vad_type)) as url:
+        config = phone_config(fake.base_url, twilio.base_url, vad_type=vad_type, interruption_strategy=strategy)
+        async with running_gateway(config) as url:
             call = twilio_call(url, twilio)
             await call.dial()
             await call.connect()

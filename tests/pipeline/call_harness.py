@@ -50,7 +50,8 @@ FAST = ConversationSettings(
     stt_timeout_secs=0.3, llm_timeout_secs=0.3, tts_timeout_secs=0.3, provider_retries=1,
     dtmf_timeout_ms=200, preroll_ms=100, silence_prompt_secs=0.0,      # no watchdog unless a test asks
     apology_text="Sorry, something broke. Goodbye.",
-)
+    interruption_strategy="immediate",      # the caller's "speech" is a tone; tests/pipeline/test_interruptions.py
+)                                            # covers the speech-evidence strategy with real speech
 SILENT = Persona(greeting="")
 SYSTEM = {"role": "system", "content": SILENT.system}
 

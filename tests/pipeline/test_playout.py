@@ -449,3 +449,64 @@ async def test_on_speaking_false_after_a_clear() -> None:
         playout.clear()
         await wait_for(lambda: calls == [True, False], timeout=0.5)
         assert not playout.speaking
+
+
+# ------------------------------------------------------------------------------ pause, hold, resume
+
+def numbered(frames: int) -> bytes:
+    """``frames`` 20 ms frames, frame i filled with the value i + 1."""
+    return b"".join(pcm(20, i + 1) for i in range(frames))
+
+
+async def test_pause_stops_sending_and_resume_goes_on() -> None:
+    playout = new()
+    async with running(playout, Sink()) as sink:
+        await playout.write(numbered(30))
+        await wait_for(lambda: len(sink.audio()) >= 5)
+        playout.pause()
+        sent = len(sink.audio())
+        await asyncio.sleep(0.15)
+        assert len(sink.audio()) == sent and playout.paused and playout.speaking
+        playout.resume()
+        await playout.drained()
+    assert sink.audio_bytes() == numbered(30) and Clear() not in sink.frames
+
+
+async def test_hold_flushes_the_transport_and_resends_what_it_had_not_played() -> None:
+    """After a hold and a resume the listener hears every frame once: what the transport had not played
+    when it was flushed is sent again, and the stream position counts it once."""
+    playout = new(lead_ms=100)
+    async with running(playout, Sink()) as sink:
+        await playout.write(numbered(40))
+        playout.mark("m1")
+        await wait_for(lambda: len(sink.audio()) >= 12)
+        playout.hold()
+        await wait_for(lambda: Clear() in sink.frames)
+        at_clear = sink.frames.index(Clear())
+        before = [f.pcm for f in sink.frames[:at_clear] if isinstance(f, AudioFrame)]
+        await asyncio.sleep(0.1)
+        assert len(sink.frames) == at_clear + 1             # paused: nothing after the flush
+        playout.resume()
+        await playout.drained()
+    after = b"".join(f.pcm for f in sink.frames[at_clear + 1:] if isinstance(f, AudioFrame))
+    stream, sent = numbered(40), b"".join(before)
+    assert stream.startswith(sent) and stream.endswith(after)   # the rest of the stream, in order
+    resent = len(sent) + len(after) - len(stream)
+    assert 1 * FRAME_BYTES <= resent <= 6 * FRAME_BYTES          # from within the flushed lead (100 ms)
+    assert sink.frames[-1] == Mark("m1")
+    assert playout.sent_ms == pytest.approx(800, abs=20)    # the stream counts each frame once
+
+
+async def test_a_clear_after_a_hold_sends_no_second_flush() -> None:
+    playout = new()
+    async with running(playout, Sink()) as sink:
+        await playout.write(numbered(20))
+        await wait_for(lambda: len(sink.audio()) >= 3)
+        playout.hold()
+        await wait_for(lambda: Clear() in sink.frames)
+        playout.clear()
+        await asyncio.sleep(0.05)
+        assert not playout.paused and not playout.speaking
+        await playout.write(numbered(2))
+        await playout.drained()
+    assert sink.kinds().count("Clear") == 1

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipeline.text import ClauseSplitter, looks_incomplete, truncate_words
+from pipeline.text import ClauseSplitter, truncate_words
 
 
 def tokens(text: str) -> list[str]:
@@ -156,42 +156,6 @@ def test_flush_on_empty_or_blank() -> None:
     assert s.flush() == []
     assert s.feed("   ") == []
     assert s.flush() == []
-
-
-# ------------------------------------------------------------------------------ looks_incomplete
-
-@pytest.mark.parametrize("text", [
-    "I want to book a table for two and",
-    "I'd like the",
-    "my number is",
-    "um",
-    "Can you tell me about, ",
-    "I was thinking...",
-    "well it is kind of -",
-    "because",
-    "I'm",
-])
-def test_looks_incomplete_true(text: str) -> None:
-    assert looks_incomplete(text)
-
-
-@pytest.mark.parametrize("text", [
-    "",
-    "   ",
-    "I want to book a table for two.",
-    "What is on the menu?",
-    "Yes",
-    "Thanks, bye!",
-    "Android",          # ends with "and" letters, but is a whole word
-    "the Pandas",
-])
-def test_looks_incomplete_false(text: str) -> None:
-    assert not looks_incomplete(text)
-
-
-def test_looks_incomplete_is_case_insensitive() -> None:
-    assert looks_incomplete("Coffee AND")
-    assert looks_incomplete("coffee Or")
 
 
 # ------------------------------------------------------------------------------ truncate_words

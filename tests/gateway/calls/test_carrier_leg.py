@@ -226,7 +226,8 @@ async def test_malformed_json_and_bad_base64_are_dropped_and_the_call_goes_on() 
             await call.dial()
             await call.connect()
             try:
-                await call.wait_quiet(300, timeout=10)
+                await call.wait_audio(after=0, timeout=5)     # the greeting, then quiet: the tone is a turn,
+                await call.wait_quiet(300, timeout=10)        # not a sound over the agent (Silero: no speech)
                 await call.send_raw('{"event": "media", "streamSid": ')          # not JSON
                 await call.send_raw(media_message(call, "@@ not base64 @@"))       # invalid base64
                 rejected = await wait_metric(http, url, "voxray_media_messages_rejected_total", at_least=2,
@@ -272,7 +273,8 @@ async def test_binary_frame_is_dropped_as_malformed() -> None:
             await call.dial()
             await call.connect()
             try:
-                await call.wait_quiet(300, timeout=10)
+                await call.wait_audio(after=0, timeout=5)     # the greeting, then quiet: the tone is a turn,
+                await call.wait_quiet(300, timeout=10)        # not a sound over the agent (Silero: no speech)
                 await call.send_raw(b"\xff" * 160)
                 assert await wait_metric(http, url, "voxray_media_messages_rejected_total", carrier="twilio") == 1.0
                 await assert_answers(call, fake)
@@ -356,7 +358,8 @@ async def test_dtmf_digits_reach_the_llm() -> None:
             await call.dial()
             await call.connect()
             try:
-                await call.wait_quiet(300, timeout=10)
+                await call.wait_audio(after=0, timeout=5)     # the greeting, then quiet: the tone is a turn,
+                await call.wait_quiet(300, timeout=10)        # not a sound over the agent (Silero: no speech)
                 started = time.monotonic()
                 await call.dtmf("5")
                 await call.dtmf("#")
