@@ -70,7 +70,7 @@ import httpx
 import numpy as np
 
 from bench import browsers
-from gateway.simulate.call import SimulatedCall
+from gateway.simulate.call import BusyAnswer, SimulatedCall
 from pipeline.audio import rms, ulaw_decode, ulaw_encode
 from pipeline.text import ClauseSplitter
 
@@ -397,9 +397,14 @@ async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech
     speech_s = len(speech) / 16000.0
     try:
         if transport == "phone":
-            response = await call.dial()
-            if response.status_code == 503 or (response.status_code == 200 and "<Stream" not in response.text):
-                lvl.refused.append((i, response.status_code))   # 503, or "all lines are busy" and hang up
+            try:
+                response = await call.dial()
+            except BusyAnswer:                                  # "all lines are busy", then hang up
+                lvl.refused.append((i, 200))
+                lvl.setup_done()
+                return
+            if response.status_code == 503:                     # for the carrier's fallback URL
+                lvl.refused.append((i, 503))
                 lvl.setup_done()
                 return
             if response.status_code != 200:

@@ -34,7 +34,15 @@ from urllib.parse import urlparse
 import httpx
 import websockets
 
-__all__ = ["SimulatedCall", "Received"]
+__all__ = ["BusyAnswer", "SimulatedCall", "Received"]
+
+
+class BusyAnswer(Exception):
+    """The gateway answered the webhook with the carrier's busy markup (it says ``busy_text`` and hangs up:
+    it is at ``max_concurrent_calls`` or overloaded), not a media stream."""
+
+
+_BUSY_MARKS = ("<Hangup/>", '"action": "talk"', '"action":"talk"')   # TwiML/TeXML/Plivo XML, a Vonage NCCO
 
 
 @dataclass(slots=True)
@@ -106,7 +114,8 @@ class SimulatedCall:
 
     # ------------------------------------------------------------------------------ webhook
     async def dial(self, *, signature: str | None = None, **extra: str) -> httpx.Response:
-        """Send the signed webhook; on 200, parse the answer's stream URL and parameters."""
+        """Send the signed webhook; on 200, parse the answer's stream URL and parameters (:class:`BusyAnswer`
+        when the answer is the carrier's busy markup instead)."""
         kwargs: dict[str, Any] = {"signature": signature} if signature is not None else {}
         if self.path != f"/start/{self.carrier}":
             kwargs["path"] = self.path
@@ -118,7 +127,12 @@ class SimulatedCall:
             response = await http.request(hook.method, self.gateway + hook.path, content=hook.body,
                                           headers=dict(hook.headers))
         if response.status_code == 200:
-            self._stream_url = self.dialect.answer(response.status_code, response.text)
+            try:
+                self._stream_url = self.dialect.answer(response.status_code, response.text)
+            except Exception:
+                if any(mark in response.text for mark in _BUSY_MARKS):
+                    raise BusyAnswer(response.text[:200]) from None
+                raise
             self.session_id = urlparse(self._stream_url).path.rstrip("/").rsplit("/", 1)[-1]
         return response
 

@@ -35,7 +35,7 @@ import httpx
 import websockets
 
 from gateway.redaction import short_id
-from gateway.simulate.call import SimulatedCall
+from gateway.simulate.call import BusyAnswer, SimulatedCall
 from gateway.simulate.caller_audio import DEFAULT_SENTENCES, CallerAudioError, Utterance, from_wav, spoken
 
 if TYPE_CHECKING:
@@ -169,11 +169,11 @@ async def _dial(call: SimulatedCall, options: Options, url: str, in_process: boo
                               "is it overloaded, or is --url another server?") from None
     except httpx.HTTPError as exc:
         raise SimulationError(f"the webhook to {url} failed: {type(exc).__name__}: {_first_line(str(exc))}") from None
+    except BusyAnswer:
+        raise SimulationError(f"the gateway at {url} answered busy (it says busy_text and hangs up: it is at "
+                              "max_concurrent_calls or overloaded): try again later, or raise "
+                              "max_concurrent_calls") from None
     except Exception as exc:  # noqa: BLE001 - the dialect could not parse the answer: one line, not a traceback
-        if any(mark in str(exc) for mark in ("<Hangup/>", '"action": "talk"', '"action":"talk"')):
-            raise SimulationError(f"the gateway at {url} answered busy (it says busy_text and hangs up: it is at "
-                                  "max_concurrent_calls or overloaded): try again later, or raise "
-                                  "max_concurrent_calls") from None
         raise SimulationError(f"the gateway at {url} answered the webhook with something that is not "
                               f"{options.carrier} markup ({_first_line(str(exc)) or type(exc).__name__})") from None
     if response.status_code != 200:
