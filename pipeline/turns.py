@@ -241,7 +241,7 @@ class TurnTaker:
             self._on_failure("stt_failed", str(exc))
             return
         stt_ms = (self._clock() - t0) * 1000.0
-        verdict = judge(text, pcm, PIPELINE_RATE, language=self._language)
+        verdict = judge(text, b"".join(utterance), self._utterance_rate, language=self._language)   # its own rate
         if not complete and not verdict.complete:
             logger.debug("turn not over (%s): waiting up to turn_stop_secs", verdict.reason)
             remaining = speech_end + self.settings.turn_stop_secs - self._clock()

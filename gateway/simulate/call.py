@@ -189,7 +189,8 @@ class SimulatedCall:
                 next_at = loop.time()       # fell behind: do not burst
 
     async def speak(self, pcm: bytes) -> float:
-        """Queue speech (PCM16 at 8 kHz, resampled to the dialect's rate); returns when its last frame went out."""
+        """Queue speech (PCM16 at 8 kHz, resampled to the dialect's rate); returns when its last frame went out,
+        or when the gateway closed the call first (the rest is never sent)."""
         if self.rate != 8000:
             from pipeline.audio import Resampler
 
@@ -198,7 +199,12 @@ class SimulatedCall:
         self._sent_event.clear()
         for i in range(0, len(pcm), step):
             self._outgoing.put_nowait(pcm[i:i + step].ljust(step, b"\x00"))
-        await self._sent_event.wait()
+        waits = [asyncio.ensure_future(self._sent_event.wait()), asyncio.ensure_future(self._closed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         return time.monotonic()
 
     async def dtmf(self, digit: str) -> None:

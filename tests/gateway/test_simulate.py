@@ -253,3 +253,28 @@ def test_missing_offline_packages_are_one_line(capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["voxray: configuration error: the offline 'local' stt provider needs pocketsphinx: install it "
                      "with pip install 'voxray[local]', or configure a provider and its key"]
+
+
+@pytest.mark.asyncio
+async def test_speaking_ends_when_the_gateway_closes_the_call() -> None:
+    """The emulated caller stops talking when the line drops: ``speak`` returns instead of waiting for
+    frames that can no longer be sent (a simulation, a benchmark or a test would hang there)."""
+    import httpx
+
+    from gateway.simulate.call import SimulatedCall, synthetic_voice
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, phone_config
+    from tests.fakes.openai_server import FakeOpenAI
+    from tests.fakes.twilio_rest import FakeTwilioREST
+
+    async with FakeOpenAI() as fake, FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio:
+        async with running_gateway(phone_config(fake.base_url, twilio.base_url)) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+            twilio.known_calls = twilio.known_calls | {call.call_sid}
+            await call.dial()
+            await call.connect()
+            speaking = asyncio.create_task(call.speak(synthetic_voice(30.0)))      # 30 s of speech
+            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient() as http:
+                assert (await http.delete(f"{url}/sessions/{call.session_id}")).status_code in (200, 202, 204)
+            await asyncio.wait_for(speaking, 5)
+            await call.close()
