@@ -193,7 +193,7 @@ async def test_hang_times_out_and_server_still_stops() -> None:
     f = fake()
     async with f, httpx.AsyncClient(timeout=0.2) as c:
         f.state.fail["tts"] = "hang"
-        body = {"model": "m", "input": "hello", "voice": "alloy", "response_format": "pcm"}
+        body = {"model": "tts-1", "input": "hello", "voice": "alloy", "response_format": "pcm"}
         pending = asyncio.create_task(c.post(f"{f.base_url}/audio/speech", headers=AUTH, json=body))
         with pytest.raises(httpx.ReadTimeout):
             await c.post(f"{f.base_url}/audio/speech", headers=AUTH, json=body)
@@ -222,7 +222,7 @@ async def test_delays_are_honoured() -> None:
         assert first is not None and first >= 0.145
         assert total >= 0.145 + 6 * 0.02 - 0.01  # 7 tokens
         t0 = time.perf_counter()
-        body = {"model": "m", "input": "hey", "voice": "alloy", "response_format": "pcm"}
+        body = {"model": "tts-1", "input": "hey", "voice": "alloy", "response_format": "pcm"}
         async with c.stream("POST", f"{f.base_url}/audio/speech", headers=AUTH, json=body) as r:
             async for _ in r.aiter_raw():
                 break
