@@ -81,7 +81,6 @@ def phone_config(openai_url: str, twilio_url: str, *, environ: dict[str, str] | 
 async def carry_a_call(config_raw: dict[str, Any], environ: dict[str, str]) -> bytes:
     """A Twilio call through a gateway built by ``phone_config(**config_raw)``: dial, hear the greeting (it
     must be audible), say a sentence, hear the answer; returns the answer's audio (asserted audible)."""
-    from gateway.simulate.call import SimulatedCall
     from pipeline.audio import rms
     from tests.fakes.twilio_rest import FakeTwilioREST
     from tests.speech import speech_pcm
@@ -89,12 +88,7 @@ async def carry_a_call(config_raw: dict[str, Any], environ: dict[str, str]) -> b
     async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as twilio:
         config = phone_config("http://127.0.0.1:9/v1", twilio.base_url, environ=environ, **config_raw)
         async with running_gateway(config) as url:
-            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-            twilio.known_calls = twilio.known_calls | {call.call_sid}
-            await call.dial()
-            await call.connect()
-            await call.wait_audio(after=0, timeout=5)
-            await call.wait_quiet(400)
+            call = await greeted_call(url, twilio)
             greeting = len(call.pcm_received())
             assert rms(call.pcm_received()) > 0.05
             end = await call.speak(speech_pcm("I would like a table for two people tonight.", 8000))
@@ -127,3 +121,17 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") and _skipped and exitstatus == 0:
         print(f"\nCI=true: {len(_skipped)} skipped test(s) count as failures: {', '.join(_skipped[:10])}")
         session.exitstatus = 1
+
+
+async def greeted_call(url: str, twilio: Any, *, quiet_ms: float = 400, timeout: float = 10) -> Any:
+    """A signed Twilio call to the gateway at ``url`` (the fake REST API ``twilio`` knows its sid), connected,
+    that has heard the greeting to its end (``quiet_ms`` of quiet): a :class:`SimulatedCall`."""
+    from gateway.simulate.call import SimulatedCall
+
+    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+    twilio.known_calls = twilio.known_calls | {call.call_sid}
+    assert (await call.dial()).status_code == 200
+    await call.connect()
+    await call.wait_audio(after=0, timeout=timeout)      # the greeting
+    await call.wait_quiet(quiet_ms, timeout=timeout)
+    return call

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.simulate.call import SimulatedCall
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, greeted_call
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.processes import GatewayProcess
@@ -32,13 +32,7 @@ def raw_config(fake: FakeOpenAI, twilio: FakeTwilioREST, **overrides: Any) -> di
 
 
 async def live_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
-    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-    twilio.known_calls = twilio.known_calls | {call.call_sid}
-    assert (await call.dial()).status_code == 200
-    await call.connect()
-    await call.wait_audio(after=0, timeout=10)
-    await call.wait_quiet(timeout=10)
-    return call
+    return await greeted_call(url, twilio, quiet_ms=500)
 
 
 async def test_sigterm_lets_live_calls_run_until_the_deadline_then_says_goodbye() -> None:

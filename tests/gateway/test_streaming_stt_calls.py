@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import Config
-from gateway.simulate.call import SimulatedCall
 from pipeline.audio import silence
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, greeted_call, phone_config, running_gateway
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
@@ -27,16 +26,6 @@ def deepgram_config(openai_url: str, twilio_url: str, deepgram_url: str) -> Conf
     return phone_config(openai_url, twilio_url, stt_provider="deepgram", api_keys={"openai": "sk-test", "deepgram": KEY},
                         base_urls={"openai": openai_url, "deepgram": deepgram_url})
 
-
-async def greeted_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
-    """A Twilio call that has been answered and heard the greeting to its end."""
-    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-    twilio.known_calls = twilio.known_calls | {call.call_sid}
-    await call.dial()
-    await call.connect()
-    await call.wait_audio(after=0, timeout=5)
-    await call.wait_quiet(400)
-    return call
 
 
 async def test_a_twilio_call_streams_the_caller_to_deepgram_and_answers() -> None:

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from gateway.calls.lifecycle import run_until_ended
 from gateway.simulate.call import SimulatedCall
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, greeted_call
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
 from tests.flood import Flood
@@ -125,13 +125,7 @@ async def gateway() -> AsyncIterator[tuple[GatewayProcess, FakeOpenAI, FakeTwili
 
 
 async def _legit_call(gw: GatewayProcess, twilio: FakeTwilioREST) -> SimulatedCall:
-    call = SimulatedCall(gateway=gw.url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-    twilio.known_calls = twilio.known_calls | {call.call_sid}
-    assert (await call.dial()).status_code == 200
-    await call.connect()
-    await call.wait_audio(after=0, timeout=10)          # the greeting
-    await call.wait_quiet(400, timeout=10)
-    return call
+    return await greeted_call(gw.url, twilio)
 
 
 async def _answer_s(call: SimulatedCall, speech: bytes) -> float:

@@ -12,7 +12,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from gateway.simulate.call import SimulatedCall, synthetic_voice
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, phone_config, running_gateway
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, greeted_call, phone_config, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.twilio_rest import FakeTwilioREST
 
@@ -23,13 +23,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 async def live_call(url: str, twilio: FakeTwilioREST) -> SimulatedCall:
-    call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
-    twilio.known_calls = twilio.known_calls | {call.call_sid}
-    assert (await call.dial()).status_code == 200
-    await call.connect()
-    await call.wait_audio(after=0, timeout=5)      # the greeting
-    await call.wait_quiet(300, timeout=10)
-    return call
+    return await greeted_call(url, twilio, quiet_ms=300)
 
 
 def signed_event(path: str, params: dict[str, str]) -> dict[str, str]:
