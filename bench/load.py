@@ -733,8 +733,10 @@ async def profile_gateway(pid: int, args: argparse.Namespace, delay: float) -> s
     await asyncio.sleep(delay)
     duration = max(5, int(args.seconds * 0.5))
     proc = await asyncio.create_subprocess_exec(
-        exe, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "200", "--nonblocking",
-        "--format", "speedscope", "-o", args.profile, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        exe, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "25" if args.profile_native else "200",
+        *(["--native"] if args.profile_native else ["--nonblocking"]),   # native stacks need the target paused
+        "--format", "raw" if args.profile.endswith(".txt") else "speedscope", "-o", args.profile,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return out.decode(errors="replace")[-500:]
 
@@ -859,7 +861,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="gateway worker processes (voxray serve --workers N); CPU and RSS are then summed over "
                         "the supervisor and its workers")
-    p.add_argument("--profile", help="py-spy speedscope profile of the gateway during the last level")
+    p.add_argument("--profile", help="py-spy profile of the gateway during the last level (speedscope JSON; "
+                                     "collapsed stacks when the name ends in .txt)")
+    p.add_argument("--profile-native", action="store_true", help="include native (C) frames in --profile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra gateway config (JSON values), e.g. --set ws_write_coalesce_ms=20")
     p.add_argument("--nice", type=int, default=0,

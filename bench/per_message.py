@@ -306,9 +306,13 @@ def _serve(port: int, ws: str) -> None:
         speaker = asyncio.ensure_future(speak(io)) if path == "/out-call" else None
         if path == "/out":
             outbound.append(io)
-        while (m := await io.receive()) is not None:
-            if hear is not None:
-                hear(m)
+        listen = getattr(io, "listen", None)     # push delivery, as a carrier leg reads (absent in older refs)
+        if listen is not None:
+            await listen(hear if hear is not None else (lambda m: None))
+        else:
+            while (m := await io.receive()) is not None:
+                if hear is not None:
+                    hear(m)
         if io in outbound:
             outbound.remove(io)
         if speaker is not None:

@@ -233,6 +233,11 @@ class Config:
     max_call_secs: float = 3600.0
     media_start_timeout_secs: float = 10.0
     ws_max_message_bytes: int = 65536
+    ws_read_queue_messages: int = 16     # messages read ahead for a busy reader; then the socket stops reading
+    ws_messages_per_read: int = 32       # messages one socket hands over before other work runs
+    ws_close_timeout_secs: float = 5.0   # after our close frame, how long the peer has to answer it
+    ws_ping_interval_secs: float = 20.0  # keep-alive pings on every WebSocket (0: none)
+    ws_ping_timeout_secs: float = 20.0   # a pong later than this closes the socket (1011)
     media_max_bad_messages: int = 10     # malformed messages tolerated per call before it is closed
     media_burst_ms: int = 2000           # caller audio may run this far ahead of real time; the excess is dropped
     media_flood_close_ms: int = 10000    # this much dropped caller audio closes the session (1008)
@@ -547,7 +552,8 @@ def _validate(c: Config, problems: _Problems) -> None:
     positive = ("port", "vad_start_ms", "vad_stop_ms", "turn_stop_secs", "max_utterance_secs", "outbound_lead_ms",
                 "playout_max_buffer_ms", "dtmf_timeout_ms", "stt_timeout_secs", "llm_timeout_secs",
                 "stt_stream_final_wait_ms", "tts_timeout_secs", "max_call_secs", "media_start_timeout_secs",
-                "ws_max_message_bytes",
+                "ws_max_message_bytes", "ws_read_queue_messages", "ws_messages_per_read", "ws_close_timeout_secs",
+                "ws_ping_timeout_secs",
                 "hangup_timeout_secs", "session_ttl_secs", "session_pending_ttl_secs", "llm_max_tokens",
                 "silence_hangup_secs", "goodbye_timeout_secs", "redis_timeout_secs", "drain_timeout_secs",
                 "storage_flush_secs", "session_sync_secs", "call_id_ttl_secs", "cluster_request_timeout_secs",
@@ -560,7 +566,8 @@ def _validate(c: Config, problems: _Problems) -> None:
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
-    for key in ("ws_write_coalesce_ms", "outbound_tick_ms", "provider_retries", "media_max_bad_messages",
+    for key in ("ws_ping_interval_secs", "ws_write_coalesce_ms", "outbound_tick_ms", "provider_retries",
+                "media_max_bad_messages",
                 "silence_prompt_secs", "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds",
                 "tool_filler_secs", "min_words"):
         if getattr(c, key) < 0:

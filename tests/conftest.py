@@ -23,9 +23,16 @@ PUBLIC_URL = "https://voice.example.test"
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config) -> AsyncIterator[str]:
     """Serve ``create_app(config)`` on an ephemeral 127.0.0.1 port; yields ``http://127.0.0.1:<port>``."""
+    async with running_app(create_app(config), config) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def running_app(app: Any, config: Config) -> AsyncIterator[str]:
+    """Serve any ASGI app with the gateway's server (``build_server``: its HTTP and WebSocket protocols)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = build_server(create_app(config), config, handle_signals=False)
+    server = build_server(app, config, handle_signals=False)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):

@@ -6,6 +6,11 @@ Usage::
     message = await io.receive()         # str | bytes, or None once the peer closed
     await io.send("{...}")
     await io.close(1000, "call ended")
+    if io.listen is not None:            # the gateway's own server: each message pushed as it is read
+        await io.listen(handle)          # handle(message) for every message until the peer closed
+
+Under the gateway's server (``gateway.http.websocket``) the operations go straight to the connection;
+under any other ASGI server they go through the raw ASGI channel.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway.http.websocket import MediaSocket
 
 __all__ = ["SocketIO", "socket_io"]
 
@@ -26,10 +33,18 @@ class SocketIO:
     send: Callable[[str | bytes], Awaitable[None]]
     close: Callable[[int, str], Awaitable[None]]
     peer_close_code: Callable[[], int | None] = lambda: None   # why the socket closed, once receive gave None
+    # push delivery (the gateway's own server only): calls the function with each message as it is read,
+    # returns once the peer closed; an exception from the function stops it and is raised
+    listen: Callable[[Callable[[str | bytes], None]], Awaitable[None]] | None = None
 
 
 def socket_io(websocket: WebSocket) -> SocketIO:
-    """Raw ASGI messages (cheaper than Starlette's helpers on the per-frame path)."""
+    """The connection's own operations under the gateway's server, else raw ASGI messages (cheaper than
+    Starlette's helpers on the per-frame path)."""
+    direct = websocket.scope.get("extensions", {}).get("voxray.media_socket")
+    if isinstance(direct, MediaSocket):
+        return SocketIO(receive=direct.receive, send=direct.send, close=direct.close,
+                        peer_close_code=lambda: direct.close_code, listen=direct.listen)
     receive, send = websocket._receive, websocket._send  # noqa: SLF001 - Starlette exposes no public raw ASGI channel
     closed = False
     peer_code: int | None = None
