@@ -385,7 +385,8 @@ async def wait_quiet(call: SimulatedCall, quiet_ms: float, timeout: float) -> fl
 
 
 async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech: bytes, start_at: float,
-                   seconds: float, rng: random.Random, transport: str = "phone", ws_compression: str | None = None) -> None:
+                   seconds: float, rng: random.Random, transport: str = "phone", ws_compression: str | None = None,
+                   silent: bool = False) -> None:
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     if transport == "phone":
         call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID,
@@ -423,7 +424,9 @@ async def one_call(i: int, lvl: Level, url: str, http: httpx.AsyncClient, speech
         lvl.setup_done()
         stage = "turn"
         loop_end = time.monotonic() + seconds
-        while time.monotonic() < loop_end:
+        if silent:                      # the caller only listens: silence frames, no turns
+            await asyncio.sleep(seconds)
+        while not silent and time.monotonic() < loop_end:
             if call._closed.is_set():   # noqa: SLF001 - part of the surface both call kinds share (bench/browsers.py)
                 raise CallFailed(f"closed by the gateway (code {call.close_code} {call.close_reason!r})")
             async with asyncio.timeout(speech_s + 10):
@@ -524,7 +527,7 @@ async def run_level(n: int, args: argparse.Namespace, url: str, fake_url: str, g
     t0 = time.monotonic()
     rngs = [random.Random(args.seed * 100003 + n * 1009 + i) for i in range(n)]
     await asyncio.gather(*(one_call(i, lvl, url, http, speech, t0 + (i * ramp / n if n > 1 else 0.0), args.seconds,
-                                    rngs[i], transport, args.ws_compression) for i in range(n)))
+                                    rngs[i], transport, args.ws_compression, args.silent) for i in range(n)))
     finished = CpuSample.take(gateway.pid, fake.pid)
     stop.set()
     await asyncio.gather(*monitors)
@@ -863,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the supervisor and its workers")
     p.add_argument("--profile", help="py-spy profile of the gateway during the last level (speedscope JSON; "
                                      "collapsed stacks when the name ends in .txt)")
+    p.add_argument("--silent", action="store_true",
+                   help="callers only listen (silence frames after the greeting, no turns): the cost of a call's media "
+                        "alone")
     p.add_argument("--profile-native", action="store_true", help="include native (C) frames in --profile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra gateway config (JSON values), e.g. --set ws_write_coalesce_ms=20")

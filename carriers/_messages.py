@@ -8,6 +8,8 @@ inherits :class:`StreamChecks` for the "before start" and "wrong stream id" chec
 Usage (inside a MediaStream.decode)::
 
     data, event = parse_event("twilio", message)        # raises CarrierProtocolError
+    if event == "media":
+        audio = media_payload("twilio", data)            # its bytes (b"": our own audio echoed back)
     if event == "dtmf":
         return [dtmf_frame("twilio", data)]
 
@@ -16,6 +18,7 @@ Usage (inside a MediaStream.decode)::
 
 from __future__ import annotations
 
+import binascii
 from typing import Any, ClassVar
 
 from carriers.base import CarrierProtocolError
@@ -37,10 +40,17 @@ def load_json(what: str, text: str | bytes) -> Any:
 
 
 def parse_json(carrier: str, message: str | bytes) -> dict[str, Any]:
-    """One text frame as a JSON object (binary frames and invalid JSON are protocol errors)."""
+    """One text frame as a JSON object (binary frames and invalid JSON are protocol errors).
+
+    This runs on every media message: no layers and no strings built unless something is wrong."""
     if not isinstance(message, str):
         raise CarrierProtocolError(f"{carrier} sends text frames only")
-    data = load_json(f"{carrier} message", message)
+    try:
+        data = loads(message)
+    except JSONLimitExceeded as exc:
+        raise CarrierProtocolError(f"{carrier} message is not valid JSON ({exc})") from None
+    except ValueError:
+        raise CarrierProtocolError(f"{carrier} message is not valid JSON") from None
     if not isinstance(data, dict):
         raise CarrierProtocolError(f"{carrier} message has no event")
     return data
@@ -53,6 +63,23 @@ def parse_event(carrier: str, message: str | bytes) -> tuple[dict[str, Any], str
     if not isinstance(event, str):
         raise CarrierProtocolError(f"{carrier} message has no event")
     return data, event
+
+
+def media_payload(carrier: str, data: dict[str, Any], *, alt_key: str = "") -> bytes:
+    """The audio of a media event, base64-decoded (strictly); b"" for our own audio echoed back on an
+    ``outbound`` track. ``alt_key`` is a carrier's other spelling of ``payload``."""
+    media = data.get("media")
+    if not isinstance(media, dict):
+        raise CarrierProtocolError(f"{carrier} media event has no media.payload")
+    payload = media.get("payload", media.get(alt_key)) if alt_key else media.get("payload")
+    if not isinstance(payload, str):
+        raise CarrierProtocolError(f"{carrier} media event has no media.payload")
+    if media.get("track") == "outbound":
+        return b""
+    try:
+        return binascii.a2b_base64(payload, strict_mode=True)   # base64.b64decode(validate=True), one layer less
+    except (binascii.Error, ValueError):
+        raise CarrierProtocolError(f"{carrier} media payload is not valid base64") from None
 
 
 def field(data: dict[str, Any], obj: str, key: str) -> str | None:

@@ -78,7 +78,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from carriers._messages import DTMF_DIGITS, StreamChecks, field, load_json, mark_frame, parse_json
+from carriers._messages import DTMF_DIGITS, StreamChecks, field, load_json, mark_frame, media_payload, parse_json
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -556,15 +556,7 @@ class ExotelMediaStream(StreamChecks):
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
         self._require_started("media", data)
-        media = data.get("media")
-        if not isinstance(media, dict) or not isinstance(payload := media.get("payload", media.get("Payload")), str):
-            raise CarrierProtocolError("exotel media event has no media.payload")
-        if media.get("track") == "outbound":  # our own audio echoed on "both" tracks streams
-            return []
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("exotel media payload is not valid base64") from None
+        raw = media_payload("exotel", data, alt_key="Payload")   # b"" for our own audio echoed on an outbound track
         if not raw:
             return []
         if self._decoder is not None:

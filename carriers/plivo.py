@@ -53,7 +53,6 @@ links the answered call (``call_id`` = its CallUUID) back to it.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -72,7 +71,7 @@ from xml.sax.saxutils import escape
 import httpx
 
 from carriers._markup import template, xml_text
-from carriers._messages import StreamChecks, load_json
+from carriers._messages import StreamChecks, load_json, media_payload
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -578,15 +577,7 @@ class PlivoMediaStream(StreamChecks):
         if not self.started:
             raise CarrierProtocolError("plivo media before start")
         self._check_stream(data)
-        media = data.get("media")
-        if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
-            raise CarrierProtocolError("plivo media event has no media.payload")
-        if media.get("track") == "outbound":
-            return []
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("plivo media payload is not valid base64") from None
+        raw = media_payload("plivo", data)   # b"" for our own audio echoed on an outbound track
         if not raw:
             return []
         if self._mulaw:

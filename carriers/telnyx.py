@@ -82,7 +82,7 @@ import httpx
 import numpy as np
 
 from carriers._markup import template, xml_text
-from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, media_payload, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -692,15 +692,7 @@ class TelnyxMediaStream(StreamChecks):
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
         self._require_started("media", data)
-        media = data.get("media")
-        if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
-            raise CarrierProtocolError("telnyx media event has no media.payload")
-        if media.get("track") == "outbound":  # our own audio on both_tracks streams
-            return []
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("telnyx media payload is not valid base64") from None
+        raw = media_payload("telnyx", data)   # b"" for our own audio echoed on an outbound track
         if not raw:
             return []
         if self.encoding == "L16" and len(raw) % 2:

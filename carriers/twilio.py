@@ -26,7 +26,6 @@ with and without its port, as Twilio's own SDK does.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -43,7 +42,7 @@ import httpx
 from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
 from carriers._markup import template, xml_text
-from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, parse_event
+from carriers._messages import StreamChecks, dtmf_frame, load_json, mark_frame, media_payload, parse_event
 from carriers.base import (
     CallControlFailed,
     CallEvent,
@@ -384,15 +383,7 @@ class TwilioMediaStream(StreamChecks):
 
     def _decode_media(self, data: dict[str, Any]) -> list[Frame]:
         self._require_started("media", data)
-        media = data.get("media")
-        if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
-            raise CarrierProtocolError("twilio media event has no media.payload")
-        if media.get("track") == "outbound":  # our own audio echoed on both_tracks streams
-            return []
-        try:
-            ulaw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("twilio media payload is not valid base64") from None
+        ulaw = media_payload("twilio", data)   # b"" for our own audio echoed on an outbound track
         if not ulaw:
             return []
         return [AudioFrame(ulaw_decode(ulaw), SAMPLE_RATE)]

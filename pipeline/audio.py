@@ -224,7 +224,8 @@ def rms(pcm: bytes) -> float:
     if len(pcm) < 2:
         return 0.0
     x = np.frombuffer(pcm, "<i2", len(pcm) // 2).astype(np.float32)
-    return float(np.sqrt(np.dot(x, x) / x.size)) / 32768.0   # float32 dot: exact enough, ~3x cheaper
+    # float32 dot: exact enough, ~3x cheaper; math.sqrt on a float, not np.sqrt on a numpy scalar (per frame)
+    return math.sqrt(float(x.dot(x)) / x.size) / 32768.0
 
 
 def looks_like_stereo(pcm: bytes) -> bool:

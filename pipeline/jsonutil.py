@@ -23,7 +23,10 @@ only text with more opening brackets than ``max_depth`` has its parsed value wal
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from collections.abc import Callable
+from json.scanner import make_scanner
+from typing import Any, cast
 
 __all__ = ["MAX_DEPTH", "JSONInputError", "JSONLimitExceeded", "loads"]
 
@@ -50,7 +53,7 @@ def loads(text: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH, max_size
     if max_size is not None and len(text) > max_size:
         raise JSONLimitExceeded(f"{len(text)} characters long, over the limit of {max_size}")
     try:
-        value = json.loads(text)
+        value = _loads_text(text) if isinstance(text, str) else json.loads(text)
     except RecursionError:   # the C scanner gave up far past any sane depth
         raise JSONLimitExceeded(f"nested deeper than {max_depth} levels") from None
     except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, too many integer digits
@@ -59,6 +62,30 @@ def loads(text: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH, max_size
     brackets = text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
     if brackets > max_depth and _deeper_than(value, max_depth):
         raise JSONLimitExceeded(f"nested deeper than {max_depth} levels")
+    return value
+
+
+# the C scanner json.loads ends in, without its two Python layers (typeshed types make_scanner oddly)
+_scan_once = cast(Callable[[str, int], tuple[Any, int]], cast(Any, make_scanner)(json.JSONDecoder()))
+# json.decoder.WHITESPACE; it matches (maybe nothing) at every position, so its match is never None
+_space = cast(Callable[[str, int], "re.Match[str]"],
+              re.compile(r"[ \t\n\r]*", re.VERBOSE | re.MULTILINE | re.DOTALL).match)
+
+
+def _loads_text(text: str) -> Any:
+    """``json.loads(text)`` for a str, the same value and errors, a third cheaper (carrier messages arrive 50
+    times a second per call)."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    start = _space(text, 0).end() if text[:1].isspace() else 0
+    try:
+        value, end = _scan_once(text, start)
+    except StopIteration as err:
+        raise json.JSONDecodeError("Expecting value", text, err.value) from None
+    if end != len(text):
+        end = _space(text, end).end()
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
     return value
 
 

@@ -155,10 +155,13 @@ class TurnTaker:
                 self._cut_utterance()
                 return
         else:
-            self._preroll.append(frame)
-            self._preroll_ms += frame.duration_ms
-            while self._preroll_ms - self._preroll[0].duration_ms >= self.settings.preroll_ms:
-                self._preroll_ms -= self._preroll.popleft().duration_ms
+            preroll = self._preroll
+            preroll.append(frame)
+            self._preroll_ms += len(frame.pcm) * 500.0 / frame.sample_rate     # its duration_ms, inlined (per frame)
+            limit = self.settings.preroll_ms
+            while self._preroll_ms - (head_ms := len(preroll[0].pcm) * 500.0 / preroll[0].sample_rate) >= limit:
+                preroll.popleft()
+                self._preroll_ms -= head_ms
         if event is VadEvent.SPEECH_STOP and self._utterance is not None:
             if self._on_speech_stop is not None and not self._on_speech_stop():
                 self._drop_utterance()
