@@ -290,8 +290,10 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
         "provider": "openai", "api_keys": {"openai": "sk-bench"}, "base_urls": {"openai": fake_url},
         "carriers": {"twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
                                 "api_base_url": f"http://127.0.0.1:{closed_port}"}},
-        "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type, "workers": args.workers,
+        "vad_stop_ms": args.vad_stop_ms, "vad_type": args.vad_type,
     }
+    if args.workers != 1:               # (a --root checkout older than the key would refuse it)
+        config["workers"] = args.workers
     if realtime_url:
         config.update(llm_provider="realtime", base_urls={"openai": fake_url, "realtime": realtime_url})
     if transport != "phone":
@@ -307,7 +309,8 @@ def start_gateway(args: argparse.Namespace, workdir: Path, fake_url: str, transp
     path.write_text(json.dumps(config, indent=2))
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY" and not k.startswith("VOXRAY_")}
     child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-                  workdir / f"gateway{suffix}.log", env=env, niceness=-args.nice)   # back to normal priority
+                  workdir / f"gateway{suffix}.log", env=env, niceness=-args.nice,   # back to normal priority
+                  cwd=Path(args.root) if args.root else ROOT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(child, url, workers=args.workers)
     return child, url
@@ -866,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the supervisor and its workers")
     p.add_argument("--profile", help="py-spy profile of the gateway during the last level (speedscope JSON; "
                                      "collapsed stacks when the name ends in .txt)")
+    p.add_argument("--root", help="run another checkout's gateway (its code) against this client, e.g. the commit "
+                                  "before a change, for a before/after in one run")
     p.add_argument("--silent", action="store_true",
                    help="callers only listen (silence frames after the greeting, no turns): the cost of a call's media "
                         "alone")

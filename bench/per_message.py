@@ -47,9 +47,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SID = "MZ3f9c1be07d54a28e6b0c9d1e2f3a4b5c"      # 32 hex digits, as Twilio's are
 FRAMES = 2000          # messages per timed run of an in-process stage
-SOCKET_IN = "WebSocket receive only (uvicorn + socket_io)"
+SOCKET_IN = "WebSocket receive only (server + socket_io)"
 CALL_IN = "server CPU per message: receive + decode + gate + turns"
-SOCKET_OUT = "WebSocket send only (uvicorn + socket_io)"
+SOCKET_OUT = "WebSocket send only (server + socket_io)"
 CALL_OUT = "server CPU per frame: Playout + encode + send"
 
 
