@@ -108,10 +108,11 @@ class CarrierLeg:
         return [tg.create_task(self._read(call))]
 
     async def _read(self, call: CallSide) -> None:
+        def on_message(message: str | bytes) -> None:
+            for frame in self._decode(message, call):
+                self._dispatch(frame, call)
+
         if self.socket.listen is not None:      # pushed as read: no task switch per 20 ms message
-            def on_message(message: str | bytes) -> None:
-                for frame in self._decode(message, call):
-                    self._dispatch(frame, call)
             await self.socket.listen(on_message)
             self._socket_closed(call)
             return
@@ -121,8 +122,7 @@ class CarrierLeg:
             if message is None:
                 self._socket_closed(call)
                 return
-            for frame in self._decode(message, call):
-                self._dispatch(frame, call)
+            on_message(message)
             count += 1
             await pause_every(count)
 

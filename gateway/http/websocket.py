@@ -234,8 +234,6 @@ class MediaSocket(asyncio.Protocol):
             pass
         except BaseException:
             logger.exception("WebSocket application failed")
-            if not self.accepted and self._denial is None and not self._lost:
-                self._write_response(500, b"Internal Server Error")
         if not self.accepted and self._denial is None and not self._lost and not self.transport.is_closing():
             self._write_response(500, b"Internal Server Error")
         if self._close_timer is None and not self._lost:

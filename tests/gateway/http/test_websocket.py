@@ -101,12 +101,16 @@ def make_app(probe: Probe) -> Starlette:
     async def refuse(websocket: WebSocket) -> None:
         await websocket.close(1008)
 
+    async def broken(websocket: WebSocket) -> None:    # fails before it accepts
+        raise RuntimeError("the app failed")
+
     async def deny(websocket: WebSocket) -> None:
         await websocket.send_denial_response(PlainTextResponse("no key", status_code=401))
 
     return Starlette(routes=[WebSocketRoute("/echo", echo), WebSocketRoute("/listen", listen),
                              WebSocketRoute("/idle", idle), WebSocketRoute("/close", closer),
-                             WebSocketRoute("/refuse", refuse), WebSocketRoute("/deny", deny)])
+                             WebSocketRoute("/refuse", refuse), WebSocketRoute("/deny", deny),
+                             WebSocketRoute("/broken", broken)])
 
 
 def config(**overrides: Any) -> Config:
@@ -242,6 +246,9 @@ async def test_handshakes_that_cannot_open_are_refused(served: tuple[str, Probe]
     assert bad.head.startswith(b"HTTP/1.1 400")
     refused = await RawClient.open(url, "/refuse")
     assert refused.head.startswith(b"HTTP/1.1 403")
+    broken = await RawClient.open(url, "/broken")             # one 500, then the connection ends
+    rest = await asyncio.wait_for(broken.reader.read(), 5)
+    assert broken.head.startswith(b"HTTP/1.1 500") and b"HTTP/1.1" not in rest
     with pytest.raises(websockets.InvalidStatus) as denied:
         async with websockets.connect(url + "/deny"):
             pass
