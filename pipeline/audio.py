@@ -207,13 +207,35 @@ class Resampler:
             return b""
         blocks = full + (rem > 0)
         buf = np.concatenate((self._hist, x, self._zeros[: blocks * down + taps - 1 - have]))
-        win = np.ndarray((blocks, taps + down - 1), np.float32, buffer=buf, strides=(4 * down, 4))
-        y = np.dot(win, self._ft).ravel()[self._skip : stop]
+        y = _filter(buf, blocks, taps + down - 1, down, self._ft).ravel()[self._skip : stop]
         self._hist = buf[full * down : have]
         self._skip = stop - full * up
         np.rint(y, out=y)
         np.clip(y, -32768.0, 32767.0, out=y)
         return bytes(y.astype("<i2").tobytes())
+
+
+_DOT_COPY_BYTES = 384 * 1024     # measured here (2 MB of L2 per core): 256-512 KB is the flat optimum
+
+
+def _filter(buf: np.ndarray, blocks: int, width: int, down: int, ft: np.ndarray) -> np.ndarray:
+    """``blocks`` rows of ``width`` inputs, each ``down`` further into ``buf``, times the filter ``ft``.
+
+    The rows overlap in ``buf`` (a strided view), so the product first copies them out. For a long input
+    (a whole utterance, a TTS body) that copy is megabytes; taken about ``_DOT_COPY_BYTES`` at a time it stays
+    in the cache: about twice as fast for a 2 s utterance. The result is the same to the last bit or two.
+    """
+    rows = max(64, _DOT_COPY_BYTES // (4 * width))
+    if blocks <= 2 * rows:
+        return np.dot(np.ndarray((blocks, width), np.float32, buffer=buf, strides=(4 * down, 4)), ft)
+    out = np.empty((blocks, ft.shape[1]), np.float32)
+    for start in range(0, blocks, rows):
+        n = min(rows, blocks - start)
+        win = np.ndarray((n, width), np.float32, buffer=buf, offset=4 * down * start, strides=(4 * down, 4))
+        np.dot(win, ft, out=out[start : start + n])
+    return out
+
+
 
 
 # --------------------------------------------------------------------------- helpers

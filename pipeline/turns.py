@@ -43,11 +43,15 @@ from pipeline.settings import ConversationSettings
 from pipeline.silero_vad import SileroModel, SileroVAD, silero_threshold
 from pipeline.vad import EnergyVAD, Vad, VadEvent
 
-__all__ = ["PIPELINE_RATE", "DigitCollector", "Turn", "TurnTaker", "new_vad"]
+__all__ = ["PIPELINE_RATE", "STT_RATES", "DigitCollector", "Turn", "TurnTaker", "new_vad"]
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_RATE = 16000      # the rate utterances are transcribed at
+PIPELINE_RATE = 16000      # the rate an utterance at any other rate is resampled to before it is transcribed
+# Rates every speech-to-text provider takes as they are (a WAV upload names its rate; Deepgram is told it; the
+# local recogniser resamples in its worker): an utterance at one of them goes up unresampled. Upsampling a phone
+# call's 8 kHz to 16 kHz adds no information, doubles the upload and cost a few hundred µs of CPU per turn.
+STT_RATES = frozenset((8000, PIPELINE_RATE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +126,7 @@ class TurnTaker:
         self._on_interim = on_interim
         self._live: LiveTranscription | None = None   # the current utterance's stream, with a streaming STT
         self._vad = new_vad(settings)
-        self._preroll: collections.deque[AudioFrame] = collections.deque()
+        self._preroll: collections.deque[tuple[AudioFrame, float]] = collections.deque()   # (frame, its ms)
         self._preroll_ms = 0.0
         self._utterance_rate = PIPELINE_RATE
         self._utterance: list[bytes] | None = None   # PCM of the caller's current turn (transport rate)
@@ -136,7 +140,7 @@ class TurnTaker:
     @property
     def preroll(self) -> tuple[AudioFrame, ...]:
         """The audio kept from just before now (the VAD's speech start lags the sound)."""
-        return tuple(self._preroll)
+        return tuple(frame for frame, _ in self._preroll)
 
     @property
     def busy(self) -> bool:
@@ -156,12 +160,12 @@ class TurnTaker:
                 return
         else:
             preroll = self._preroll
-            preroll.append(frame)
-            self._preroll_ms += len(frame.pcm) * 500.0 / frame.sample_rate     # its duration_ms, inlined (per frame)
+            ms = len(frame.pcm) * 500.0 / frame.sample_rate     # its duration_ms, inlined (per frame)
+            preroll.append((frame, ms))
+            self._preroll_ms += ms
             limit = self.settings.preroll_ms
-            while self._preroll_ms - (head_ms := len(preroll[0].pcm) * 500.0 / preroll[0].sample_rate) >= limit:
-                preroll.popleft()
-                self._preroll_ms -= head_ms
+            while preroll and self._preroll_ms - preroll[0][1] >= limit:
+                self._preroll_ms -= preroll.popleft()[1]
         if event is VadEvent.SPEECH_STOP and self._utterance is not None:
             if self._on_speech_stop is not None and not self._on_speech_stop():
                 self._drop_utterance()
@@ -190,7 +194,7 @@ class TurnTaker:
             self._utterance, self._utterance_ms = [], 0.0
             self._utterance_rate = rate
             self._live = self._open_live(rate)
-            for f in self._preroll:
+            for f, _ in self._preroll:
                 self._append(f)
             self._preroll.clear()
             self._preroll_ms = 0.0
@@ -235,10 +239,10 @@ class TurnTaker:
                 silence_ms = 0.0 if complete else self._utterance_ms - self._speech_at_ms
                 text = await live.text(silence_s=silence_ms / 1000.0)
             else:
-                pcm = b"".join(utterance)
-                if self._utterance_rate != PIPELINE_RATE:
-                    pcm = Resampler(self._utterance_rate, PIPELINE_RATE).process(pcm)
-                text = await self._transcribe(pcm, sample_rate=PIPELINE_RATE)
+                pcm, rate = b"".join(utterance), self._utterance_rate
+                if rate not in STT_RATES:
+                    pcm, rate = Resampler(rate, PIPELINE_RATE).process(pcm), PIPELINE_RATE
+                text = await self._transcribe(pcm, sample_rate=rate)
         except ProvidersFailed as exc:
             self._end_live(live)
             self._on_failure("stt_failed", str(exc))

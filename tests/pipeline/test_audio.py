@@ -193,6 +193,17 @@ def test_streaming_matches_single_call(src, dst):
     assert np.max(np.abs(whole)) > 1000  # not trivially silent
 
 
+@pytest.mark.parametrize("src, dst", [(8000, 16000), (24000, 8000), (16000, 8000)])
+def test_a_long_input_in_one_call_matches_streaming(src, dst):
+    """A whole utterance or TTS body in one call is filtered in cache-sized pieces: the same samples."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-12000, 12000, src * 3)          # 3 s: long enough to be taken in pieces
+    whole = as_float(Resampler(src, dst).process(pcm(x)))
+    chunked = stream(Resampler(src, dst), x, 20)
+    assert len(whole) == len(chunked) == len(x) * dst // src
+    assert np.max(np.abs(whole - chunked)) <= 1 and np.max(np.abs(whole)) > 1000
+
+
 def measure_delay_ms(src: int, dst: int) -> float:
     """Delay of a band-limited chirp streamed in 20 ms chunks, by cross-correlation."""
     dur, f0, f1 = 0.5, 200.0, 3000.0

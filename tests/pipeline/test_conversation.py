@@ -90,10 +90,11 @@ async def test_speech_then_silence_is_transcribed_answered_and_timed() -> None:
         await h.until(lambda: BotSpeaking(False) in h.events)
         answered = h.time_of(lambda e: e == TranscriptEvent("user", "What time do you open?"))
 
-    # STT got one utterance: 16 kHz PCM holding the speech (and a little pre-roll and trailing silence)
+    # STT got one utterance at the leg's own 8 kHz (no upsampling) holding the speech (and a little pre-roll
+    # and trailing silence)
     [stt_call] = stt.calls
-    assert stt_call["sample_rate"] == 16000 and stt_call["language"] == "en"
-    audio_ms = stt_call["bytes"] / 32
+    assert stt_call["sample_rate"] == 8000 and stt_call["language"] == "en"
+    audio_ms = stt_call["bytes"] / 16
     assert 400 <= audio_ms <= 400 + 100 + 120 + 100
     assert stt_call["rms"] > 0.1
     # a complete sentence is answered without waiting for turn_stop_secs

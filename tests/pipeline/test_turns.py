@@ -8,6 +8,7 @@ import dataclasses
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline.conversation import (
@@ -80,7 +81,7 @@ async def test_speech_resuming_during_the_wait_continues_the_same_turn() -> None
         await h.until(lambda: BotSpeaking(False) in h.events)
     assert len(stt.calls) == 2
     # the second transcription covers the whole turn: both bursts of speech
-    assert stt.calls[1]["bytes"] >= stt.calls[0]["bytes"] + 300 * 32
+    assert stt.calls[1]["bytes"] >= stt.calls[0]["bytes"] + 300 * IN_RATE // 500
     assert transcripts(h, "user") == ["I would like to book a table for two people."]
     assert [m for m in h.convo.messages if m["role"] == "user"] == [
         {"role": "user", "content": "I would like to book a table for two people."}]
@@ -100,7 +101,8 @@ async def test_long_speech_is_cut_into_turns_at_max_utterance_secs() -> None:
         await asyncio.sleep(0.5)
     assert first_cut <= 0.5 + 0.1
     # every part of the speech is transcribed, none of it twice
-    transcribed_ms = sum(c["bytes"] for c in stt.calls) / 32
+    assert {c["sample_rate"] for c in stt.calls} == {IN_RATE}
+    transcribed_ms = sum(c["bytes"] for c in stt.calls) / (IN_RATE // 500)
     assert 1200 <= transcribed_ms <= 1200 + FAST.preroll_ms + 250
     users = [m["content"] for m in h.convo.messages if m["role"] == "user"]
     assert users == [f"part {n}." for n in ("one", "two", "three")[:len(users)]] and len(users) >= 2
@@ -203,7 +205,7 @@ async def test_taker_one_turn_holds_the_preroll_the_speech_and_the_stop(preroll_
     # the pre-roll (ending with the speech's first frame: the VAD started on its second), the rest of the
     # speech, then the silence up to the stop
     utterance_ms = preroll_ms + 300 - 20 + UNIT.vad_stop_ms
-    assert rig.transcribed == [(round(utterance_ms * 32), PIPELINE_RATE)]
+    assert rig.transcribed == [(round(utterance_ms * IN_RATE // 500), IN_RATE)]     # 8 kHz goes up as it is
     [turn] = rig.turns
     assert turn.text == "Hello." and turn.speech_end == rig.loud_at
     assert turn.spoken_s == pytest.approx(utterance_ms / 1000)
@@ -211,6 +213,22 @@ async def test_taker_one_turn_holds_the_preroll_the_speech_and_the_stop(preroll_
     assert turn.stt_ms == pytest.approx(STT_SECS * 1000)
     assert turn.ended_s_ago == pytest.approx(UNIT.vad_stop_ms / 1000 + STT_SECS)
     assert not rig.taker.busy and rig.failures == []
+
+
+@pytest.mark.parametrize(("rate", "sent_rate"), [(8000, 8000), (16000, 16000), (24000, PIPELINE_RATE),
+                                                  (48000, PIPELINE_RATE)])
+async def test_taker_transcribes_8_and_16_khz_as_they_are_and_other_rates_at_16_khz(rate: int, sent_rate: int) -> None:
+    rig = Rig(dataclasses.replace(UNIT, preroll_ms=0))
+    loud = np.tile(np.frombuffer(SPEECH_FRAME, "<i2"), rate // IN_RATE + 1)[: rate // 50].tobytes()
+    quiet = bytes(rate // 25)
+    for pcm, ms in ((loud, 300), (quiet, UNIT.vad_stop_ms)):
+        for _ in range(round(ms / 20)):
+            rig.now += 0.02
+            rig.taker.on_audio(AudioFrame(pcm, rate))
+    await rig.settle()
+    [(n_bytes, sent)] = rig.transcribed
+    assert sent == sent_rate
+    assert n_bytes / 2 / sent * 1000 == pytest.approx(300 - 20 + UNIT.vad_stop_ms, abs=2)   # the same audio, in time
 
 
 async def test_taker_silence_and_short_noise_are_no_turn() -> None:
@@ -260,7 +278,7 @@ async def test_taker_speech_resuming_during_the_wait_continues_the_turn() -> Non
     await rig.settle()
     assert len(rig.starts) == 2
     first, second = (n for n, _ in rig.transcribed)
-    assert second >= first + 300 * 32            # both bursts of speech in one transcription
+    assert second >= first + 300 * IN_RATE // 500     # both bursts of speech in one transcription
     assert [t.text for t in rig.turns] == ["I would like a table for two."]
 
 
@@ -273,7 +291,7 @@ async def test_taker_cuts_speech_longer_than_max_utterance_secs() -> None:
     assert all(t.text == "part one and" for t in rig.turns)
     rig.feed(UNIT.vad_stop_ms, loud=False)
     await rig.settle()
-    total_ms = sum(n for n, _ in rig.transcribed) / 32
+    total_ms = sum(n for n, _ in rig.transcribed) / (IN_RATE // 500)
     assert total_ms == pytest.approx(700 + UNIT.vad_stop_ms)     # all of it (no pre-roll: it began loud), none twice
 
 

@@ -409,7 +409,7 @@ async def test_phone_codec_pcmu(http: httpx.AsyncClient) -> None:
                 assert rms(b.pcm(after=first)) > 0.05
                 end = await b.mic.say(tone(0.8))
                 assert (await b.event("transcript", role="user", after=end - 1, timeout=8))["text"] == TRANSCRIPT
-                assert fake.state.stt_requests[0]["sample_rate"] == 16000
+                assert fake.state.stt_requests[0]["sample_rate"] == 8000      # PCMU's own rate, not upsampled
                 b.send({"type": "end"})
                 await b.event("end")
             # an Opus-first offer, with the server asked for the phone codec

@@ -342,7 +342,7 @@ async def test_phone_codec_is_mulaw_8k_both_ways() -> None:
             assert abs(len(ulaw) / 8000 - len(greeting["text"]) * 0.015) < 0.15
             assert rms(ulaw_decode(ulaw)) > 0.05
 
-            # µ-law speech in; the STT still gets 16 kHz PCM of the same loudness
+            # µ-law speech in; the STT gets it as 8 kHz PCM (its own rate) of the same loudness
             pcm = tone(1000, 8000) + b"\x00\x00" * (8000 * 700 // 1000)
             mark = time.monotonic()
             for i, offset in enumerate(range(0, len(pcm), 320)):
@@ -351,7 +351,7 @@ async def test_phone_codec_is_mulaw_8k_both_ways() -> None:
             assert (await client.event("transcript", role="user", after=mark))["text"] == TRANSCRIPT
             await client.event("transcript", role="assistant", text=REPLY, after=mark)
             [stt] = fake.state.stt_requests
-            assert stt["sample_rate"] == 16000 and stt["rms"] > 0.1 and 1000 <= stt["duration_ms"] <= 1900
+            assert stt["sample_rate"] == 8000 and stt["rms"] > 0.1 and 1000 <= stt["duration_ms"] <= 1900
             await client.audio_after(mark)
             await client.ws.send(json.dumps({"type": "end"}))
             assert await client.closed_with() == (1000, "session ended")

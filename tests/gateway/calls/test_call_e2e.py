@@ -56,7 +56,7 @@ async def test_call_greets_answers_is_interrupted_and_stops_cleanly() -> None:
             first = await call.wait_audio(after=end, timeout=5)
             assert first - end < 2.0
             [stt] = fake.state.stt_requests
-            assert stt["sample_rate"] == 16000 and stt["duration_ms"] >= len(speech) / 16
+            assert stt["sample_rate"] == 8000 and stt["duration_ms"] >= len(speech) / 16   # the call's own 8 kHz
             assert fake.state.llm_requests[0]["messages"][-1] == {"role": "user",
                                                                   "content": "I would like to book a table for two"}
             await call.wait_quiet(400)

@@ -77,7 +77,7 @@ async def test_the_vendors_transcript_is_answered(name: str) -> None:
         await carry_a_call({"stt_provider": name, "api_keys": {"openai": "sk-test", name: KEY},
                             "base_urls": {"openai": openai.base_url, name: stt.base_url}}, {})
     [request] = stt.stt_requests
-    assert request["sample_rate"] == 16000 and request["duration_ms"] > 1000   # the pipeline hears at 16 kHz
+    assert request["sample_rate"] == 8000 and request["duration_ms"] > 1000   # the call's own rate, in the WAV
     [chat] = openai.state.llm_requests
     assert chat["messages"][-1] == {"role": "user", "content": "a table for two tonight"}
     assert openai.state.calls["stt"] == 0
