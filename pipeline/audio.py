@@ -227,7 +227,8 @@ def _filter(buf: np.ndarray, blocks: int, width: int, down: int, ft: np.ndarray)
     """
     rows = max(64, _DOT_COPY_BYTES // (4 * width))
     if blocks <= 2 * rows:
-        return np.dot(np.ndarray((blocks, width), np.float32, buffer=buf, strides=(4 * down, 4)), ft)
+        product: np.ndarray = np.dot(np.ndarray((blocks, width), np.float32, buffer=buf, strides=(4 * down, 4)), ft)
+        return product
     out = np.empty((blocks, ft.shape[1]), np.float32)
     for start in range(0, blocks, rows):
         n = min(rows, blocks - start)
