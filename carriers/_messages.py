@@ -76,6 +76,11 @@ def media_payload(carrier: str, data: dict[str, Any], *, alt_key: str = "") -> b
         raise CarrierProtocolError(f"{carrier} media event has no media.payload")
     if media.get("track") == "outbound":
         return b""
+    return decode_base64(carrier, payload)
+
+
+def decode_base64(carrier: str, payload: str) -> bytes:
+    """A media payload's bytes, strictly decoded; CarrierProtocolError when it is not base64."""
     try:
         return binascii.a2b_base64(payload, strict_mode=True)   # base64.b64decode(validate=True), one layer less
     except (binascii.Error, ValueError):

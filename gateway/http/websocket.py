@@ -430,8 +430,8 @@ class MediaSocket(asyncio.Protocol):
                         self._message(whole.decode() if op == OP_TEXT else whole)
                 else:
                     self._control(opcode, payload)
-                if self._close_received or self._close_sent and self._lost:
-                    break
+                if at == len(buf) or self._close_received or self._close_sent and self._lost:
+                    break                       # (all read: the usual case, one message per read)
         except FrameError as exc:
             self._fail(exc.code, exc.reason)
         except UnicodeDecodeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import struct
@@ -10,10 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twilio.twiml.voice_response import VoiceResponse
 
 from carriers.base import CallInfo, CarrierProtocolError, HangupFailed, SignatureInvalid, WebhookRequest
-from carriers.twilio import TwilioCarrier, TwilioMediaStream
+from carriers.twilio import _MEDIA_MESSAGE, TwilioCarrier, TwilioMediaStream
+from pipeline.audio import ulaw_decode
 from pipeline.frames import (
     AudioFrame,
     Clear,
@@ -562,3 +566,55 @@ async def test_fake_rejects_bad_requests() -> None:
         assert no_auth.status_code == 401 and no_auth.json()["message"] == "Authenticate"
         canceled = await http.post(path, data={"Status": "canceled"}, auth=(ACCOUNT, TOKEN))
         assert canceled.json()["status"] == "canceled" and fake.ended_calls == [CALL]
+
+
+# ---------------------------------------------------------------- the media message read without a JSON parser
+
+_SID = "MZ" + "ab" * 16
+_FIELDS = {
+    "seq": st.one_of(st.from_regex(r"[0-9]{1,5}", fullmatch=True), st.sampled_from(["", "3a", "-1", "1" * 21])),
+    "sid": st.sampled_from([_SID, "MZ" + "cd" * 16, "", "MZ-1", "MZ" + "a" * 70]),
+    "track": st.sampled_from(["inbound", "outbound", "both", ""]),
+    "num": st.one_of(st.from_regex(r"[0-9]{1,5}", fullmatch=True), st.sampled_from(["", "x"])),
+    "payload": st.one_of(st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
+                         st.from_regex(r"[A-Za-z0-9+/=]{0,12}", fullmatch=True),
+                         st.sampled_from(["AAA", "A===", "AA=A", "////", "AA\\u0041A", "AAAA\\n"])),
+}
+
+
+def _outcome(decode: Any, message: str) -> tuple[str, Any]:
+    try:
+        return "frames", decode(message)
+    except CarrierProtocolError as exc:
+        return "error", str(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(seq=_FIELDS["seq"], sid=_FIELDS["sid"], track=_FIELDS["track"], chunk=_FIELDS["num"],
+       timestamp=_FIELDS["num"], payload=_FIELDS["payload"], spaced=st.booleans())
+def test_media_messages_read_without_the_parser_match_the_parser(seq: str, sid: str, track: str, chunk: str,
+                                                                  timestamp: str, payload: str, spaced: bool) -> None:
+    stream = TwilioMediaStream()
+    stream.decode(json.dumps({"event": "start", "streamSid": _SID, "start": {
+        "streamSid": _SID, "callSid": "CA" + "0" * 32, "accountSid": "AC" + "0" * 32,
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+    message = ('{"event":"media","sequenceNumber":"%s","streamSid":"%s","media":{"track":"%s","chunk":"%s",'
+               '"timestamp":"%s","payload":"%s"}}' % (seq, sid, track, chunk, timestamp, payload))
+    if spaced:
+        message = message.replace('":"', '": "')         # valid JSON, another layout: the parser reads it
+    assert _outcome(stream.decode, message) == _outcome(stream.decode_json, message)
+
+
+def test_the_fast_media_path_reads_twilios_own_layout() -> None:
+    stream = TwilioMediaStream()
+    stream.decode(json.dumps({"event": "start", "streamSid": _SID, "start": {
+        "streamSid": _SID, "callSid": "CA" + "0" * 32, "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                                        "sampleRate": 8000, "channels": 1}}}))
+    message = ('{"event":"media","sequenceNumber":"3","streamSid":"%s","media":{"track":"inbound","chunk":"2",'
+               '"timestamp":"20","payload":"/6mgqf8pICk="}}' % _SID)
+    assert _MEDIA_MESSAGE(message) is not None       # docs/carriers.md's example takes the fast path
+    assert stream.decode(message) == [AudioFrame(ulaw_decode(base64.b64decode("/6mgqf8pICk=")), 8000)]
+    other = message.replace(_SID, "MZ" + "ef" * 16)
+    with pytest.raises(CarrierProtocolError, match="streamSid does not match"):
+        stream.decode(other)
+    assert stream.decode(message.replace("inbound", "outbound")) == []
