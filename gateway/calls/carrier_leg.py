@@ -56,6 +56,7 @@ class CarrierLeg:
         self.sample_rate = self._stream.sample_rate
         self.frame_ms = self._stream.frame_ms
         self.coalesce_ms = float(config.ws_write_coalesce_ms)
+        self._frame_bytes = self.sample_rate * self.frame_ms // 1000 * 2
         self._carrier_stopped = False
         self._transferred = False
         self._bad_messages = 0
@@ -174,7 +175,16 @@ class CarrierLeg:
 
     # ------------------------------------------------------------------------------ output
     async def send(self, frame: Frame) -> None:
-        for message in self._stream.encode(frame):
+        """Encode and send; audio longer than the carrier's frame (the playout coalesced it) goes as that many
+        frame-sized messages in one socket write."""
+        stream = self._stream
+        if isinstance(frame, AudioFrame) and len(frame.pcm) > self._frame_bytes and self.socket.send_many:
+            pcm, size = frame.pcm, self._frame_bytes
+            messages = [m for at in range(0, len(pcm), size)
+                        for m in stream.encode(AudioFrame(pcm[at:at + size], frame.sample_rate))]
+            await self.socket.send_many(messages)
+            return
+        for message in stream.encode(frame):
             await self.socket.send(message)
 
     def emit(self, message: Mapping[str, object]) -> None:

@@ -5,6 +5,7 @@ Usage::
     io = socket_io(websocket)            # after websocket.accept()
     message = await io.receive()         # str | bytes, or None once the peer closed
     await io.send("{...}")
+    await io.send_many([m1, m2]) if io.send_many else ...   # one socket write (the gateway's own server)
     await io.close(1000, "call ended")
     if io.listen is not None:            # the gateway's own server: each message pushed as it is read
         await io.listen(handle)          # handle(message) for every message until the peer closed
@@ -36,6 +37,8 @@ class SocketIO:
     # push delivery (the gateway's own server only): calls the function with each message as it is read,
     # returns once the peer closed; an exception from the function stops it and is raised
     listen: Callable[[Callable[[str | bytes], None]], Awaitable[None]] | None = None
+    # several messages in one socket write (the gateway's own server only; else they are sent one by one)
+    send_many: Callable[[list[str | bytes]], Awaitable[None]] | None = None
 
 
 def socket_io(websocket: WebSocket) -> SocketIO:
@@ -44,7 +47,7 @@ def socket_io(websocket: WebSocket) -> SocketIO:
     direct = websocket.scope.get("extensions", {}).get("voxray.media_socket")
     if isinstance(direct, MediaSocket):
         return SocketIO(receive=direct.receive, send=direct.send, close=direct.close,
-                        peer_close_code=lambda: direct.close_code, listen=direct.listen)
+                        peer_close_code=lambda: direct.close_code, listen=direct.listen, send_many=direct.send_many)
     receive, send = websocket._receive, websocket._send  # noqa: SLF001 - Starlette exposes no public raw ASGI channel
     closed = False
     peer_code: int | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from nacl.signing import SigningKey
 
 from gateway.config import Config
 from gateway.simulate.call import SimulatedCall, synthetic_voice
+from pipeline.audio import rms
 from tests.conftest import PUBLIC_URL, running_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.speech import speech_pcm
@@ -142,3 +144,28 @@ def _raw(config: Config, carrier: str) -> dict[str, Any]:
     return {"public_url": config.public_url, "carrier": carrier, "provider": "openai",
             "api_keys": {"openai": "sk-test"}, "base_urls": dict(config.base_urls),
             "carriers": {carrier: CARRIERS[carrier][0]}, "vad_stop_ms": 300}
+
+
+@pytest.mark.parametrize("carrier", sorted(set(CARRIERS) - {"exotel"}))    # Exotel's frames are 200 ms already
+async def test_coalesced_audio_reaches_the_carrier_as_its_own_frames_in_fewer_writes(carrier: str) -> None:
+    """``ws_write_coalesce_ms`` holds audio to write it in fewer socket writes; every message is still one
+    carrier frame, and the greeting plays whole and valid."""
+    async with FakeOpenAI(transcripts=["x"], replies=["y"], tts_ms_per_char=25) as fake:
+        config = dataclasses.replace(config_for(carrier, fake.base_url), ws_write_coalesce_ms=40)
+        async with running_gateway(config) as url:
+            call = SimulatedCall(gateway=url, public_url=PUBLIC_URL, carrier=carrier,
+                                 credentials=CARRIERS[carrier][1], to="+14155550100")
+            assert (await call.dial()).status_code == 200
+            await call.connect()
+            try:
+                await call.wait_audio(after=0, timeout=10)      # the greeting
+                await call.wait_quiet(400, timeout=10)
+            finally:
+                await call.close()
+    media = call.received.media
+    frame = call.rate * call.dialect.frame_ms // 1000
+    assert len(media) > 20 and {samples for _, samples in media} == {frame}
+    arrivals = [t for t, _ in media]          # batches: messages arriving together (one write) are the rule
+    together = sum(1 for a, b in zip(arrivals, arrivals[1:], strict=False) if b - a < 0.002)
+    assert together >= len(media) // 3, arrivals[:10]
+    assert call.received.invalid == [] and rms(bytes(call.received.audio)) > 0.05
