@@ -188,6 +188,16 @@ async def test_a_standard_client_round_trips_text_binary_and_fragments(served: t
     assert probe.close_codes == [4000]
 
 
+async def test_send_many_writes_several_messages_each_whole_and_in_order(served: tuple[str, Probe]) -> None:
+    url, probe = served
+    async with websockets.connect(url + "/echo") as ws:
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        assert probe.io is not None and probe.io.send_many is not None
+        await probe.io.send_many(['{"n":1}', b"\x00" * 320, '{"n":3}'])
+        assert [await ws.recv() for _ in range(3)] == ['{"n":1}', b"\x00" * 320, '{"n":3}']
+
+
 @pytest.mark.parametrize(("frames", "code"), [
     ([bytes([0x81, 0x02]) + b"hi"], 1002),                               # not masked
     ([masked(OP_TEXT, b"\xff\xfe")], 1007),                               # text that is not UTF-8
