@@ -71,7 +71,7 @@ async def test_twilio_call_at_8k_answers_the_caller() -> None:
             first = await call.wait_audio(after=end, timeout=5)
             assert first - end < 2.0
             [stt] = fake.state.stt_requests
-            assert stt["sample_rate"] == 16000 and stt["duration_ms"] >= 2000
+            assert stt["sample_rate"] == 8000 and stt["duration_ms"] >= 2000     # the call's own rate
             assert fake.state.llm_requests[0]["messages"][-1] == {"role": "user", "content": TRANSCRIPT}
             await call.hang_up()
 
