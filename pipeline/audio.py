@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
+import warnings
 from functools import cache
+from types import ModuleType
 
 import numpy as np
 
@@ -43,6 +46,24 @@ __all__ = [
 
 # --------------------------------------------------------------------------- G.711
 # Tables match CPython's audioop (lin2ulaw / ulaw2lin / lin2alaw / alaw2lin, width 2) bit for bit.
+
+
+def _load_audioop() -> ModuleType | None:
+    """audioop, where it reads our byte order: the codec and ``rms`` in C, one call per 20 ms frame (5-9x
+    cheaper than the tables through numpy). It is in the standard library up to 3.12 (deprecated there, so
+    its import warning is silenced) and the ``audioop-lts`` package (a dependency on 3.13+) after."""
+    if sys.byteorder != "little":      # audioop works in the machine's byte order; our PCM is little-endian
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import audioop
+    except ImportError:
+        return None
+    return audioop
+
+
+_audioop = _load_audioop()
 
 
 def _ulaw_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -102,24 +123,36 @@ def _decode(data: bytes, lo: bytes, hi: bytes) -> bytes:
     return bytes(out)
 
 
+def _encode(pcm: bytes, table: np.ndarray) -> bytes:
+    return bytes(table.take(np.frombuffer(pcm, "<u2")).tobytes())   # bytes(): typed for mypy, no copy
+
+
 def ulaw_decode(data: bytes) -> bytes:
     """G.711 µ-law bytes -> PCM16 LE."""
+    if _audioop is not None:
+        return bytes(_audioop.ulaw2lin(data, 2))
     return _decode(data, _ULAW_LO, _ULAW_HI)
 
 
 def ulaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 µ-law bytes (one per sample)."""
-    return bytes(_ULAW_ENC.take(np.frombuffer(pcm, "<u2")).tobytes())   # bytes(): typed for mypy, no copy
+    if _audioop is not None and not len(pcm) & 1:
+        return bytes(_audioop.lin2ulaw(pcm, 2))
+    return _encode(pcm, _ULAW_ENC)
 
 
 def alaw_decode(data: bytes) -> bytes:
     """G.711 A-law bytes -> PCM16 LE."""
+    if _audioop is not None:
+        return bytes(_audioop.alaw2lin(data, 2))
     return _decode(data, _ALAW_LO, _ALAW_HI)
 
 
 def alaw_encode(pcm: bytes) -> bytes:
     """PCM16 LE -> G.711 A-law bytes (one per sample)."""
-    return bytes(_ALAW_ENC.take(np.frombuffer(pcm, "<u2")).tobytes())
+    if _audioop is not None and not len(pcm) & 1:
+        return bytes(_audioop.lin2alaw(pcm, 2))
+    return _encode(pcm, _ALAW_ENC)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -243,9 +276,13 @@ def _filter(buf: np.ndarray, blocks: int, width: int, down: int, ft: np.ndarray)
 
 
 def rms(pcm: bytes) -> float:
-    """Root-mean-square level, full scale = 1.0 (0.0 for empty input)."""
-    if len(pcm) < 2:
+    """Root-mean-square level, full scale = 1.0 (0.0 for empty input); through audioop, rounded down to a
+    whole sample value (1/32768 of full scale)."""
+    n = len(pcm)
+    if n < 2:
         return 0.0
+    if _audioop is not None:
+        return int(_audioop.rms(pcm[: n - 1] if n & 1 else pcm, 2)) / 32768.0
     x = np.frombuffer(pcm, "<i2", len(pcm) // 2).astype(np.float32)
     # float32 dot: exact enough, ~3x cheaper; math.sqrt on a float, not np.sqrt on a numpy scalar (per frame)
     return math.sqrt(float(x.dot(x)) / x.size) / 32768.0
