@@ -71,6 +71,7 @@ class Playout:
         self._sent: collections.deque[tuple[float, bytes | Mark]] = collections.deque()  # (played by, item)
         self._play_until = 0.0      # when the transport will have played everything we sent
         self._speaking = False
+        self._pacing = False        # waiting for the lead to shrink (queued audio is not news then)
         self.sent_ms = 0.0          # audio sent so far (monotonic position in the outbound stream)
         self.pending_marks: set[str] = set()
 
@@ -85,7 +86,8 @@ class Playout:
         self._queued_bytes += cut
         if cut:
             self._drained.clear()
-            self._wake()
+            if not self._pacing:        # pacing, the pacer's next send does not depend on what is queued
+                self._wake()
         if self._queued_bytes > self._max_bytes:
             self._space.clear()
             await self._space.wait()
@@ -221,7 +223,11 @@ class Playout:
                 self._play_until = now          # the transport ran dry (or a new utterance starts)
             ahead = self._play_until - now
             if ahead > self._lead:
-                await self._sleep(loop, ahead - self._lead + self._coalesce)
+                self._pacing = True
+                try:
+                    await self._sleep(loop, ahead - self._lead + self._coalesce)
+                finally:
+                    self._pacing = False
                 continue
             await self._send_due(send, now)
 

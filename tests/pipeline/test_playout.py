@@ -510,3 +510,30 @@ async def test_a_clear_after_a_hold_sends_no_second_flush() -> None:
         await playout.write(numbered(2))
         await playout.drained()
     assert sink.kinds().count("Clear") == 1
+
+
+class CountingPlayout(Playout):
+    """Counts the pacer's waits (each one a timer or a wake-up, then a task step)."""
+
+    waits = 0
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, delay: float | None) -> None:
+        self.waits += 1
+        await super()._sleep(loop, delay)
+
+
+async def test_audio_streamed_in_while_pacing_does_not_wake_the_pacer() -> None:
+    """A TTS body arrives in many small chunks while the pacer waits for the lead to shrink: the pacer
+    wakes once per frame it sends, not once more per chunk."""
+    playout = CountingPlayout(sample_rate=RATE, lead_ms=60, max_buffer_ms=10000, tick_ms=10)
+    sink = Sink()
+    async with running(playout, sink):
+        await playout.write(pcm(200))                  # the lead fills; the pacer starts pacing
+        for _ in range(40):                            # 1 s more in 25 ms chunks, faster than real time
+            await playout.write(pcm(25))
+            await asyncio.sleep(0.01)
+        playout.end_of_audio()
+        await wait_for(lambda: len(sink.audio_bytes()) >= len(pcm(1200)), timeout=5)
+    frames = len(sink.audio())
+    assert frames == 60
+    assert playout.waits <= frames + 5, (playout.waits, frames)     # was about frames + chunks
