@@ -270,8 +270,6 @@ def _filter(buf: np.ndarray, blocks: int, width: int, down: int, ft: np.ndarray)
     return out
 
 
-
-
 # --------------------------------------------------------------------------- helpers
 
 
