@@ -136,7 +136,10 @@ class StreamChecks:
             if sid is not None:
                 break
         if sid is not None and self.started and sid != getattr(self, self.id_attr):
-            raise CarrierProtocolError(f"{self.carrier} {self.id_keys[0]} does not match the stream")
+            raise self._wrong_stream()
+
+    def _wrong_stream(self) -> CarrierProtocolError:
+        return CarrierProtocolError(f"{self.carrier} {self.id_keys[0]} does not match the stream")
 
     def _require_open(self) -> None:
         if not self.started:

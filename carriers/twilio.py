@@ -384,7 +384,7 @@ class TwilioMediaStream(StreamChecks):
             if media is not None:       # 50 a second: the documented layout, read without a JSON parser
                 stream_sid, track, payload = media.groups()
                 if stream_sid != self.stream_sid:
-                    raise CarrierProtocolError("twilio streamSid does not match the stream")
+                    raise self._wrong_stream()
                 if track == "outbound":
                     return []
                 ulaw = decode_base64("twilio", payload)

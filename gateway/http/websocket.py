@@ -372,30 +372,23 @@ class MediaSocket(asyncio.Protocol):
 
     async def send(self, data: Message) -> None:
         """One text (str) or binary (bytes) message; waits while the peer is not reading."""
+        if await self._writable_now():
+            self.transport.write(_frame(data))
+
+    async def send_many(self, messages: list[Message]) -> None:
+        """Several messages in one write (one system call): a carrier's 20 ms frames sent together."""
+        if await self._writable_now():
+            self.transport.write(b"".join(_frame(m) for m in messages))
+
+    async def _writable_now(self) -> bool:
+        """Wait while the peer is not reading; False once the socket is closing or gone."""
         if self._close_sent or self._lost:
-            return
+            return False
         if not self._writable:
             waiter = self._loop.create_future()
             self._writable_waiters.append(waiter)
             await waiter
-            if self._close_sent or self._lost:
-                return
-        if isinstance(data, str):
-            self.transport.write(encode_frame(OP_TEXT, data.encode()))
-        else:
-            self.transport.write(encode_frame(OP_BINARY, data))
-
-    async def send_many(self, messages: list[Message]) -> None:
-        """Several messages in one write (one system call): a carrier's 20 ms frames sent together."""
-        if self._close_sent or self._lost:
-            return
-        if not self._writable:
-            await self.send(messages[0])
-            messages = messages[1:]
-            if self._close_sent or self._lost:
-                return
-        self.transport.write(b"".join(encode_frame(OP_TEXT, m.encode()) if isinstance(m, str)
-                                      else encode_frame(OP_BINARY, m) for m in messages))
+        return not (self._close_sent or self._lost)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send our close (once) and wait at most ``close_timeout_s`` for the peer's answer."""
@@ -570,3 +563,8 @@ def media_websocket_protocol(*, read_queue_messages: int, messages_per_read: int
     return type("MediaSocket", (MediaSocket,), {
         "read_queue_messages": read_queue_messages, "messages_per_read": messages_per_read,
         "close_timeout_s": close_timeout_s, "ping_interval_s": ping_interval_s, "ping_timeout_s": ping_timeout_s})
+
+
+def _frame(message: Message) -> bytes:
+    """One unmasked server frame for a text (str) or binary (bytes) message."""
+    return encode_frame(OP_TEXT, message.encode()) if isinstance(message, str) else encode_frame(OP_BINARY, message)
