@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
@@ -32,7 +33,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import websockets
+
+from gateway.simulate.ws_link import WsLink
 
 __all__ = ["BusyAnswer", "SimulatedCall", "Received"]
 
@@ -85,10 +87,12 @@ class SimulatedCall:
         self.close_reason = ""
         self._http = http
         self._answer_gap = answer_gap_ms / 1000.0
-        self._ws: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self._link: WsLink | None = None
+        self._outgoing: collections.deque[bytes] = collections.deque()
+        self._pacer: asyncio.Handle | None = None
+        self._next_at = 0.0
         self._sent_event = asyncio.Event()
+        self._speech_end = 0.0
         self._play_end = 0.0
         self._pending_marks: list[tuple[str, asyncio.TimerHandle]] = []
         self._got_media = asyncio.Event()
@@ -154,39 +158,45 @@ class SimulatedCall:
     # ------------------------------------------------------------------------------ media socket
     async def connect(self, *, send_start: bool = True, url: str | None = None,
                       sock: socket.socket | None = None) -> None:
-        """Open the media socket (over ``sock`` when given: a connection already made) and start the stream."""
-        self._ws = await websockets.connect(url or self.media_url, max_size=None, compression=None,
-                                            additional_headers=self.dialect.ws_headers() or None, sock=sock)
-        self._tasks.append(asyncio.create_task(self._receive()))
+        """Open the media socket (over ``sock`` when given: a connection already made) and start the stream.
+
+        Messages are handled as they are read and media frames are sent from timer callbacks (no task per
+        call): a load benchmark's hundreds of calls cost its client little, and arrival times are exact."""
+        self._link = await WsLink.open(url or self.media_url, on_message=self._on_message,
+                                       on_close=self._link_closed, headers=self.dialect.ws_headers() or None,
+                                       sock=sock)
         opening = self.dialect.opening()
         for message in opening if send_start else opening[:-1]:
             await self.send_raw(message)
         if send_start:
-            self._tasks.append(asyncio.create_task(self._pace()))
+            loop = asyncio.get_running_loop()
+            self._next_at = loop.time()
+            self._pacer = loop.call_soon(self._pace)
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send_raw(json.dumps(message))
 
     async def send_raw(self, message: str | bytes) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            await self._ws.send(message)
+        """Send one message (dropped once the socket is closing); waits while the gateway is not reading."""
+        if self._link is not None:
+            self._link.send(message)
+            await self._link.drain()
 
-    async def _pace(self) -> None:
+    def _pace(self) -> None:
         """One media frame per frame time on an absolute schedule, speech when queued, else silence."""
+        if self._closed.is_set() or self._stop_pacing or self._link is None:
+            return
+        outgoing = self._outgoing
+        self._link.send(self.dialect.media(outgoing.popleft() if outgoing else self._silence))
+        if not outgoing and not self._sent_event.is_set():
+            self._speech_end = time.monotonic()     # the last frame of the speech went out
+            self._sent_event.set()
         loop = asyncio.get_running_loop()
-        step = self.dialect.frame_ms / 1000.0
-        next_at = loop.time()
-        while not self._closed.is_set() and not self._stop_pacing:
-            payload = self._outgoing.get_nowait() if not self._outgoing.empty() else self._silence
-            if self._outgoing.empty():
-                self._sent_event.set()
-            await self.send_raw(self.dialect.media(payload))
-            next_at += step
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                next_at = loop.time()       # fell behind: do not burst
+        self._next_at += self.dialect.frame_ms / 1000.0
+        now = loop.time()
+        if self._next_at < now:
+            self._next_at = now                     # fell behind: do not burst
+        self._pacer = loop.call_at(self._next_at, self._pace)
 
     async def speak(self, pcm: bytes) -> float:
         """Queue speech (PCM16 at 8 kHz, resampled to the dialect's rate); returns when its last frame went out,
@@ -196,30 +206,25 @@ class SimulatedCall:
 
             pcm = Resampler(8000, self.rate).process(pcm)
         step = self._frame_samples * 2
+        if not pcm:
+            return time.monotonic()
         self._sent_event.clear()
         for i in range(0, len(pcm), step):
-            self._outgoing.put_nowait(pcm[i:i + step].ljust(step, b"\x00"))
+            self._outgoing.append(pcm[i:i + step].ljust(step, b"\x00"))
         waits = [asyncio.ensure_future(self._sent_event.wait()), asyncio.ensure_future(self._closed.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        return time.monotonic()
+        return self._speech_end if self._sent_event.is_set() else time.monotonic()
 
     async def dtmf(self, digit: str) -> None:
         await self.send_raw(self.dialect.dtmf(digit))
 
-    async def _receive(self) -> None:
-        try:
-            async for message in self._ws:
-                self._on_message(message, time.monotonic())
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            if self._ws.close_code is not None:
-                self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason or ""
-            self._closed.set()
+    def _link_closed(self, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
+        self._closed.set()
 
     def _on_message(self, message: str | bytes, now: float) -> None:
         r = self.received
@@ -245,8 +250,8 @@ class SimulatedCall:
                     handle.cancel()
                     self._echo_mark(name, remove=False)
                 cleared = getattr(self.dialect, "cleared", None)   # e.g. Plivo's clearedAudio
-                if cleared is not None and (ack := cleared()) is not None:
-                    self._tasks.append(asyncio.ensure_future(self.send_raw(ack)))
+                if cleared is not None and (ack := cleared()) is not None and self._link is not None:
+                    self._link.send(ack)
                 self._got_clear.set()
             elif item.kind == "invalid":
                 r.invalid.append(item.text)
@@ -256,9 +261,8 @@ class SimulatedCall:
             self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
         self.received.marks.append((time.monotonic(), name))
         ack = self.dialect.mark_ack(name)
-        if ack is not None:
-            task = asyncio.ensure_future(self.send_raw(ack))
-            self._tasks.append(task)
+        if ack is not None and self._link is not None:
+            self._link.send(ack)
 
     # ------------------------------------------------------------------------------ waiting
     def playing(self) -> bool:
@@ -312,15 +316,14 @@ class SimulatedCall:
 
     async def close(self) -> None:
         self._closed.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._ws is not None:
-            await self._ws.close()
-            if self.close_code is None and self._ws.close_code is not None:
-                self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason or ""
+        if self._pacer is not None:
+            self._pacer.cancel()
+        for _name, handle in self._pending_marks:
+            handle.cancel()
+        if self._link is not None:
+            await self._link.close()
+            if self.close_code is None and self._link.close_code is not None:
+                self.close_code, self.close_reason = self._link.close_code, self._link.close_reason
 
     def pcm_received(self) -> bytes:
         """The agent's audio as PCM16 at the dialect's rate."""
