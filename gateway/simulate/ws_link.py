@@ -18,6 +18,9 @@ Usage::
     await link.drain()                      # waits while the peer is not reading
     await link.close()                      # our close frame, then the server's TCP close
     link.close_code, link.close_reason      # what the server sent (1006: the connection just dropped)
+
+``on_close`` is called once, as soon as the server's close frame arrives (or the connection ends without
+one): a server that stops reading may take its time over the TCP close, and the session is over already.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class WsLink(asyncio.Protocol):
         self._fragments: list[bytes] = []
         self._fragment_op: Opcode | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._ended = False                     # on_close was called
 
     @classmethod
     async def open(cls, url: str, *, on_message: OnMessage, on_close: OnClose | None = None,
@@ -123,16 +127,19 @@ class WsLink(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self._lost.done()
+        """The server sent its close frame, or the connection ended: the session is over either way."""
+        return self._ended
 
     @property
     def close_code(self) -> int | None:
         """The close code the server sent; 1006 when the connection ended without one; None while open."""
-        return self._ws.close_code if self._lost.done() else None
+        if self._ws.close_rcvd is not None:
+            return self._ws.close_rcvd.code
+        return 1006 if self._lost.done() else None
 
     @property
     def close_reason(self) -> str:
-        return (self._ws.close_reason or "") if self._lost.done() else ""
+        return self._ws.close_rcvd.reason if self._ws.close_rcvd is not None else ""
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,6 +160,8 @@ class WsLink(asyncio.Protocol):
         self._flush()
         if ws.close_expected():
             self._expect_close()
+        if ws.close_rcvd is not None:
+            self._end()                         # at once: the TCP close may come much later (or never)
 
     def eof_received(self) -> bool | None:
         self._ws.receive_eof()
@@ -168,8 +177,7 @@ class WsLink(asyncio.Protocol):
         self._writable.set()
         if not self._lost.done():
             self._lost.set_result(None)
-            if self._on_close is not None:
-                self._on_close(self.close_code or 1006, self.close_reason)
+        self._end()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -203,6 +211,12 @@ class WsLink(asyncio.Protocol):
                 transport.write(data)
             elif transport.can_write_eof():
                 transport.write_eof()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            if self._on_close is not None:
+                self._on_close(self.close_code or 1006, self.close_reason)
 
     def _expect_close(self) -> None:
         """The server closes the TCP connection after the close handshake; abort it if it does not in time."""
