@@ -52,6 +52,23 @@ class Inbox:
                 await self.got.wait()
 
 
+async def upgrade_then_ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, done: asyncio.Event, *,
+                              then: bytes = b"") -> None:
+    """A raw server's side: answer the upgrade (and write ``then``), read and ignore everything until the client
+    goes, close, set ``done``."""
+    try:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                   if line.lower().startswith("sec-websocket-key:"))
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n" + then)
+        while await reader.read(65536):
+            pass
+    finally:
+        writer.close()
+        done.set()
+
+
 @pytest.mark.asyncio
 async def test_messages_both_ways_in_order_with_headers_and_arrival_times() -> None:
     seen: dict[str, Any] = {}
@@ -164,71 +181,39 @@ async def test_drain_waits_while_the_server_does_not_read() -> None:
         await link.close()
 
 
-@pytest.mark.asyncio
-async def test_a_server_that_never_closes_is_cut_off_after_close_timeout() -> None:
+@asynccontextmanager
+async def raw_server_link(then: bytes = b"") -> AsyncIterator[tuple[WsLink, Inbox, asyncio.Event]]:
+    """A link (close_timeout_s 0.3) to a raw server that answers the upgrade, writes ``then`` and then only reads:
+    it never answers our close nor closes the connection itself. ``done`` is set once it saw the link go."""
     done = asyncio.Event()
-
-    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answers the upgrade, then reads and ignores everything: our close is never answered."""
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode()
-            key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
-                       if line.lower().startswith("sec-websocket-key:"))
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
-            while await reader.read(65536):
-                pass
-        finally:
-            writer.close()
-            done.set()
-
-    srv = await asyncio.start_server(deaf, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
+    srv = await asyncio.start_server(lambda r, w: upgrade_then_ignore(r, w, done, then=then), "127.0.0.1", 0)
     async with srv:
         inbox = Inbox()
-        link = await WsLink.open(f"ws://127.0.0.1:{port}/", on_message=inbox.message, on_close=inbox.close,
-                                 close_timeout_s=0.3)
+        link = await WsLink.open(f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/", on_message=inbox.message,
+                                 on_close=inbox.close, close_timeout_s=0.3)
+        yield link, inbox, done
+        async with asyncio.timeout(5):
+            await done.wait()                   # the server saw the connection end (and closed its side)
+
+
+@pytest.mark.asyncio
+async def test_a_server_that_never_closes_is_cut_off_after_close_timeout() -> None:
+    async with raw_server_link() as (link, inbox, _):
         started = time.monotonic()
         await link.close()
         took = time.monotonic() - started
-        async with asyncio.timeout(5):
-            await done.wait()                   # the server saw the connection end (and closed its side)
     assert 0.25 <= took < 2.0 and link.closed
     assert inbox.closes == [(1006, "")] and link.close_code == 1006
 
 
 @pytest.mark.asyncio
 async def test_the_servers_close_frame_ends_the_session_before_its_tcp_close() -> None:
-    done = asyncio.Event()
-
-    async def closes_but_lingers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Sends its close frame (1008) and then never closes the connection (a server that stopped reading)."""
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode()
-            key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
-                       if line.lower().startswith("sec-websocket-key:"))
-            body = (1008).to_bytes(2, "big") + b"flood"
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n"
-                         + bytes((0x88, len(body))) + body)
-            while await reader.read(65536):
-                pass
-        finally:
-            writer.close()
-            done.set()
-
-    srv = await asyncio.start_server(closes_but_lingers, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    async with srv:
-        inbox = Inbox()
-        link = await WsLink.open(f"ws://127.0.0.1:{port}/", on_message=inbox.message, on_close=inbox.close,
-                                 close_timeout_s=0.3)
+    body = (1008).to_bytes(2, "big") + b"flood"
+    async with raw_server_link(then=bytes((0x88, len(body))) + body) as (link, inbox, _):   # then never closes
         async with asyncio.timeout(2):
             await inbox.closed.wait()
         assert link.closed and not link._lost.done()    # noqa: SLF001 - the TCP connection is still up
         assert inbox.closes == [(1008, "flood")] and (link.close_code, link.close_reason) == (1008, "flood")
         link.send("dropped")                           # the session is over: nothing more goes out
         await link.close()                             # the server never closes: cut off after 0.3 s
-        async with asyncio.timeout(5):
-            await done.wait()
     assert inbox.closes == [(1008, "flood")]
