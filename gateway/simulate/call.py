@@ -80,6 +80,7 @@ class SimulatedCall:
         self.path = path or f"/start/{carrier}"
         self.rate: int = self.dialect.rate
         self._frame_samples = self.rate * self.dialect.frame_ms // 1000
+        self._frame_s = self.dialect.frame_ms / 1000.0
         self._silence = b"\x00\x00" * self._frame_samples
         self.received = Received()
         self.session_id = ""
@@ -192,7 +193,7 @@ class SimulatedCall:
             self._speech_end = time.monotonic()     # the last frame of the speech went out
             self._sent_event.set()
         loop = asyncio.get_running_loop()
-        self._next_at += self.dialect.frame_ms / 1000.0
+        self._next_at += self._frame_s
         now = loop.time()
         if self._next_at < now:
             self._next_at = now                     # fell behind: do not burst

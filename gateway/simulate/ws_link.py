@@ -117,13 +117,9 @@ class WsLink(asyncio.Protocol):
         if self._ws.state is State.OPEN:
             self._ws.send_close(code, reason)
             self._flush()
-            self._expect_close()
         if self._transport is not None and not self._lost.done():
-            try:
-                async with asyncio.timeout(self._close_timeout_s):
-                    await asyncio.shield(self._lost)
-            except TimeoutError:
-                self._transport.abort()
+            self._expect_close()                # its timer aborts the connection: _lost is bounded
+            await asyncio.shield(self._lost)
 
     @property
     def closed(self) -> bool:
@@ -189,18 +185,14 @@ class WsLink(asyncio.Protocol):
     def _frame(self, frame: Frame, arrived: float) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                data = bytes(frame.data)
-                self._on_message(data.decode() if opcode is Opcode.TEXT else data, arrived)
-            else:
-                self._fragment_op, self._fragments = opcode, [bytes(frame.data)]
-        elif opcode is Opcode.CONT and self._fragment_op is not None:
-            self._fragments.append(bytes(frame.data))
-            if frame.fin:
-                whole, op = b"".join(self._fragments), self._fragment_op
-                self._fragments, self._fragment_op = [], None
-                self._on_message(whole.decode() if op is Opcode.TEXT else whole, arrived)
-        # PING, PONG and CLOSE: the protocol answered them (a pong, our close) in its data_to_send()
+            self._fragment_op, self._fragments = opcode, []
+        elif opcode is not Opcode.CONT or self._fragment_op is None:
+            return          # PING, PONG and CLOSE: the protocol answered them (a pong, our close) in data_to_send()
+        self._fragments.append(bytes(frame.data))
+        if frame.fin:
+            whole = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+            op, self._fragment_op, self._fragments = self._fragment_op, None, []
+            self._on_message(whole.decode() if op is Opcode.TEXT else whole, arrived)
 
     def _flush(self) -> None:
         transport = self._transport
