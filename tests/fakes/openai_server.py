@@ -12,6 +12,9 @@ In-process (tests)::
         fake.state.fail_once["stt"] = "hang"
         fake.state.calls["tts"], fake.state.stt_requests[0]["rms"]
 
+A delay (``stt_delay_ms`` ...) is the time from the handler taking a request to its answer (the first
+token, the first audio): the fake's own parsing and synthesis happen inside it, not after it.
+
 Subprocess (benchmarks); prints ``READY http://127.0.0.1:<port>/v1`` once listening::
 
     python -m tests.fakes.openai_server --port 0 --stt-delay-ms 100 --llm-delay-ms 150 \\
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import re
@@ -177,6 +181,16 @@ async def _sleep_ms(ms: float) -> None:
         await asyncio.sleep(ms / 1000)
 
 
+async def _answer_at(arrived: float, ms: float) -> None:
+    """Wait until ``ms`` after ``arrived`` (``time.monotonic()`` when the handler took the request): a fixed
+    delay is the provider's response time, so the fake's own work (reading the body, parsing it, making the
+    audio) comes out of it instead of being added to it. Under load the benchmark's "server-added"
+    latency would otherwise count this process's CPU as the gateway's."""
+    remaining = arrived + ms / 1000 - time.monotonic()
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+
+
 @dataclass
 class FakeState:
     """Mutable at runtime from tests: delays, failure modes, content; inspect records/counters."""
@@ -254,6 +268,7 @@ class _App:
         return body if isinstance(body, dict) else None
 
     async def stt(self, request: Request) -> Response:
+        arrived = time.monotonic()
         if (denied := await self._gate("stt", request)) is not None:
             return denied
         try:
@@ -274,12 +289,13 @@ class _App:
         }
         self.state.stt_requests.append(record)
         text = self.state.next_transcript(record)
-        await _sleep_ms(self.state.stt_delay_ms)
+        await _answer_at(arrived, self.state.stt_delay_ms)
         if record["response_format"] == "text":
             return Response(text, media_type="text/plain")
         return JSONResponse({"text": text})
 
     async def llm(self, request: Request) -> Response:
+        arrived = time.monotonic()
         if (denied := await self._gate("llm", request)) is not None:
             return denied
         body = await self._json(request)
@@ -295,7 +311,7 @@ class _App:
         model, created, cid = body.get("model", ""), int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
         usage = {"prompt_tokens": 10, "completion_tokens": len(re.findall(r"\S+\s*", text))}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        await _sleep_ms(self.state.llm_delay_ms)
+        await _answer_at(arrived, self.state.llm_delay_ms)
         if not body.get("stream"):
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
@@ -334,6 +350,7 @@ class _App:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     async def tts(self, request: Request) -> Response:
+        arrived = time.monotonic()
         if (denied := await self._gate("tts", request)) is not None:
             return denied
         body = await self._json(request)
@@ -352,7 +369,7 @@ class _App:
         ms = max(200.0, len(body["input"]) * self.state.tts_ms_per_char)
         pcm = speech_pcm(int(ms * TTS_SAMPLE_RATE / 1000))
         step = max(2, int(self.state.tts_chunk_ms * TTS_SAMPLE_RATE / 1000) * 2)
-        await _sleep_ms(self.state.tts_delay_ms)
+        await _answer_at(arrived, self.state.tts_delay_ms)
 
         async def audio() -> AsyncIterator[bytes]:
             if fmt == "wav":
@@ -453,6 +470,10 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         async with FakeOpenAI(a.transcript or ["hello"], a.reply or ["Hello!"], handle_signals=True, **kw) as fake:
             print(f"READY {fake.base_url}", flush=True)
+            # a benchmark's fake: its start-up objects out of the collector's way, or a full collection
+            # (17 ms measured under load) delays every answer in flight and counts as the gateway's latency
+            gc.collect()
+            gc.freeze()
             await fake.wait_closed()
 
     try:

@@ -258,3 +258,20 @@ def test_cli_subprocess_prints_ready_and_serves() -> None:
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.asyncio
+async def test_a_delay_counts_from_the_request_not_from_the_fakes_own_work() -> None:
+    """The fake's work before answering (here an 80 ms transcript lookup) is inside the 150 ms delay, not
+    added to it: the benchmark's "server-added" latency must not count the fake's CPU."""
+    def slow_transcript(_record: dict[str, object]) -> str:
+        time.sleep(0.08)
+        return "hello"
+
+    async with fake(stt_delay_ms=150) as f, httpx.AsyncClient() as c:
+        f.state.next_transcript = slow_transcript
+        t0 = time.perf_counter()
+        await transcribe(c, f, make_wav())
+        elapsed = time.perf_counter() - t0
+    assert elapsed >= 0.145                 # the delay still holds
+    assert elapsed < 0.215                  # not 150 + 80 ms
