@@ -43,7 +43,7 @@ from pipeline.providers.base import (
 )
 from pipeline.settings import ConversationSettings, Persona
 
-__all__ = ["ProviderCalls", "ProviderChain", "ProvidersFailed", "first_working"]
+__all__ = ["ItemDeadline", "ProviderCalls", "ProviderChain", "ProvidersFailed", "first_working"]
 
 _P = TypeVar("_P", STTProvider, LLMProvider, TTSProvider)
 _T = TypeVar("_T")
@@ -131,10 +131,17 @@ async def first_working(stage: str, providers: Sequence[_P], open_stream: Callab
         for _ in range(retries + 1):
             produced = False
             stream = open_stream(provider)
+            deadline = ItemDeadline(timeout_secs)
             try:
                 while True:
-                    async with asyncio.timeout(timeout_secs):
+                    deadline.start()
+                    try:
                         item = await anext(stream, None)
+                    except asyncio.CancelledError:
+                        deadline.raise_if_expired()
+                        raise
+                    finally:
+                        deadline.stop()
                     if item is None:
                         return
                     produced = True
@@ -151,8 +158,84 @@ async def first_working(stage: str, providers: Sequence[_P], open_stream: Callab
                         break                       # a caller will not wait that long: the next provider
                     await asyncio.sleep(wait)
             finally:
+                deadline.close()
                 await _aclose(stream)
     raise ProvidersFailed(f"{stage} failed: " + "; ".join(errors))
+
+
+class ItemDeadline:
+    """A time limit on each wait for a stream's next item, with one timer per stream, not one per item.
+
+    ``asyncio.timeout`` around every ``anext`` schedules and cancels a timer per item (about 4.5 µs here,
+    for each TTS chunk and each LLM token of every call). This keeps one timer and moves it lazily: when
+    it fires before the current wait is due (an item came since), it is set again for that wait's due
+    time; while no wait is running it lapses. A wait that outlasts ``timeout_s`` cancels the waiting
+    task, and :meth:`raise_if_expired` turns that cancellation into ``TimeoutError`` (as
+    ``asyncio.timeout`` does, leaving any other cancellation alone). Usage::
+
+        deadline = ItemDeadline(5.0)
+        try:
+            while True:
+                deadline.start()
+                try:
+                    item = await anext(stream)
+                except asyncio.CancelledError:
+                    deadline.raise_if_expired()     # TimeoutError when the wait outlasted 5 s
+                    raise
+                finally:
+                    deadline.stop()
+                ...
+        finally:
+            deadline.close()
+    """
+
+    __slots__ = ("_cancelling", "_due", "_expired", "_handle", "_loop", "_task", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._due: float | None = None          # None: no wait is running
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._expired = False
+
+    def start(self) -> None:
+        """A wait begins (in the current task): it may last ``timeout_s``."""
+        task = asyncio.current_task()
+        assert task is not None, "ItemDeadline.start() outside a task"
+        self._task, self._cancelling, self._expired = task, task.cancelling(), False
+        self._due = due = self._loop.time() + self.timeout_s
+        if self._handle is None:
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def stop(self) -> None:
+        """The wait ended (the timer stays, to be moved by the next :meth:`start`)."""
+        self._due = None
+
+    def raise_if_expired(self) -> None:
+        """Inside ``except CancelledError``: raise TimeoutError if this deadline caused the cancellation."""
+        if self._expired and self._task is not None:
+            self._expired = False
+            if self._task.uncancel() <= self._cancelling:
+                raise TimeoutError
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._due = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        due = self._due
+        if due is None or self._task is None:
+            return                              # between waits: the next start() sets a timer
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self._expired = True
+        self._task.cancel()
 
 
 def _describe(name: str, exc: BaseException) -> str:

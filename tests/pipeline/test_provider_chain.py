@@ -20,7 +20,7 @@ from pipeline.conversation import (
     TranscriptEvent,
     TurnLatency,
 )
-from pipeline.provider_chain import ProviderCalls, ProvidersFailed, first_working
+from pipeline.provider_chain import ItemDeadline, ProviderCalls, ProvidersFailed, first_working
 from tests.pipeline.call_harness import (
     FAST,
     HANG,
@@ -237,6 +237,67 @@ async def test_chain_closes_the_stream_when_the_caller_stops_early() -> None:
     async with contextlib.aclosing(first_working("tts", [a], Source.open, timeout_secs=0.1, retries=0)) as items:
         assert await anext(items) == "x"
     assert a.closed == 1
+
+
+async def test_chain_sets_one_timer_per_stream_not_one_per_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TTS body or an LLM answer is hundreds of items per turn on every call: the per-item time limit
+    must not schedule (and cancel) a timer for each of them."""
+    loop = asyncio.get_running_loop()
+    scheduled: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        scheduled.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
+    items = [f"chunk {i}" for i in range(200)]
+    assert await collect([Source("a", items)], timeout_secs=5.0) == items
+    assert len(scheduled) <= 2
+
+
+async def test_item_deadline_limits_each_wait_and_not_the_time_between_waits() -> None:
+    deadline = ItemDeadline(0.05)
+    try:
+        for _ in range(3):                      # quick waits, with longer pauses between them
+            deadline.start()
+            await asyncio.sleep(0.01)
+            deadline.stop()
+            await asyncio.sleep(0.08)           # the consumer's own time is not limited
+        deadline.start()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                deadline.raise_if_expired()
+                raise
+            finally:
+                deadline.stop()
+        assert 0.04 <= time.monotonic() - t0 < 0.5
+    finally:
+        deadline.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0      # the timeout's cancellation was taken back
+
+
+async def test_item_deadline_leaves_a_cancellation_from_elsewhere_alone() -> None:
+    async def wait_forever() -> None:
+        deadline = ItemDeadline(5.0)
+        deadline.start()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            deadline.raise_if_expired()
+            raise
+        finally:
+            deadline.close()
+
+    task = asyncio.create_task(wait_forever())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 # ----------------------------------------------------------------------------------------- ProviderCalls
