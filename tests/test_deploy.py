@@ -415,18 +415,21 @@ def test_dockerfile_installs_every_package_with_the_local_extra() -> None:
         "the builder should pip install the project with the `local` extra (\".[local]\")"
 
 
-def test_dockerfile_entrypoint_is_the_declared_console_script() -> None:
+def test_dockerfile_entrypoint_is_the_declared_console_script_under_an_init() -> None:
+    """tini is PID 1: it forwards SIGTERM to voxray (the drain) and reaps orphans, which a Python PID 1 does not."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     entrypoint = exec_form(runtime().last("ENTRYPOINT"))
-    assert entrypoint == ["voxray"], entrypoint
+    assert entrypoint == ["/usr/bin/tini", "--", "voxray"], entrypoint
     assert scripts.get("voxray") == "gateway.__main__:main", scripts
+    assert any(re.search(r"apt-get install [^&]*\btini\b", run) for run in runtime().all("RUN")), \
+        "the runtime stage should install tini (Debian's package) for its ENTRYPOINT"
 
 
 def test_dockerfile_cmd_port_is_exposed_and_is_the_app_default() -> None:
     from gateway.__main__ import _parser
 
     entrypoint = exec_form(runtime().last("ENTRYPOINT"))
-    args = _parser().parse_args(entrypoint[1:] + exec_form(runtime().last("CMD")))
+    args = _parser().parse_args(entrypoint[entrypoint.index("voxray") + 1:] + exec_form(runtime().last("CMD")))
     assert args.command == "serve"
     assert args.host == "0.0.0.0", "inside a container the server must listen on all interfaces"
     default_port = Config.from_mapping({}).port
