@@ -25,7 +25,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -134,14 +134,7 @@ async def first_working(stage: str, providers: Sequence[_P], open_stream: Callab
             deadline = ItemDeadline(timeout_secs)
             try:
                 while True:
-                    deadline.start()
-                    try:
-                        item = await anext(stream, None)
-                    except asyncio.CancelledError:
-                        deadline.raise_if_expired()
-                        raise
-                    finally:
-                        deadline.stop()
+                    item = await deadline.wait(anext(stream, None))
                     if item is None:
                         return
                     produced = True
@@ -175,15 +168,7 @@ class ItemDeadline:
 
         deadline = ItemDeadline(5.0)
         try:
-            while True:
-                deadline.start()
-                try:
-                    item = await anext(stream)
-                except asyncio.CancelledError:
-                    deadline.raise_if_expired()     # TimeoutError when the wait outlasted 5 s
-                    raise
-                finally:
-                    deadline.stop()
+            while (item := await deadline.wait(anext(stream, None))) is not None:   # TimeoutError past 5 s
                 ...
         finally:
             deadline.close()
@@ -199,6 +184,17 @@ class ItemDeadline:
         self._task: asyncio.Task[Any] | None = None
         self._cancelling = 0
         self._expired = False
+
+    async def wait(self, awaitable: Awaitable[_T]) -> _T:
+        """``await awaitable``, raising TimeoutError if it takes longer than ``timeout_s``."""
+        self.start()
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            self.raise_if_expired()
+            raise
+        finally:
+            self.stop()
 
     def start(self) -> None:
         """A wait begins (in the current task): it may last ``timeout_s``."""

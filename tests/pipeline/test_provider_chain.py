@@ -260,20 +260,11 @@ async def test_item_deadline_limits_each_wait_and_not_the_time_between_waits() -
     deadline = ItemDeadline(0.05)
     try:
         for _ in range(3):                      # quick waits, with longer pauses between them
-            deadline.start()
-            await asyncio.sleep(0.01)
-            deadline.stop()
+            await deadline.wait(asyncio.sleep(0.01))
             await asyncio.sleep(0.08)           # the consumer's own time is not limited
-        deadline.start()
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            try:
-                await asyncio.sleep(1)
-            except asyncio.CancelledError:
-                deadline.raise_if_expired()
-                raise
-            finally:
-                deadline.stop()
+            await deadline.wait(asyncio.sleep(1))
         assert 0.04 <= time.monotonic() - t0 < 0.5
     finally:
         deadline.close()
@@ -284,12 +275,8 @@ async def test_item_deadline_limits_each_wait_and_not_the_time_between_waits() -
 async def test_item_deadline_leaves_a_cancellation_from_elsewhere_alone() -> None:
     async def wait_forever() -> None:
         deadline = ItemDeadline(5.0)
-        deadline.start()
         try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            deadline.raise_if_expired()
-            raise
+            await deadline.wait(asyncio.sleep(10))
         finally:
             deadline.close()
 
