@@ -174,10 +174,10 @@ class ItemDeadline:
             deadline.close()
     """
 
-    __slots__ = ("_cancelling", "_due", "_expired", "_handle", "_loop", "_task", "timeout_s")
+    __slots__ = ("_cancelling", "_due", "_expired", "_handle", "_loop", "_task", "_timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+        self._timeout_s = timeout_s         # fixed: a timer set for one wait is never later than the next's due
         self._loop = asyncio.get_running_loop()
         self._due: float | None = None          # None: no wait is running
         self._handle: asyncio.TimerHandle | None = None
@@ -201,7 +201,7 @@ class ItemDeadline:
         task = asyncio.current_task()
         assert task is not None, "ItemDeadline.start() outside a task"
         self._task, self._cancelling, self._expired = task, task.cancelling(), False
-        self._due = due = self._loop.time() + self.timeout_s
+        self._due = due = self._loop.time() + self._timeout_s
         if self._handle is None:
             self._handle = self._loop.call_at(due, self._fire)
 
