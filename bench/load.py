@@ -268,6 +268,7 @@ def start_fake(args: argparse.Namespace, workdir: Path) -> tuple[Child, str]:
     argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0",
             "--stt-delay-ms", str(args.stt_ms), "--llm-delay-ms", str(args.llm_ms), "--tts-delay-ms", str(args.tts_ms),
             "--llm-token-interval-ms", str(args.token_ms), "--tts-ms-per-char", str(args.tts_ms_per_char),
+            "--tts-chunk-ms", str(args.tts_chunk_ms),
             "--transcript", TRANSCRIPT, "--reply", REPLY]
     child = Child("fake OpenAI server", argv, workdir / "fake_openai.log")   # inherits the client's --nice
     return child, ready_url(child)
@@ -863,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tts-ms", type=float, default=80.0)
     p.add_argument("--token-ms", type=float, default=5.0, help="fake LLM interval between tokens")
     p.add_argument("--tts-ms-per-char", type=float, default=30.0)
+    p.add_argument("--tts-chunk-ms", type=float, default=40.0,
+                   help="audio per chunk of the fake TTS's streamed body (each chunk is its own write)")
     p.add_argument("--vad-stop-ms", type=int, default=300)
     p.add_argument("--speech-s", type=float, default=1.2, help="length of the synthetic speech (not with silero)")
     p.add_argument("--vad", default="energy",
@@ -945,7 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"argv": sys.argv, "started": started, "python": platform.python_version(), "cpus": os.cpu_count(),
                 "machine": platform.platform(), "client_loop": loop_name,
                 "delays_ms": {"stt": args.stt_ms, "llm": args.llm_ms, "tts": args.tts_ms, "token": args.token_ms},
-                "vad_stop_ms": args.vad_stop_ms, "tts_ms_per_char": args.tts_ms_per_char, "transcript": TRANSCRIPT,
+                "vad_stop_ms": args.vad_stop_ms, "tts_ms_per_char": args.tts_ms_per_char,
+                "tts_chunk_ms": args.tts_chunk_ms, "transcript": TRANSCRIPT,
                 "reply": REPLY, "seconds": args.seconds, "engine": args.engine,
                 "rt_first_audio_ms": args.rt_first_audio_ms, "transports": transports, "vads": vads,
                 "speech": "piper" if args.piper_speech else "synthetic"}
