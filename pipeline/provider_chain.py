@@ -163,7 +163,7 @@ class ItemDeadline:
     for each TTS chunk and each LLM token of every call). This keeps one timer and moves it lazily: when
     it fires before the current wait is due (an item came since), it is set again for that wait's due
     time; while no wait is running it lapses. A wait that outlasts ``timeout_s`` cancels the waiting
-    task, and :meth:`raise_if_expired` turns that cancellation into ``TimeoutError`` (as
+    task, and :meth:`wait` turns that cancellation into ``TimeoutError`` (as
     ``asyncio.timeout`` does, leaving any other cancellation alone). Usage::
 
         deadline = ItemDeadline(5.0)
@@ -187,29 +187,25 @@ class ItemDeadline:
 
     async def wait(self, awaitable: Awaitable[_T]) -> _T:
         """``await awaitable``, raising TimeoutError if it takes longer than ``timeout_s``."""
-        self.start()
+        self._start()
         try:
             return await awaitable
         except asyncio.CancelledError:
-            self.raise_if_expired()
+            self._raise_if_expired()
             raise
         finally:
-            self.stop()
+            self._due = None                    # no wait: a timer firing now lapses (the next wait moves it)
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """A wait begins (in the current task): it may last ``timeout_s``."""
         task = asyncio.current_task()
-        assert task is not None, "ItemDeadline.start() outside a task"
+        assert task is not None, "ItemDeadline.wait() outside a task"
         self._task, self._cancelling, self._expired = task, task.cancelling(), False
         self._due = due = self._loop.time() + self._timeout_s
         if self._handle is None:
             self._handle = self._loop.call_at(due, self._fire)
 
-    def stop(self) -> None:
-        """The wait ended (the timer stays, to be moved by the next :meth:`start`)."""
-        self._due = None
-
-    def raise_if_expired(self) -> None:
+    def _raise_if_expired(self) -> None:
         """Inside ``except CancelledError``: raise TimeoutError if this deadline caused the cancellation."""
         if self._expired and self._task is not None:
             self._expired = False
@@ -217,6 +213,7 @@ class ItemDeadline:
                 raise TimeoutError
 
     def close(self) -> None:
+        """Cancel the timer (the stream is done with)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -226,7 +223,7 @@ class ItemDeadline:
         self._handle = None
         due = self._due
         if due is None or self._task is None:
-            return                              # between waits: the next start() sets a timer
+            return                              # between waits: the next wait sets a timer
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._fire)
             return
