@@ -8,6 +8,9 @@ Outbound (one 20 ms frame of the agent's speech)::
 
     TTS PCM 24 kHz -> resample to 8 kHz -> playout pacer -> µ-law -> base64 -> JSON -> WebSocket send
 
+The last outbound row is per 20 ms of audio sent, in messages as a Twilio call's playout makes them
+(``outbound_message_ms``: 60 ms by default; one frame each in refs older than that key).
+
 Every stage calls the gateway's own code (``carriers.twilio``, ``pipeline.audio``, ``pipeline.turns``,
 ``pipeline.playout``, ``gateway.calls.lifecycle``). The WebSocket rows run a real uvicorn server, built
 by ``gateway.server.build_server`` with the gateway's options and the media route's socket adapter
@@ -50,7 +53,7 @@ FRAMES = 2000          # messages per timed run of an in-process stage
 SOCKET_IN = "WebSocket receive only (server + socket_io)"
 CALL_IN = "server CPU per message: receive + decode + gate + turns"
 SOCKET_OUT = "WebSocket send only (server + socket_io)"
-CALL_OUT = "server CPU per frame: Playout + encode + send"
+CALL_OUT = "server CPU per 20 ms out: Playout + encode + send"
 
 
 def _speech_frames(n: int, rate: int, seed: int = 0) -> list[bytes]:
@@ -252,8 +255,11 @@ def _serve(port: int, ws: str) -> None:
     async def speak(io: Any) -> None:
         stream = TwilioMediaStream()
         stream.decode(_start_message())
-        # as gateway.calls.call builds it (a ref older than outbound_tick_ms has no shared grid)
+        # as gateway.calls.call builds it for Twilio (a ref older than outbound_tick_ms has no shared grid, one
+        # older than outbound_message_ms sends one 20 ms frame per message)
         grid = {"tick_ms": config.outbound_tick_ms} if hasattr(config, "outbound_tick_ms") else {}
+        if hasattr(config, "outbound_message_ms"):
+            grid["message_ms"] = min(config.outbound_message_ms, TwilioMediaStream.max_message_ms)
         playout = Playout(sample_rate=8000, lead_ms=config.outbound_lead_ms,
                           max_buffer_ms=config.playout_max_buffer_ms, frame_ms=20, **grid)
 

@@ -131,11 +131,14 @@ class MediaStream(Protocol):
     ``encode`` turns an outbound frame (``AudioFrame`` at ``sample_rate``, ``Mark``, ``Clear``)
     into the messages to send. Both raise :class:`CarrierProtocolError` with a precise text.
     ``frame_ms`` is the outbound audio frame the carrier needs (the playout cuts audio into it);
-    ``marks`` says whether the carrier acknowledges ``Mark`` frames.
+    ``max_message_ms`` the most audio one outbound message may carry by the carrier's rules (``encode``
+    of a longer frame returns several messages); ``marks`` says whether the carrier acknowledges ``Mark``
+    frames.
     """
 
     sample_rate: int
     frame_ms: int
+    max_message_ms: int
     marks: bool
     started: bool
 

@@ -517,6 +517,7 @@ class ExotelMediaStream(StreamChecks):
         self._min = math.ceil(self.min_chunk_bytes / self._unit) * self._unit
         self._max = MAX_CHUNK_BYTES // self._unit * self._unit
         self.frame_ms = max(100, self._min // self._unit * 20)
+        self.max_message_ms = self.frame_ms     # paced chunk by chunk, as Exotel's own sample does
         self._frame_bytes = rate * self.frame_ms // 1000 * 2
 
     # -- Exotel -> us --------------------------------------------------------------------------

@@ -522,6 +522,7 @@ class PlivoMediaStream(StreamChecks):
     carrier, id_keys, id_attr, open_hint = "plivo", ("streamId",), "stream_id", "no streamId yet"
 
     frame_ms: int = 20
+    max_message_ms: int = 200      # no documented limit; 20-200 ms chunks keep a clearAudio effective
     marks: bool = True
 
     def __init__(self, *, content_type: str = "audio/x-mulaw;rate=8000", l16_byte_order: str = "little",

@@ -629,6 +629,7 @@ class TelnyxMediaStream(StreamChecks):
     PCMU (or PCMA/L16) out, both as PCM16 at ``sample_rate``."""
 
     frame_ms: int = 20
+    max_message_ms: int = 30_000   # a chunk may hold 20 ms to 30 s (docs/carriers.md)
     marks: bool = True
 
     def __init__(self, *, outbound_codec: str = "PCMU", sample_rate: int = 8000, l16_byte_order: str = "big",

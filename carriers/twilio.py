@@ -368,6 +368,7 @@ class TwilioMediaStream(StreamChecks):
 
     sample_rate: int = SAMPLE_RATE
     frame_ms: int = 20
+    max_message_ms: int = 100      # any length plays; 20-100 ms keeps a clear effective (docs/carriers.md)
     marks: bool = True
 
     def __init__(self) -> None:

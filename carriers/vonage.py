@@ -549,6 +549,7 @@ class VonageMediaStream:
     JSON text events from Vonage, JSON text commands to it."""
 
     frame_ms: int = FRAME_MS
+    max_message_ms: int = FRAME_MS   # every binary message is exactly one 20 ms frame
 
     def __init__(self, *, sample_rate: int = 16000, clear_and_notify: bool = True) -> None:
         if sample_rate not in RATES:

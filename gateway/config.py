@@ -199,6 +199,7 @@ class Config:
     backchannels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_BACKCHANNELS))
     outbound_lead_ms: int = 100          # audio sent ahead of real time (the carrier buffer we keep)
     outbound_tick_ms: int = 10           # the pacers of all calls wake on one grid of this step (0: each its own)
+    outbound_message_ms: int = 60        # most audio per outbound message where the carrier plays longer ones
     playout_max_buffer_ms: int = 10000   # TTS audio held before the producer waits
     dtmf_timeout_ms: int = 1500          # digits are collected until this pause or '#'
     # providers' limits
@@ -249,7 +250,6 @@ class Config:
     load_sample_ms: float = 100.0        # how often the event loop's lag is sampled
     call_stop_timeout_secs: float = 2.0  # an ending call's tasks get this long to stop, then as long once cancelled
     ws_max_queued_events: int = 1000     # /ws events a client has not read yet; beyond: the session is closed
-    ws_write_coalesce_ms: int = 0
     hangup_timeout_secs: float = 5.0
     # sessions (seed keys)
     session_store: str = "memory"
@@ -566,7 +566,7 @@ def _validate(c: Config, problems: _Problems) -> None:
     for key in positive:
         if getattr(c, key) <= 0:
             problems.add(f"'{key}' must be greater than 0 (got {getattr(c, key)})")
-    for key in ("ws_ping_interval_secs", "ws_write_coalesce_ms", "outbound_tick_ms", "provider_retries",
+    for key in ("ws_ping_interval_secs", "outbound_tick_ms", "provider_retries",
                 "media_max_bad_messages",
                 "silence_prompt_secs", "media_flood_close_ms", "max_concurrent_calls", "tool_max_rounds",
                 "tool_filler_secs", "min_words"):
@@ -579,9 +579,14 @@ def _validate(c: Config, problems: _Problems) -> None:
         problems.add(f"'port' must be at most 65535 (got {c.port})")
     if c.vad_stop_ms / 1000.0 > c.turn_stop_secs:
         problems.add(f"'vad_stop_ms' ({c.vad_stop_ms}) must not exceed 'turn_stop_secs' ({c.turn_stop_secs} s)")
-    if c.outbound_tick_ms >= c.outbound_lead_ms > 0:
-        problems.add(f"'outbound_tick_ms' ({c.outbound_tick_ms}) must be below 'outbound_lead_ms' "
-                     f"({c.outbound_lead_ms}): a pacer wake-up may come one tick late and the lead must cover it")
+    if c.outbound_message_ms % 20 or not 20 <= c.outbound_message_ms <= 200:
+        problems.add(f"'outbound_message_ms' must be a multiple of 20 from 20 to 200 (got {c.outbound_message_ms}); "
+                     "20 sends one frame per message")
+    elif c.outbound_lead_ms > 0 and c.outbound_tick_ms >= (
+            refill := c.outbound_lead_ms - (c.outbound_message_ms - 20) / 2):
+        problems.add(f"'outbound_tick_ms' ({c.outbound_tick_ms}) must be below 'outbound_lead_ms' minus half of "
+                     f"'outbound_message_ms' beyond one 20 ms frame ({refill:g}): the pacer sends again when the "
+                     "lead falls that low, a wake-up may come one tick late, and the lead must cover it")
     if c.interruption_speech_ms / 1000.0 >= c.false_interruption_secs:
         problems.add(f"'interruption_speech_ms' ({c.interruption_speech_ms}) must be shorter than "
                      f"'false_interruption_secs' ({c.false_interruption_secs} s): speech must be able to confirm "
@@ -590,8 +595,6 @@ def _validate(c: Config, problems: _Problems) -> None:
         if not phrases.strip() or any(not p.strip() for p in phrases.split(",")):
             problems.add(f"'backchannels.{language}' must be comma-separated phrases, e.g. \"uh huh, yeah, okay\" "
                          f"(got {phrases!r}); remove the language to have none")
-    if c.ws_write_coalesce_ms > 200:
-        problems.add(f"'ws_write_coalesce_ms' must be at most 200 (got {c.ws_write_coalesce_ms}); 0 turns it off")
     if c.webrtc_max_sdp_bytes > c.max_request_body_bytes:
         problems.add(f"'webrtc_max_sdp_bytes' ({c.webrtc_max_sdp_bytes}) must not exceed 'max_request_body_bytes' "
                      f"({c.max_request_body_bytes}): raise max_request_body_bytes or lower webrtc_max_sdp_bytes")

@@ -8,7 +8,13 @@ The pacer's timed wake-ups fall on a shared grid of ``tick_ms`` (on the event lo
 that is due within the same tick wakes in the same loop iteration, so a process carrying many calls
 wakes ``1000 / tick_ms`` times a second instead of once per call per frame. A wake-up is then at most
 ``tick_ms`` late, which the ``lead_ms`` already in the carrier's buffer absorbs (``tick_ms`` must stay
-below ``lead_ms``). Audio written to an idle playout is still sent at once (no timer involved).
+below the lead at which the pacer sends again, below). Audio written to an idle playout is still sent at once (no timer involved).
+
+Each message carries up to ``message_ms`` of queued audio (whole frames, never across a mark), for
+transports that play longer messages: fewer wake-ups, encodes and socket writes per second of speech. The
+pacer then wakes when the lead falls to ``lead_ms - (message_ms - frame_ms) / 2``, so the transport holds
+``lead_ms + frame_ms / 2`` on average whatever the message size (one frame per message: ``lead_ms`` to
+``lead_ms + frame_ms``).
 
 A suspected barge-in pauses the pacer (``pause()``: nothing more is sent, the transport plays out the
 lead it holds); ``hold()`` also flushes the transport but keeps the audio it had not played yet, rewound
@@ -16,7 +22,7 @@ into the queue; ``resume()`` carries on from exactly where the listener stopped 
 
 Usage (one per call; ``send`` writes one frame to the socket)::
 
-    playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000, tick_ms=10)
+    playout = Playout(sample_rate=8000, lead_ms=100, max_buffer_ms=10000, tick_ms=10, message_ms=60)
     tg.create_task(playout.run(send))
     await playout.write(pcm8k)          # waits while more than max_buffer_ms is queued
     playout.mark("r1-c0")               # acknowledged by the carrier once played
@@ -44,16 +50,22 @@ class Playout:
     """Bounded, paced outbound audio queue for one call."""
 
     def __init__(self, *, sample_rate: int, lead_ms: float, max_buffer_ms: float, frame_ms: int = 20,
-                 coalesce_ms: float = 0.0, tick_ms: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 message_ms: int | None = None, tick_ms: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic,
                  on_speaking: Callable[[bool, float], None] | None = None) -> None:
-        if tick_ms < 0 or (tick_ms and tick_ms >= lead_ms):
-            raise ValueError(f"tick_ms must be 0 (off) or below lead_ms={lead_ms} (got {tick_ms})")
+        message_ms = frame_ms if message_ms is None else message_ms
+        if message_ms < frame_ms:
+            raise ValueError(f"message_ms must be at least frame_ms={frame_ms} (got {message_ms})")
+        slack_ms = (message_ms - frame_ms) / 2
+        if tick_ms < 0 or (tick_ms and tick_ms >= lead_ms - slack_ms):
+            raise ValueError(f"tick_ms must be 0 (off) or below lead_ms - (message_ms - frame_ms) / 2 = "
+                             f"{lead_ms - slack_ms:g} (got {tick_ms})")
         self.sample_rate = sample_rate
         self._frame_bytes = sample_rate * frame_ms // 1000 * 2
+        self._message_bytes = message_ms // frame_ms * self._frame_bytes
         self._bytes_per_ms = sample_rate * 2 / 1000.0
-        self._lead = lead_ms / 1000.0
+        self._refill_at = (lead_ms - slack_ms) / 1000.0    # the lead at which the pacer sends again
         self._max_bytes = int(max_buffer_ms * self._bytes_per_ms)
-        self._coalesce = coalesce_ms / 1000.0
         self._tick = tick_ms / 1000.0
         self._clock = clock
         self.on_speaking = on_speaking   # (speaking, at): the transport wires it to the conversation
@@ -222,14 +234,14 @@ class Playout:
             if self._play_until < now:
                 self._play_until = now          # the transport ran dry (or a new utterance starts)
             ahead = self._play_until - now
-            if ahead > self._lead:
+            if ahead > self._refill_at:
                 self._pacing = True
                 try:
-                    await self._sleep(loop, ahead - self._lead + self._coalesce)
+                    await self._sleep(loop, ahead - self._refill_at)
                 finally:
                     self._pacing = False
                 continue
-            await self._send_due(send, now)
+            await self._send_due(send)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -251,21 +263,19 @@ class Playout:
                 handle.cancel()
             self._waiter = None
 
-    async def _send_due(self, send: Send, now: float) -> None:
-        """Send what fits in the lead window: one frame, or all due frames merged when coalescing."""
+    async def _send_due(self, send: Send) -> None:
+        """Send one message: the queued frames up to ``message_ms`` (at least one, none past a mark), then
+        the marks that follow."""
         audio: list[bytes] = []
-        budget = self._lead + self._coalesce - (self._play_until - now)
-        while self._queue and (not audio or self._coalesce):
+        budget = self._message_bytes
+        while self._queue:
             item = self._queue[0]
-            if isinstance(item, Mark):
-                break
-            secs = len(item) / self._bytes_per_ms / 1000.0
-            if audio and secs > budget:
+            if isinstance(item, Mark) or (audio and len(item) > budget):
                 break
             self._queue.popleft()
             self._queued_bytes -= len(item)
             audio.append(item)
-            budget -= secs
+            budget -= len(item)
         if audio:
             pcm = b"".join(audio)
             ms = len(pcm) / self._bytes_per_ms

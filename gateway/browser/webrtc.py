@@ -456,7 +456,7 @@ class WebRTCLeg:
     can_transfer = False
     detects_machines = False
     frame_ms = FRAME_MS
-    coalesce_ms = 0.0
+    message_ms = FRAME_MS
 
     def __init__(self, *, peer: _Peer, config: Config, session: Session) -> None:
         self.peer = peer

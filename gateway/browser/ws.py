@@ -291,7 +291,7 @@ class WsLeg:
         self.input_rate = sample_rate
         self.codec = codec
         self.sample_rate = PHONE_RATE if codec == "pcmu" else OUTPUT_RATE
-        self.coalesce_ms = float(config.ws_write_coalesce_ms)
+        self.message_ms = max(FRAME_MS, config.outbound_message_ms // FRAME_MS * FRAME_MS)
         self._stereo_probe: bytearray | None = bytearray()   # the first seconds of sound, checked for stereo
         self._stereo_checked = 0
         self._events: asyncio.Queue[str] = asyncio.Queue(config.ws_max_queued_events)

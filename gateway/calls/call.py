@@ -125,7 +125,7 @@ class Call:
         async with asyncio.TaskGroup() as tg:
             playout = Playout(sample_rate=leg.sample_rate, lead_ms=config.outbound_lead_ms,
                               max_buffer_ms=config.playout_max_buffer_ms, frame_ms=leg.frame_ms,
-                              coalesce_ms=leg.coalesce_ms, tick_ms=config.outbound_tick_ms)
+                              message_ms=leg.message_ms, tick_ms=config.outbound_tick_ms)
             convo = self._new_engine(persona, playout, tg, self._tools(persona))
             playout.on_speaking = convo.on_speaking
             self._playout, self.conversation = playout, convo

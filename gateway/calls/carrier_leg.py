@@ -55,8 +55,8 @@ class CarrierLeg:
         self._stream: MediaStream = carrier.open_stream()
         self.sample_rate = self._stream.sample_rate
         self.frame_ms = self._stream.frame_ms
-        self.coalesce_ms = float(config.ws_write_coalesce_ms)
-        self._frame_bytes = self.sample_rate * self.frame_ms // 1000 * 2
+        longest = min(config.outbound_message_ms, self._stream.max_message_ms)
+        self.message_ms = max(self.frame_ms, longest // self.frame_ms * self.frame_ms)
         self._carrier_stopped = False
         self._transferred = False
         self._bad_messages = 0
@@ -175,16 +175,13 @@ class CarrierLeg:
 
     # ------------------------------------------------------------------------------ output
     async def send(self, frame: Frame) -> None:
-        """Encode and send; audio longer than the carrier's frame (the playout coalesced it) goes as that many
-        frame-sized messages in one socket write."""
-        stream = self._stream
-        if isinstance(frame, AudioFrame) and len(frame.pcm) > self._frame_bytes and self.socket.send_many:
-            pcm, size = frame.pcm, self._frame_bytes
-            messages = [m for at in range(0, len(pcm), size)
-                        for m in stream.encode(AudioFrame(pcm[at:at + size], frame.sample_rate))]
+        """Encode and send; when the carrier's rules make several messages of one frame, they go in one
+        socket write."""
+        messages = self._stream.encode(frame)
+        if len(messages) > 1 and self.socket.send_many:
             await self.socket.send_many(messages)
             return
-        for message in stream.encode(frame):
+        for message in messages:
             await self.socket.send(message)
 
     def emit(self, message: Mapping[str, object]) -> None:

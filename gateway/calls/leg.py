@@ -10,7 +10,7 @@ Usage (a minimal in-memory leg)::
     class LoopbackLeg:
         label, noun, not_started = "loopback", "a loopback session", "the loopback session has not started yet"
         ended_text = "session ended"
-        sample_rate, frame_ms, coalesce_ms = 16000, 20, 0.0
+        sample_rate, frame_ms, message_ms = 16000, 20, 20
         can_transfer = detects_machines = False
 
         async def open(self, call): return {}
@@ -84,7 +84,7 @@ class Leg(Protocol):
     ended_text: str       # the close reason a socket leg sends when nothing more specific was given
     sample_rate: int      # the agent's audio at this leg (the playout's rate)
     frame_ms: int         # the playout's frame
-    coalesce_ms: float    # how long the playout may hold audio to send fewer, larger messages
+    message_ms: int       # the most audio the playout puts in one message (whole frames; frame_ms: one each)
     can_transfer: bool    # the far end is a phone call the carrier can move (the model gets a transfer tool)
     detects_machines: bool   # answering-machine detection applies
 

@@ -35,7 +35,7 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.turn_stop_secs == 3
     assert c.session_store == "memory"
     assert c.session_ttl_secs == 3600
-    assert c.ws_write_coalesce_ms == 0
+    assert c.outbound_message_ms == 60
     assert c.outbound_tick_ms == 10 and c.outbound_tick_ms < c.outbound_lead_ms
     assert c.transport == "both"
     assert c.vad_type == "energy"
@@ -218,8 +218,10 @@ def test_derived_providers_is_not_a_config_key() -> None:
     ({"cors_allowed_origins": 5}, "'cors_allowed_origins'"),
     ({"turn_stop_secs": 0}, "'turn_stop_secs'"),
     ({"stt_timeout_secs": -1}, "'stt_timeout_secs'"),
-    ({"ws_write_coalesce_ms": -1}, "'ws_write_coalesce_ms'"),
-    ({"ws_write_coalesce_ms": 500}, "'ws_write_coalesce_ms'"),
+    ({"outbound_message_ms": 0}, "'outbound_message_ms'"),
+    ({"outbound_message_ms": 50}, "'outbound_message_ms'"),                 # not whole 20 ms frames
+    ({"outbound_message_ms": 220}, "'outbound_message_ms'"),
+    ({"outbound_lead_ms": 80, "outbound_message_ms": 160}, "'outbound_tick_ms'"),   # sends again at a 10 ms lead
     ({"outbound_tick_ms": -1}, "'outbound_tick_ms'"),
     ({"outbound_tick_ms": 100}, "'outbound_tick_ms'"),                       # not below outbound_lead_ms
     ({"outbound_lead_ms": 10}, "'outbound_tick_ms'"),                        # the default tick no longer fits

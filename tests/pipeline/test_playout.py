@@ -322,12 +322,22 @@ async def test_small_writes_do_not_block_under_the_limit_and_resume_as_it_drains
         assert progress[5][0] < progress[-1][0] - 0.2
 
 
-# ------------------------------------------------------------------------------ coalescing
+# ------------------------------------------------------------------------------ longer messages
 
-async def test_coalesce_merges_frames_into_fewer_larger_ones() -> None:
+def ahead_after_each_send(sink: Sink) -> list[float]:
+    """The audio the transport held right after each message (its clock: real time, from the first send)."""
+    play_until, ahead = 0.0, []
+    for at, frame in zip(sink.times, sink.frames, strict=True):
+        if isinstance(frame, AudioFrame):
+            play_until = max(play_until, at) + frame.duration_ms / 1000.0
+            ahead.append(play_until - at)
+    return ahead
+
+
+async def test_message_ms_merges_queued_frames_into_messages_of_that_length_still_paced() -> None:
     rng = np.random.default_rng(7)
-    data = rng.integers(-3000, 3000, 8000 * 4 // 10).astype("<i2").tobytes()   # 400 ms
-    plain, merged = new(lead_ms=40), new(lead_ms=40, coalesce_ms=60)
+    data = rng.integers(-3000, 3000, 8000 * 6 // 10).astype("<i2").tobytes()   # 600 ms
+    plain, merged = new(lead_ms=100), new(lead_ms=100, message_ms=60)
     async with running(plain, Sink()) as plain_sink:
         await plain.write(data)
         await plain.drained()
@@ -336,17 +346,38 @@ async def test_coalesce_merges_frames_into_fewer_larger_ones() -> None:
         await merged.write(data)
         await merged.drained()
         elapsed = time.monotonic() - t
-    assert len(plain_sink.audio()) == 20
+    assert {f.duration_ms for f in plain_sink.audio()} == {20.0}
     frames = merged_sink.audio()
     assert merged_sink.audio_bytes() == data                   # same audio, same order
-    assert len(frames) <= 10
-    assert max(f.duration_ms for f in frames) >= 60
-    assert all(len(f.pcm) % FRAME_BYTES == 0 and f.sample_rate == RATE for f in frames)
-    assert elapsed >= 0.4 - TOL                                 # still paced to real time
+    assert [f.duration_ms for f in frames] == [60.0] * 10
+    assert all(f.sample_rate == RATE for f in frames)
+    assert elapsed >= 0.6 - TOL                                 # still paced to real time
+    # it sends again once the lead is down to 100 - (60 - 20) / 2 = 80 ms: never more than 140 ms ahead,
+    # the most one frame at a time holds (100 + 20) plus half the extra 40 ms
+    assert max(ahead_after_each_send(merged_sink)) <= 0.140 + 1e-6
+    assert max(ahead_after_each_send(plain_sink)) <= 0.120 + 1e-6
 
 
-async def test_coalesce_does_not_merge_across_marks() -> None:
-    playout = new(lead_ms=40, coalesce_ms=100)
+async def test_message_ms_never_holds_audio_back_for_a_fuller_message() -> None:
+    playout = new(lead_ms=100, message_ms=100)
+    async with running(playout, Sink()) as sink:
+        t = time.monotonic()
+        await playout.write(pcm(20))
+        while not sink.audio():
+            await asyncio.sleep(0.001)
+    assert sink.times[0] - t < TOL and sink.audio()[0].duration_ms == 20.0
+
+
+async def test_message_ms_shorter_than_a_frame_or_a_tick_the_lead_cannot_cover_is_refused() -> None:
+    with pytest.raises(ValueError, match="message_ms"):
+        new(lead_ms=100, message_ms=10)
+    with pytest.raises(ValueError, match="tick_ms"):
+        new(lead_ms=100, message_ms=180, tick_ms=20)      # it would send again at a 20 ms lead
+    new(lead_ms=100, message_ms=160, tick_ms=20)
+
+
+async def test_message_ms_does_not_merge_across_marks() -> None:
+    playout = new(lead_ms=100, message_ms=100)
     async with running(playout, Sink()) as sink:
         await playout.write(pcm(40, value=1))
         playout.mark("a")

@@ -33,7 +33,7 @@ class LoopbackLeg:
     noun = "a loopback session"
     not_started = "the loopback session has not started yet"
     ended_text = "session ended"
-    sample_rate, frame_ms, coalesce_ms = 16000, 20, 0.0
+    sample_rate, frame_ms, message_ms = 16000, 20, 20
     can_transfer = detects_machines = False
 
     def __init__(self, *, converse: bool = True, fail: bool = False) -> None:
