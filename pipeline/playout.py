@@ -8,7 +8,8 @@ The pacer's timed wake-ups fall on a shared grid of ``tick_ms`` (on the event lo
 that is due within the same tick wakes in the same loop iteration, so a process carrying many calls
 wakes ``1000 / tick_ms`` times a second instead of once per call per frame. A wake-up is then at most
 ``tick_ms`` late, which the ``lead_ms`` already in the carrier's buffer absorbs (``tick_ms`` must stay
-below the lead at which the pacer sends again, below). Audio written to an idle playout is still sent at once (no timer involved).
+below the lead at which the pacer sends again, below). Audio written to an idle playout is still sent
+at once (no timer involved).
 
 Each message carries up to ``message_ms`` of queued audio (whole frames, never across a mark), for
 transports that play longer messages: fewer wake-ups, encodes and socket writes per second of speech. The
