@@ -26,6 +26,7 @@ with and without its port, as Twilio's own SDK does.
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import json
 import logging
@@ -44,7 +45,6 @@ from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, g
 from carriers._markup import template, xml_text
 from carriers._messages import (
     StreamChecks,
-    decode_base64,
     dtmf_frame,
     load_json,
     mark_frame,
@@ -354,12 +354,13 @@ def _json_pairs(body: bytes) -> list[tuple[str, str]]:
     return [(k, v) for k, v in data.items() if isinstance(v, str)]
 
 
-# A media message exactly as Twilio lays it out (docs/carriers.md): its strings hold no escapes, so a match is
-# valid JSON and these groups are the values json.loads gives. Anything else goes through the parser.
-_MEDIA_MESSAGE = re.compile(
+# A media message exactly as Twilio lays it out (docs/carriers.md), up to its payload: these groups are the
+# values json.loads gives. When the rest is a payload that strict base64 accepts (no quote, no escape) and
+# '"}}', the message is valid JSON with those values. Anything else goes through the parser.
+_MEDIA_HEAD = re.compile(
     r'\{"event":"media","sequenceNumber":"[0-9]{1,20}","streamSid":"([A-Za-z0-9]{1,64})",'
     r'"media":\{"track":"(inbound|outbound)","chunk":"[0-9]{1,20}","timestamp":"[0-9]{1,20}",'
-    r'"payload":"([A-Za-z0-9+/]*={0,2})"\}\}').fullmatch
+    r'"payload":"').match
 
 
 class TwilioMediaStream(StreamChecks):
@@ -381,14 +382,17 @@ class TwilioMediaStream(StreamChecks):
 
     def decode(self, message: str | bytes) -> list[Frame]:
         if self.started and isinstance(message, str):
-            media = _MEDIA_MESSAGE(message)
-            if media is not None:       # 50 a second: the documented layout, read without a JSON parser
-                stream_sid, track, payload = media.groups()
+            media = _MEDIA_HEAD(message)
+            if media is not None and message.endswith('"}}'):   # 50 a second: Twilio's layout, no JSON parser
+                try:
+                    ulaw = binascii.a2b_base64(message[media.end():-3], strict_mode=True)
+                except (binascii.Error, ValueError):
+                    return self.decode_json(message)    # not base64 (or escaped): the parser's answer
+                stream_sid, track = media.groups()
                 if stream_sid != self.stream_sid:
                     raise self._wrong_stream()
                 if track == "outbound":
                     return []
-                ulaw = decode_base64("twilio", payload)
                 return [AudioFrame(ulaw_decode(ulaw), SAMPLE_RATE)] if ulaw else []
         return self.decode_json(message)
 
